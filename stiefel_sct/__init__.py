@@ -1,0 +1,43 @@
+"""stiefel-sct: Spectral Compact Training for PyTorch.
+
+Weights are stored as ``W = V diag(s) U^T`` with ``U``, ``V`` on the Stiefel manifold and are
+never built densely; :class:`SpectralAdam` trains them and retracts the factors after each step.
+"""
+
+from .convert import densify, match_module, spectralize
+from .layers import SpectralLinear
+from .manifold import (
+    RETRACTIONS,
+    Stiefel,
+    cholqr2_retraction,
+    is_stiefel,
+    orthonormality_error,
+    qr_retraction,
+    retract,
+    retract_,
+)
+from .optim import SpectralAdam, retract_all, spectral_adam
+from .rank import kept_energy, select_rank
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RETRACTIONS",
+    "SpectralAdam",
+    "SpectralLinear",
+    "Stiefel",
+    "__version__",
+    "cholqr2_retraction",
+    "densify",
+    "is_stiefel",
+    "kept_energy",
+    "match_module",
+    "orthonormality_error",
+    "qr_retraction",
+    "retract",
+    "retract_",
+    "retract_all",
+    "select_rank",
+    "spectral_adam",
+    "spectralize",
+]

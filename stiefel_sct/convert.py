@@ -1,0 +1,182 @@
+"""Model conversion: ``nn.Linear`` <-> :class:`SpectralLinear`, in place."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .layers import SpectralLinear, check_rank
+from .rank import check_energy
+
+__all__ = ["densify", "match_module", "spectralize"]
+
+ModuleSelector = Union[str, Sequence[str], None]
+
+
+def _check_selector(selector: ModuleSelector, name: str) -> ModuleSelector:
+    if selector is None:
+        return None
+    if isinstance(selector, str):
+        try:
+            re.compile(selector)
+        except re.error as exc:
+            raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
+        return selector
+    if isinstance(selector, Iterable):
+        selector = list(selector)
+        if not all(isinstance(s, str) for s in selector):
+            raise TypeError(f"{name} must be a regex string or a list of module names (str)")
+        return selector
+    raise TypeError(f"{name} must be None, a regex string or a list of module names, got {type(selector).__name__}")
+
+
+def match_module(qualified_name: str, selector: ModuleSelector) -> bool:
+    """PEFT ``target_modules`` semantics.
+
+    A list of names matches a module whose qualified name equals a name or ends with ``"." + name``
+    (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``); a single string is a regular
+    expression that must match the whole qualified name.
+    """
+    if selector is None:
+        return False
+    if isinstance(selector, str):
+        return re.fullmatch(selector, qualified_name) is not None
+    return any(qualified_name == s or qualified_name.endswith("." + s) for s in selector)
+
+
+def _set_submodule(model: nn.Module, qualified_name: str, new: nn.Module) -> None:
+    parent_name, _, child = qualified_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _tied_weights(model: nn.Module) -> set:
+    """ids of parameters reachable under more than one module (tied weights)."""
+    owners: Dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {pid for pid, n in owners.items() if n > 1}
+
+
+def _profitable(rank: int, m: int, n: int) -> bool:
+    return rank * (m + n + 1) < m * n
+
+
+@torch.no_grad()
+def spectralize(
+    model: nn.Module,
+    rank: Optional[int] = None,
+    energy: Optional[float] = None,
+    include: ModuleSelector = None,
+    exclude: ModuleSelector = None,
+    *,
+    convert_small: bool = False,
+    retraction: str = "qr",
+    device: Optional[Union[torch.device, str]] = None,
+) -> nn.Module:
+    """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place.
+
+    Args:
+        model: any module (a bare ``nn.Linear`` is converted too; use the return value).
+        rank: keep this many singular triplets per layer (clamped to ``min(in, out)`` only with
+            ``convert_small``).
+        energy: instead of ``rank``, keep per layer the smallest rank whose singular values hold
+            this fraction of ``sum sigma^2``, in ``(0, 1]``. Needs materialised weights.
+        include: which modules to convert (PEFT ``target_modules`` semantics, see
+            :func:`match_module`); default every ``nn.Linear``.
+        exclude: modules to leave dense, same semantics; wins over ``include``.
+        convert_small: also convert layers whose spectral form would not be smaller than the dense
+            one (``k (m + n + 1) >= m n``), with the rank clamped to ``min(m, n)``. By default
+            such layers stay dense.
+        retraction: manifold backend of the new factors, ``"qr"`` or ``"cholqr2"``.
+        device: where to create layers converted from ``meta``-device linears (random
+            orthonormal initialisation, the dense weight never exists). Default: stay on ``meta``.
+
+    Layers are factored by truncated SVD of their trained weight; ``meta`` layers (no weight to
+    factor) get :class:`SpectralLinear`'s random initialisation. A linear layer whose weight is tied
+    to another module (e.g. an LM head tied to the embedding) is left dense unless named in
+    ``include``. Returns ``model`` (or the new layer when ``model`` itself is an ``nn.Linear``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    if energy is not None:
+        energy = check_energy(energy)
+    include = _check_selector(include, "include")
+    exclude = _check_selector(exclude, "exclude")
+    tied = _tied_weights(model)
+
+    plan: List[Tuple[str, nn.Linear]] = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:  # subclasses (quantized, LoRA, ...) are not ours to touch
+            continue
+        if include is not None and not match_module(name, include):
+            continue
+        if exclude is not None and match_module(name, exclude):
+            continue
+        if id(module.weight) in tied and include is None:
+            warnings.warn(f"spectralize: leaving {name or 'model'!r} dense, its weight is tied to another module")
+            continue
+        plan.append((name, module))
+
+    for name, linear in plan:
+        new = _convert_linear(linear, rank, energy, convert_small, retraction, device)
+        if new is None:
+            continue
+        if name == "":
+            return new
+        _set_submodule(model, name, new)
+    return model
+
+
+def _convert_linear(
+    linear: nn.Linear,
+    rank: Optional[int],
+    energy: Optional[float],
+    convert_small: bool,
+    retraction: str,
+    device,
+) -> Optional[SpectralLinear]:
+    m, n = linear.in_features, linear.out_features
+    w = linear.weight
+    if rank is not None:
+        k = min(rank, m, n) if convert_small else rank
+        if not convert_small and (k > min(m, n) or not _profitable(k, m, n)):
+            return None
+        check_rank(k, m, n)
+        if w.is_meta:
+            layer = SpectralLinear(m, n, k, bias=linear.bias is not None, device=device or "meta",
+                                   dtype=w.dtype, retraction=retraction)
+            return layer
+        return SpectralLinear.from_linear(linear, rank=k, retraction=retraction)
+    if w.is_meta:
+        raise ValueError("energy-based rank selection needs materialised weights; this model is on the meta device (use rank=...)")
+    layer = SpectralLinear.from_linear(linear, energy=energy, retraction=retraction)
+    if not convert_small and not _profitable(layer.rank, m, n):
+        return None
+    return layer
+
+
+@torch.no_grad()
+def densify(model: nn.Module) -> nn.Module:
+    """Inverse of :func:`spectralize`: replace every :class:`SpectralLinear` by an ``nn.Linear``.
+
+    The dense weights are materialised (``V diag(s) U^T``); use this for export. Returns ``model``
+    (or the new layer when ``model`` itself is a ``SpectralLinear``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, SpectralLinear):
+        return model.to_linear()
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, SpectralLinear)]
+    for name, module in targets:
+        _set_submodule(model, name, module.to_linear())
+    return model

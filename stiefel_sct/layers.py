@@ -1,0 +1,199 @@
+"""Spectral layers: weights kept as ``W = V diag(s) U^T`` and never built densely."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import geoopt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .manifold import Stiefel, _compute_dtype, is_stiefel, retract, stiefel_manifold
+from .rank import select_rank
+
+__all__ = ["SpectralLinear", "check_rank"]
+
+
+def check_rank(rank: object, in_features: int, out_features: int) -> int:
+    """Validate ``rank`` for an ``in_features -> out_features`` layer and return it as an int."""
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {type(rank).__name__}")
+    limit = min(in_features, out_features)
+    if not 1 <= rank <= limit:
+        raise ValueError(
+            f"rank must be in [1, min(in_features, out_features)] = [1, {limit}], got {rank}"
+        )
+    return rank
+
+
+def _check_features(value: object, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+class SpectralLinear(nn.Module):
+    r"""Drop-in for :class:`torch.nn.Linear` whose weight is stored in spectral form.
+
+    ``W = V diag(s) U^T`` (shape ``(out_features, in_features)``) with
+
+    * ``U``: ``(in_features, rank)``, a :class:`geoopt.ManifoldParameter` on :class:`Stiefel`
+      (input-space basis, orthonormal columns),
+    * ``s``: ``(rank,)``, a plain parameter (the spectrum),
+    * ``V``: ``(out_features, rank)``, a :class:`geoopt.ManifoldParameter` on :class:`Stiefel`
+      (output-space basis),
+    * ``bias``: ``(out_features,)`` or ``None``.
+
+    ``forward(x) = ((x @ U) * s) @ V^T + bias`` for any leading batch dimensions: it costs
+    ``O(b k (m + n))`` and neither ``W`` nor its gradient ever exists. Parameters:
+    ``k (m + n + 1) (+ n)`` instead of ``m n (+ n)``.
+
+    Initialisation: ``U`` and ``V`` are Haar-random orthonormal; every ``s_i`` equals
+    ``sqrt(out_features / (3 rank))``; ``bias`` is uniform in ``(-1/sqrt(in), 1/sqrt(in))`` as in
+    ``nn.Linear``. Why: ``nn.Linear`` draws ``W_ij ~ U(-1/sqrt(m), 1/sqrt(m))``, so
+    ``E||W||_F^2 = n/3`` and an isotropic unit-variance input gives outputs of variance ``1/3``.
+    With orthonormal ``U``, ``V`` that are random, ``||W||_F^2 = sum s_i^2`` and an output's
+    variance is ``sum s_i^2 / n``; equal ``s_i^2 = n / (3k)`` reproduces both, so a converted
+    network starts with the activation scales the dense recipe was tuned for.
+
+    Args:
+        in_features: size of each input sample ``m``.
+        out_features: size of each output sample ``n``.
+        rank: number of singular triplets ``k``, ``1 <= k <= min(m, n)``.
+        bias: learn an additive bias (default ``True``).
+        device, dtype: factory arguments, as for ``nn.Linear``. On the ``meta`` device nothing is
+            initialised; call ``to_empty(device=...)`` then :meth:`reset_parameters`.
+        retraction: backend of the factors' manifold, ``"qr"`` or ``"cholqr2"``.
+    """
+
+    __constants__ = ["in_features", "out_features", "rank"]
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        retraction: str = "qr",
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_features(in_features, "in_features")
+        self.out_features = _check_features(out_features, "out_features")
+        self.rank = check_rank(rank, in_features, out_features)
+        self._retraction = retraction
+        manifold = stiefel_manifold(retraction)
+        factory = {"device": device, "dtype": dtype}
+        self.U = geoopt.ManifoldParameter(torch.empty(in_features, rank, **factory), manifold=manifold)
+        self.s = nn.Parameter(torch.empty(rank, **factory))
+        self.V = geoopt.ManifoldParameter(torch.empty(out_features, rank, **factory), manifold=manifold)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init and conversion
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random orthonormal ``U``, ``V``; ``s`` and ``bias`` matching ``nn.Linear``'s scale."""
+        if self.U.is_meta:
+            return
+        for p in (self.U, self.V):
+            p.copy_(retract(torch.randn(p.shape, device=p.device, dtype=_compute_dtype(p.dtype))))
+        self.s.fill_(math.sqrt(self.out_features / (3.0 * self.rank)))
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: Optional[int] = None,
+        energy: Optional[float] = None,
+        retraction: str = "qr",
+    ) -> "SpectralLinear":
+        """Factor a (trained) dense layer by truncated SVD.
+
+        Give exactly one of ``rank`` (number of singular values kept) or ``energy`` (fraction of
+        ``sum sigma_i^2`` to keep, in ``(0, 1]``; the smallest rank that reaches it is used).
+        The bias is copied. The SVD runs in float64 for fp64 weights, else in float32.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if (rank is None) == (energy is None):
+            raise ValueError("give exactly one of rank or energy")
+        weight = linear.weight
+        if weight.is_meta:
+            raise ValueError("from_linear needs a materialised weight; the linear layer is on the meta device")
+        n, m = weight.shape
+        w = weight.detach().to(_compute_dtype(weight.dtype))
+        P, S, Qh = torch.linalg.svd(w, full_matrices=False)
+        k = check_rank(rank, m, n) if rank is not None else select_rank(S, energy)
+        layer = cls(m, n, k, bias=linear.bias is not None, device="meta", dtype=weight.dtype, retraction=retraction)
+        layer.to_empty(device=weight.device)
+        layer.U.copy_(Qh[:k].mT)
+        layer.s.copy_(S[:k])
+        layer.V.copy_(P[:, :k])
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """``W = V diag(s) U^T`` as a dense ``(out_features, in_features)`` tensor. Export only."""
+        return (self.V * self.s) @ self.U.mT
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """An equivalent ``nn.Linear`` (dense weight materialised). Export only."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.U.device, dtype=self.U.dtype,
+        )
+        linear.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear((x @ self.U) * self.s, self.V, self.bias)
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def manifold(self) -> Stiefel:
+        """The Stiefel manifold ``U`` and ``V`` live on (shared, not a submodule)."""
+        return self.U.manifold
+
+    @property
+    def compression(self) -> float:
+        """Dense weight elements over spectral factor elements, ``m n / (k (m + n + 1))``."""
+        m, n, k = self.in_features, self.out_features, self.rank
+        return m * n / (k * (m + n + 1))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"bias={self.bias is not None}, U={tuple(self.U.shape)}, V={tuple(self.V.shape)}, "
+            f"compression={self.compression:.1f}x"
+        )
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Module._apply replaces a parameter by a plain nn.Parameter when it cannot reuse its
+        # storage (e.g. ``to_empty`` from meta): put the factors back on the manifold.
+        out = super()._apply(fn, recurse)
+        for name in ("U", "V"):
+            p = self._parameters[name]
+            if p is not None and not is_stiefel(p):
+                self._parameters[name] = geoopt.ManifoldParameter(
+                    p.data, manifold=stiefel_manifold(self._retraction), requires_grad=p.requires_grad
+                )
+        return out

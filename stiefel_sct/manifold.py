@@ -1,0 +1,216 @@
+"""The Stiefel manifold ``St(n, k) = {X in R^{n x k} : X^T X = I_k}`` and its retractions.
+
+Everything here works on the last two dimensions and broadcasts over leading ones, so one call
+retracts a whole stack of same-shape factors with one batched factorization.
+
+Two retraction backends give the same point (the thin QR factorization with ``diag(R) > 0`` is
+unique for a full-rank input):
+
+* ``"qr"``: Householder QR (LAPACK / cuSOLVER), then a sign fix so that ``diag(R) >= 0``. The sign
+  of a zero diagonal entry is taken as ``+1``: ``torch.sign(0) == 0`` would zero a column and leave
+  the point off the manifold.
+* ``"cholqr2"``: CholeskyQR2. ``L = chol(X^T X)``, ``X <- X L^-T``, done twice. Only GEMMs, a
+  ``k x k`` Cholesky and a triangular solve, so it is fast on thin matrices and its Gram matrix is a
+  sum over row blocks (what a sharded retraction needs). Matrices whose Cholesky fails or whose
+  second Gram matrix shows the first pass lost orthogonality (rank-deficient or badly conditioned
+  input) fall back to Householder QR, so the result is always orthonormal.
+
+Low-precision factors (bf16/fp16) are factorized in fp32 and cast back.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import geoopt
+import torch
+
+__all__ = [
+    "RETRACTIONS",
+    "Stiefel",
+    "cholqr2_retraction",
+    "is_stiefel",
+    "orthonormality_error",
+    "qr_retraction",
+    "retract",
+    "retract_",
+    "stiefel_manifold",
+]
+
+RETRACTIONS: Tuple[str, ...] = ("qr", "cholqr2")
+
+# Largest tolerated max|Q1^T Q1 - I| after the first CholeskyQR pass. Above it the second pass
+# cannot be trusted to reach working precision and the matrix is refactorized by Householder QR.
+_CHOLQR_FALLBACK_TOL = 0.1
+
+
+def _check_method(method: str) -> str:
+    if method not in RETRACTIONS:
+        raise ValueError(f"method must be one of {RETRACTIONS}, got {method!r}")
+    return method
+
+
+def _check_matrix(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (..., n, k), got shape {tuple(x.shape)}")
+    if x.shape[-1] > x.shape[-2]:
+        raise ValueError(
+            f"{name} must be tall (k <= n for shape (..., n, k)), got shape {tuple(x.shape)}"
+        )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Factorizations run in fp32 at least: LAPACK has no bf16/fp16 kernels and they would be too inexact."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _plain(x: torch.Tensor) -> torch.Tensor:
+    """A plain-tensor view of ``x`` (drops ManifoldParameter/ManifoldTensor subclasses)."""
+    return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
+
+
+def qr_retraction(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal factor ``Q`` of the thin QR factorization of ``x``, with ``diag(R) >= 0``.
+
+    Batched over leading dimensions. A zero diagonal entry of ``R`` (rank-deficient input) keeps
+    its column's sign (``+1``), so every column of the result has unit norm.
+    """
+    _check_matrix(x)
+    x = _plain(x)
+    q, r = torch.linalg.qr(x.to(_compute_dtype(x.dtype)))
+    d = torch.diagonal(r, dim1=-2, dim2=-1)
+    sign = torch.where(d < 0, -1.0, 1.0).to(q.dtype)
+    return q.mul_(sign.unsqueeze(-2)).to(x.dtype)
+
+
+def _cholqr_pass(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One CholeskyQR pass: returns ``(x L^-T, gram, info)``; ``info != 0`` where Cholesky failed."""
+    gram = x.mT @ x
+    chol, info = torch.linalg.cholesky_ex(gram)
+    q = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
+    return q, gram, info
+
+
+def cholqr2_retraction(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal ``Q`` of the thin QR of ``x`` computed by CholeskyQR2 (Householder QR fallback).
+
+    Same result as :func:`qr_retraction` on full-rank input, up to rounding.
+    """
+    _check_matrix(x)
+    x = _plain(x)
+    out_dtype = x.dtype
+    xc = x.to(_compute_dtype(x.dtype))
+    q1, _, info1 = _cholqr_pass(xc)
+    q2, gram2, info2 = _cholqr_pass(q1)
+    k = x.shape[-1]
+    eye = torch.eye(k, dtype=gram2.dtype, device=gram2.device)
+    drift = (gram2 - eye).abs().amax(dim=(-2, -1))
+    bad = (info1 != 0) | (info2 != 0) | ~(drift <= _CHOLQR_FALLBACK_TOL) | ~torch.isfinite(q2).all(dim=-1).all(dim=-1)
+    if bool(bad.any()):
+        if x.dim() == 2:
+            q2 = qr_retraction(xc)
+        else:
+            idx = bad.nonzero(as_tuple=True)
+            q2 = q2.clone()
+            q2[idx] = qr_retraction(xc[idx])
+    return q2.to(out_dtype)
+
+
+_BACKENDS = {"qr": qr_retraction, "cholqr2": cholqr2_retraction}
+
+
+def retract(x: torch.Tensor, method: str = "qr") -> torch.Tensor:
+    """Out-of-place retraction of ``x`` (any tall matrix or stack of them) onto the Stiefel manifold."""
+    return _BACKENDS[_check_method(method)](x)
+
+
+def _group_by_layout(tensors: Sequence[torch.Tensor]) -> Dict[tuple, List[torch.Tensor]]:
+    groups: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
+    for t in tensors:
+        groups[(tuple(t.shape), t.dtype, t.device)].append(t)
+    return groups
+
+
+@torch.no_grad()
+def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
+    """Retract every tensor in ``tensors`` onto the Stiefel manifold, in place.
+
+    Tensors are grouped by (shape, dtype, device); each group is factorized by one batched call,
+    so the cost is one factorization per distinct shape, not one Python-level call per matrix.
+    """
+    _check_method(method)
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        _check_matrix(t, name=f"tensors[{i}]")
+    for group in _group_by_layout(tensors).values():
+        plain = [_plain(t) for t in group]
+        if len(plain) == 1:
+            plain[0].copy_(retract(plain[0], method))
+            continue
+        q = retract(torch.stack(plain), method)
+        torch._foreach_copy_(plain, list(q.unbind(0)))
+
+
+@torch.no_grad()
+def orthonormality_error(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
+    """``max |X^T X - I|`` over all entries (and all matrices of a stack), computed in ``dtype``."""
+    _check_matrix(x)
+    xd = _plain(x).to(dtype)
+    gram = xd.mT @ xd
+    gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return float(gram.abs().max())
+
+
+def is_stiefel(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a geoopt manifold tensor/parameter on any geoopt Stiefel manifold."""
+    return isinstance(p, geoopt.ManifoldTensor) and isinstance(p.manifold, geoopt.Stiefel)
+
+
+class Stiefel(geoopt.EuclideanStiefel):
+    """Stiefel manifold with the Euclidean metric and a QR (or CholeskyQR2) retraction.
+
+    A drop-in for :class:`geoopt.EuclideanStiefel`: ``proju``/``egrad2rgrad`` project onto the
+    tangent space ``G - X sym(X^T G)``, ``transp`` projects onto the new tangent space, and
+    ``retr(x, u)`` is the Q factor of ``x + u`` with a sign fix that never zeroes a column.
+    geoopt's optimizers (``RiemannianAdam``, ``RiemannianSGD``) therefore work on it unchanged.
+
+    Args:
+        method: retraction backend, ``"qr"`` (Householder) or ``"cholqr2"`` (CholeskyQR2).
+    """
+
+    name = "Stiefel(euclidean, qr)"
+
+    def __init__(self, method: str = "qr") -> None:
+        super().__init__()
+        self.method = _check_method(method)
+
+    def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        return retract(x + u, self.method)
+
+    def projx(self, x: torch.Tensor) -> torch.Tensor:
+        return retract(x, self.method)
+
+    def random_naive(self, *size, dtype=None, device=None) -> geoopt.ManifoldTensor:
+        """A random point: QR retraction of a standard Gaussian matrix (Haar-distributed)."""
+        shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+        self._assert_check_shape(tuple(shape), "x")
+        x = torch.randn(*shape, dtype=dtype, device=device)
+        return geoopt.ManifoldTensor(retract(x, self.method), manifold=self)
+
+    random = random_naive
+
+    def extra_repr(self) -> str:
+        return f"method={self.method!r}"
+
+
+_SHARED: Dict[str, Stiefel] = {}
+
+
+def stiefel_manifold(method: str = "qr") -> Stiefel:
+    """The shared :class:`Stiefel` instance for a retraction backend (layers reuse one object)."""
+    if _check_method(method) not in _SHARED:
+        _SHARED[method] = Stiefel(method)
+    return _SHARED[method]

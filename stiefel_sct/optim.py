@@ -1,0 +1,396 @@
+"""SpectralAdam: Adam(W) for spectral factors, fused with a batched Stiefel retraction.
+
+Layout follows ``torch/optim/adam.py``: a functional core (:func:`spectral_adam`) with a fused,
+a foreach and a single-tensor implementation of the Adam update, and a thin
+:class:`torch.optim.Optimizer` around it that owns argument checks, state and param groups.
+
+Parameters are split per group into
+
+* Euclidean parameters (plain tensors, e.g. ``s`` and biases): Adam / AdamW, numerically the same
+  as ``torch.optim.Adam`` / ``torch.optim.AdamW``;
+* Stiefel factors (any :class:`geoopt.ManifoldParameter` on a geoopt Stiefel manifold):
+  ``mode="sct"``: the same Adam update as if Euclidean, then a QR retraction (the SCT paper's
+  method); ``mode="riemannian"``: geoopt ``RiemannianAdam`` semantics (Euclidean-metric tangent
+  projection, retraction, first moment transported by projection). Weight decay never applies to
+  them: shrinking an orthonormal basis means nothing on the manifold.
+
+Retractions are batched: all factors of one (shape, dtype, device) are factorized by one call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import geoopt
+import torch
+from torch.optim import Optimizer
+
+from .manifold import RETRACTIONS, _plain, is_stiefel, retract, retract_
+
+__all__ = ["MODES", "SpectralAdam", "retract_all", "spectral_adam"]
+
+MODES: Tuple[str, ...] = ("sct", "riemannian")
+
+TensorList = List[torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional core
+# ---------------------------------------------------------------------------------------------
+def _fused_supported(tensors: TensorList) -> bool:
+    if not hasattr(torch, "_fused_adamw_"):
+        return False
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # pragma: no cover - very old torch
+        devices = {"cuda"}
+    # fused CPU kernels arrived in torch 2.4
+    if "cpu" in devices and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
+        devices.discard("cpu")
+    return all(t.device.type in devices and t.is_floating_point() for t in tensors)
+
+
+def _group_tensors(*lists: TensorList) -> Dict[tuple, Tuple[TensorList, ...]]:
+    """Group parallel tensor lists by (device, dtype) of the first list."""
+    out: Dict[tuple, Tuple[TensorList, ...]] = defaultdict(lambda: tuple([] for _ in lists))
+    for items in zip(*lists):
+        key = (items[0].device, items[0].dtype)
+        for dst, t in zip(out[key], items):
+            dst.append(t)
+    return out
+
+
+def _bias_corrections(steps: TensorList, beta1: float, beta2: float) -> Tuple[List[float], List[float]]:
+    values = [float(s) for s in steps]
+    return [1 - beta1**s for s in values], [1 - beta2**s for s in values]
+
+
+def _adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+    for (p, g, m, v, st) in _group_tensors(params, grads, exp_avgs, exp_avg_sqs, steps).values():
+        torch._foreach_add_(st, 1)
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        kernel(p, g, m, v, [], st, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+               weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+
+
+def _adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+    for (p, g, m, v, st) in _group_tensors(params, grads, exp_avgs, exp_avg_sqs, steps).values():
+        torch._foreach_add_(st, 1)
+        if weight_decay != 0:
+            if decoupled:
+                torch._foreach_mul_(p, 1 - lr * weight_decay)
+            else:
+                g = torch._foreach_add(g, p, alpha=weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        bc1, bc2 = _bias_corrections(st, beta1, beta2)
+        step_size = [-lr / b for b in bc1]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, step_size)
+
+
+def _adam_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+    for p, g, m, v, st in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        st += 1
+        if weight_decay != 0:
+            if decoupled:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(p, alpha=weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        (bc1,), (bc2,) = _bias_corrections([st], beta1, beta2)
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+_ADAM_IMPLS = {"fused": _adam_fused, "foreach": _adam_foreach, "single": _adam_single}
+
+
+def _riemannian_adam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, method):
+    """geoopt ``RiemannianAdam`` on Euclidean-metric Stiefel factors, batched per shape."""
+    groups = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(tuple(p.shape), p.dtype, p.device)].append(i)
+    for idx in groups.values():
+        P = torch.stack([_plain(params[i]) for i in idx])
+        G = torch.stack([grads[i] for i in idx])
+        M = torch.stack([exp_avgs[i] for i in idx])
+        V = torch.stack([exp_avg_sqs[i] for i in idx])
+        st = [steps[i] for i in idx]
+        torch._foreach_add_(st, 1)
+        bc1, bc2 = _bias_corrections(st, beta1, beta2)
+        bc1 = torch.tensor(bc1, dtype=P.dtype, device=P.device).view(-1, 1, 1)
+        bc2 = torch.tensor(bc2, dtype=P.dtype, device=P.device).view(-1, 1, 1)
+        rgrad = _proju(P, G)
+        M.mul_(beta1).add_(rgrad, alpha=1 - beta1)
+        V.mul_(beta2).add_(rgrad * rgrad, alpha=1 - beta2)
+        direction = (M / bc1) / (V / bc2).sqrt_().add_(eps)
+        P_new = retract(P - lr * direction, method)
+        M = _proju(P_new, M)
+        torch._foreach_copy_([_plain(params[i]) for i in idx], list(P_new.unbind(0)))
+        torch._foreach_copy_([exp_avgs[i] for i in idx], list(M.unbind(0)))
+        torch._foreach_copy_([exp_avg_sqs[i] for i in idx], list(V.unbind(0)))
+
+
+def _proju(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Projection onto the tangent space of the Euclidean-metric Stiefel manifold at ``x``."""
+    xtu = x.mT @ u
+    return u - x @ ((xtu + xtu.mT) / 2)
+
+
+def spectral_adam(
+    params: TensorList,
+    grads: TensorList,
+    exp_avgs: TensorList,
+    exp_avg_sqs: TensorList,
+    steps: TensorList,
+    stiefel: List[bool],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    mode: str,
+    retraction: str,
+    impl: str,
+) -> None:
+    """Functional SpectralAdam step over parallel lists; ``stiefel[i]`` marks manifold factors.
+
+    ``steps`` are float32 scalar tensors, incremented here. ``impl`` is ``"fused"``,
+    ``"foreach"`` or ``"single"`` (the Adam update's implementation).
+    """
+    adam = _ADAM_IMPLS[impl]
+    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    euc = [i for i, s in enumerate(stiefel) if not s]
+    man = [i for i, s in enumerate(stiefel) if s]
+    pick = lambda seq, idx: [seq[i] for i in idx]  # noqa: E731
+    if euc:
+        adam(*(pick(x, euc) for x in (params, grads, exp_avgs, exp_avg_sqs, steps)),
+             weight_decay=weight_decay, decoupled=decoupled_weight_decay, **hp)
+    if not man:
+        return
+    lists = [pick(x, man) for x in (params, grads, exp_avgs, exp_avg_sqs, steps)]
+    if mode == "sct":
+        adam(*lists, weight_decay=0.0, decoupled=True, **hp)
+        retract_(lists[0], retraction)
+    else:
+        _riemannian_adam(*lists, method=retraction, **hp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer class
+# ---------------------------------------------------------------------------------------------
+def _check_float(value, name: str, low: float, high: Optional[float] = None, *, high_open: bool = True) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    ok = math.isfinite(value) and value >= low and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        rng = f"[{low}, {high})" if high is not None and high_open else f"[{low}, {high}]" if high is not None else f"[{low}, inf)"
+        raise ValueError(f"{name} must be in {rng}, got {value}")
+    return value
+
+
+def _check_group(group: dict) -> None:
+    group["lr"] = _check_float(group["lr"], "lr", 0.0)
+    group["eps"] = _check_float(group["eps"], "eps", 0.0)
+    group["weight_decay"] = _check_float(group["weight_decay"], "weight_decay", 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    group["betas"] = (_check_float(betas[0], "betas[0]", 0.0, 1.0), _check_float(betas[1], "betas[1]", 0.0, 1.0))
+    if group["mode"] not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
+    if group["retraction"] not in RETRACTIONS:
+        raise ValueError(f"retraction must be one of {RETRACTIONS}, got {group['retraction']!r}")
+    for flag in ("decoupled_weight_decay",):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{flag} must be a bool, got {type(group[flag]).__name__}")
+    for i, p in enumerate(group["params"]):
+        if isinstance(p, geoopt.ManifoldTensor) and not is_stiefel(p) and not isinstance(p.manifold, geoopt.Euclidean):
+            raise TypeError(
+                f"SpectralAdam supports Euclidean parameters and geoopt Stiefel ManifoldParameters; "
+                f"param {i} of a group lies on {p.manifold!r}. Use geoopt.optim.RiemannianAdam for other manifolds."
+            )
+        if p.is_complex():
+            raise TypeError(f"SpectralAdam does not support complex parameters (param {i} of a group)")
+        if is_stiefel(p) and (p.dim() != 2 or p.shape[-1] > p.shape[-2]):
+            raise ValueError(f"Stiefel factor {i} of a group must be a tall matrix (n, k) with k <= n, got {tuple(p.shape)}")
+
+
+class SpectralAdam(Optimizer):
+    """Adam(W) that keeps geoopt Stiefel factors on their manifold; a drop-in for torch's Adam.
+
+    Args:
+        params: iterable of parameters, ``(name, parameter)`` pairs or param-group dicts.
+        lr: learning rate, ``>= 0`` (default ``1e-3``).
+        betas: moment coefficients, each in ``[0, 1)`` (default ``(0.9, 0.999)``).
+        eps: denominator term, ``>= 0`` (default ``1e-8``).
+        weight_decay: ``>= 0``; applied to Euclidean parameters only (default ``0``).
+        decoupled_weight_decay: ``True`` = AdamW's decoupled decay, ``False`` = Adam's L2 penalty.
+        mode: ``"sct"`` (Adam step, then retraction; the paper's method) or ``"riemannian"``
+            (geoopt ``RiemannianAdam`` semantics) for Stiefel factors.
+        retraction: ``"qr"`` (Householder, sign-fixed) or ``"cholqr2"`` (CholeskyQR2 with a
+            Householder fallback).
+        foreach: use the multi-tensor implementation (``None``: choose the fastest available).
+        fused: use torch's fused Adam kernel (``None``: where the device supports it).
+        check_finite: before touching anything, check every gradient is finite and raise a
+            ``FloatingPointError`` naming the offending parameter (one fused reduction per step).
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (the same as ``torch.optim.Adam``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = True,
+        mode: str = "sct",
+        retraction: str = "qr",
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        check_finite: bool = True,
+    ) -> None:
+        if fused and foreach:
+            raise ValueError("fused and foreach cannot both be True")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay, mode=mode, retraction=retraction,
+        )
+        _check_group(dict(defaults, params=[]))
+        self.foreach = foreach
+        self.fused = fused
+        self.check_finite = bool(check_finite)
+        super().__init__(params, defaults)
+        if fused:
+            every = [p for g in self.param_groups for p in g["params"]]
+            if not _fused_supported(every):
+                raise RuntimeError("fused=True needs floating-point parameters on a device with fused Adam kernels")
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    # ---------------------------------------------------------------- helpers
+    def _impl(self, tensors: TensorList) -> str:
+        if self.fused or (self.fused is None and self.foreach is None and _fused_supported(tensors)):
+            return "fused"
+        if self.foreach is False:
+            return "single"
+        return "foreach"
+
+    def _param_name(self, gi: int, pi: int) -> str:
+        group = self.param_groups[gi]
+        names = group.get("param_names")
+        p = group["params"][pi]
+        if names:
+            return f"{names[pi]!r} (shape {tuple(p.shape)})"
+        return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+
+    @torch.no_grad()
+    def _check_gradients(self) -> None:
+        """Raise before any update if a gradient is sparse or holds NaN/Inf."""
+        where, grads = [], []
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"SpectralAdam does not support sparse gradients: {self._param_name(gi, pi)}")
+                where.append((gi, pi))
+                grads.append(p.grad)
+        if not self.check_finite or not grads:
+            return
+        by_device: Dict[torch.device, List[int]] = defaultdict(list)
+        for i, g in enumerate(grads):
+            by_device[g.device].append(i)
+        for idx in by_device.values():
+            norms = torch._foreach_norm([grads[i] for i in idx], float("inf"))
+            finite = torch.stack([n.float() for n in norms]).isfinite()
+            if bool(finite.all()):
+                continue
+            bad = idx[int((~finite).nonzero()[0])]
+            raise FloatingPointError(
+                f"SpectralAdam.step(): non-finite gradient (NaN or Inf) in {self._param_name(*where[bad])}; "
+                "no parameter or optimizer state was changed"
+            )
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(_plain(p), memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(_plain(p), memory_format=torch.preserve_format)
+        return state
+
+    # ---------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_gradients()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, steps, stiefel = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self._init_state(p)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                steps.append(state["step"])
+                stiefel.append(is_stiefel(p))
+            if not params:
+                continue
+            beta1, beta2 = group["betas"]
+            spectral_adam(
+                params, grads, exp_avgs, exp_avg_sqs, steps, stiefel,
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                mode=group["mode"], retraction=group["retraction"], impl=self._impl(params),
+            )
+        return loss
+
+
+@torch.no_grad()
+def retract_all(module_or_params, method: str = "qr") -> int:
+    """Retract every geoopt Stiefel factor of a module (or an iterable of tensors) in place.
+
+    For users who keep their own optimizer: call it after ``optimizer.step()``. Factors are
+    batched by shape, one factorization call per shape. Returns the number of factors retracted.
+    """
+    if isinstance(module_or_params, torch.nn.Module):
+        tensors = list(module_or_params.parameters())
+    elif isinstance(module_or_params, torch.Tensor):
+        tensors = [module_or_params]
+    else:
+        try:
+            tensors = list(module_or_params)
+        except TypeError:
+            raise TypeError(
+                f"module_or_params must be an nn.Module or an iterable of tensors, got {type(module_or_params).__name__}"
+            ) from None
+    factors = [t for t in tensors if isinstance(t, torch.Tensor) and is_stiefel(t)]
+    retract_(factors, method)
+    return len(factors)

@@ -1,0 +1,140 @@
+import geoopt
+import pytest
+import torch
+
+from stiefel_sct import (
+    Stiefel,
+    cholqr2_retraction,
+    orthonormality_error,
+    qr_retraction,
+    retract,
+    retract_,
+)
+
+METHODS = ["qr", "cholqr2"]
+
+
+def _near_orthonormal(n, k, noise=1e-2, dtype=torch.float64):
+    q = torch.linalg.qr(torch.randn(n, k, dtype=dtype))[0]
+    return q + noise * torch.randn(n, k, dtype=dtype)
+
+
+def test_is_a_geoopt_euclidean_stiefel():
+    m = Stiefel()
+    assert isinstance(m, geoopt.EuclideanStiefel)
+    x = m.random(20, 4, dtype=torch.float64)
+    assert orthonormality_error(x) < 1e-12
+    u = torch.randn(20, 4, dtype=torch.float64)
+    v = m.proju(x, u)
+    sym = x.mT @ v + v.mT @ x  # tangent: X^T V skew
+    assert sym.abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_retraction_gives_q_with_positive_r_diagonal(method):
+    x = torch.randn(50, 7, dtype=torch.float64)
+    q = retract(x, method)
+    assert orthonormality_error(q) < 1e-13
+    r = q.mT @ x  # x = q r  ->  r upper triangular with positive diagonal
+    assert torch.allclose(torch.tril(r, -1), torch.zeros_like(r), atol=1e-12)
+    assert (torch.diagonal(r) > 0).all()
+    assert torch.allclose(q @ r, x, atol=1e-12)
+
+
+def test_backends_agree_on_well_conditioned_input():
+    for dtype, tol in [(torch.float32, 1e-5), (torch.float64, 1e-12)]:
+        x = _near_orthonormal(300, 16, noise=0.05, dtype=dtype)
+        stack = torch.stack([x, 2.0 * x, _near_orthonormal(300, 16, dtype=dtype)])
+        a, b = qr_retraction(stack), cholqr2_retraction(stack)
+        assert (a - b).abs().max() <= tol
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rank_deficient_input_gives_orthonormal_output(method, dtype):
+    x = torch.randn(40, 6, dtype=dtype)
+    x_zero = x.clone()
+    x_zero[:, 0] = 0.0  # diag(R)[0] == 0: sign(0) must not zero the column
+    x_dup = x.clone()
+    x_dup[:, 3] = x_dup[:, 1]
+    x_allzero = torch.zeros(40, 6, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for bad in (x_zero, x_dup, x_allzero):
+        q = retract(bad, method)
+        assert torch.isfinite(q).all()
+        assert orthonormality_error(q) <= tol
+        assert (q.norm(dim=0) > 0.5).all()  # no column zeroed
+
+
+def test_cholqr2_falls_back_only_for_the_bad_matrices_of_a_batch():
+    good = torch.randn(30, 5, dtype=torch.float64)
+    bad = good.clone()
+    bad[:, 2] = bad[:, 0]
+    out = cholqr2_retraction(torch.stack([good, bad, good]))
+    for q in out:
+        assert orthonormality_error(q) < 1e-12
+    assert torch.allclose(out[0], qr_retraction(good), atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_factors_are_factorized_in_fp32(method, dtype):
+    x = torch.randn(128, 8).to(dtype)
+    q = retract(x, method)
+    assert q.dtype == dtype
+    assert orthonormality_error(q) <= 1e-2
+    ref = qr_retraction(x.float()).to(dtype)
+    assert (q.float() - ref.float()).abs().max() <= 1e-2
+
+
+def test_retract_inplace_batches_mixed_shapes_and_keeps_identity():
+    shapes = [(30, 4), (30, 4), (12, 3), (30, 4), (12, 3)]
+    ts = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    before = [t.clone() for t in ts]
+    ids = [id(t) for t in ts]
+    ptrs = [t.data_ptr() for t in ts]
+    retract_(ts)
+    assert [id(t) for t in ts] == ids and [t.data_ptr() for t in ts] == ptrs
+    for t, b in zip(ts, before):
+        assert torch.allclose(t, qr_retraction(b), atol=1e-13)
+
+
+def test_retract_preserves_span_and_orientation():
+    x = torch.randn(25, 5, dtype=torch.float64)
+    q = retract(x)
+    proj = q @ (q.mT @ x)  # x lies in span(q)
+    assert torch.allclose(proj, x, atol=1e-12)
+
+
+def test_orthonormality_error_value():
+    x = torch.eye(4, 2, dtype=torch.float64)
+    assert orthonormality_error(x) == 0.0
+    x[0, 0] = 2.0
+    assert orthonormality_error(x) == pytest.approx(3.0)
+    x = torch.eye(4, 2, dtype=torch.float64)
+    x[2, 0] = 0.5  # off-diagonal of the Gram matrix stays 0, diagonal +0.25
+    assert orthonormality_error(x) == pytest.approx(0.25)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="method must be one of"):
+        retract(torch.randn(4, 2), "svd")
+    with pytest.raises(ValueError, match="method must be one of"):
+        Stiefel("householder")
+    with pytest.raises(ValueError, match="tall"):
+        retract(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        orthonormality_error(torch.randn(4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        retract([[1.0]])
+
+
+def test_geoopt_retr_uses_our_backend():
+    m = Stiefel("cholqr2")
+    x = m.random(16, 4, dtype=torch.float64)
+    u = 0.1 * torch.randn(16, 4, dtype=torch.float64)
+    y = m.retr(x, u)
+    assert torch.allclose(y, qr_retraction(x + u), atol=1e-12)
+    y2, v2 = m.retr_transp(x, u, u)
+    assert torch.allclose(y2, y, atol=1e-12)
+    assert (y2.mT @ v2 + v2.mT @ y2).abs().max() < 1e-12
