@@ -198,7 +198,7 @@ class Stiefel(geoopt.EuclideanStiefel):
         shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         self._assert_check_shape(tuple(shape), "x")
         x = torch.randn(*shape, dtype=dtype, device=device)
-        return geoopt.ManifoldTensor(retract(x, self.method), manifold=self)
+        return geoopt.ManifoldTensor(retract(x, self.method).contiguous(), manifold=self)
 
     random = random_naive
 

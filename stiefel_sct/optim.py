@@ -69,8 +69,33 @@ def _bias_corrections(steps: TensorList, beta1: float, beta2: float) -> Tuple[Li
     return [1 - beta1**s for s in values], [1 - beta2**s for s in values]
 
 
+def _same_layout(*tensors: torch.Tensor) -> bool:
+    first = tensors[0]
+    return all(t.stride() == first.stride() for t in tensors[1:]) and _dense(first)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers its storage span without gaps or overlaps (any dimension order)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
-    for (p, g, m, v, st) in _group_tensors(params, grads, exp_avgs, exp_avg_sqs, steps).values():
+    # torch's fused kernels walk the storages of p, g, m, v in lockstep, so they silently pair the
+    # wrong elements when strides differ (e.g. a column-major factor with a row-major gradient):
+    # such tensors take the foreach path instead.
+    lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    odd = [i for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)) if not _same_layout(p, g, m, v)]
+    if odd:
+        keep = sorted(set(range(len(params))) - set(odd))
+        _adam_foreach(*([x[i] for i in odd] for x in lists), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                      weight_decay=weight_decay, decoupled=decoupled)
+        lists = tuple([x[i] for i in keep] for x in lists)
+    for (p, g, m, v, st) in _group_tensors(*lists).values():
         torch._foreach_add_(st, 1)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         kernel(p, g, m, v, [], st, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
@@ -115,7 +140,12 @@ _ADAM_IMPLS = {"fused": _adam_fused, "foreach": _adam_foreach, "single": _adam_s
 
 
 def _riemannian_adam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, method):
-    """geoopt ``RiemannianAdam`` on Euclidean-metric Stiefel factors, batched per shape."""
+    """geoopt ``RiemannianAdam`` on Euclidean-metric Stiefel factors, batched per shape.
+
+    Per matrix: ``g = proj_X(grad)``, ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) <g, g>``
+    (a scalar per matrix, as geoopt), ``X' = R(X - lr m_hat / (sqrt(v_hat) + eps))``,
+    ``m = proj_X'(m)``.
+    """
     groups = defaultdict(list)
     for i, p in enumerate(params):
         groups[(tuple(p.shape), p.dtype, p.device)].append(i)
@@ -131,7 +161,9 @@ def _riemannian_adam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, 
         bc2 = torch.tensor(bc2, dtype=P.dtype, device=P.device).view(-1, 1, 1)
         rgrad = _proju(P, G)
         M.mul_(beta1).add_(rgrad, alpha=1 - beta1)
-        V.mul_(beta2).add_(rgrad * rgrad, alpha=1 - beta2)
+        # geoopt's second moment is the manifold inner product <g, g>: one squared Frobenius norm
+        # per matrix, broadcast over the (n, k) state (so the step is rotation-equivariant).
+        V.mul_(beta2).add_(rgrad.square().sum(dim=(-2, -1), keepdim=True), alpha=1 - beta2)
         direction = (M / bc1) / (V / bc2).sqrt_().add_(eps)
         P_new = retract(P - lr * direction, method)
         M = _proju(P_new, M)
