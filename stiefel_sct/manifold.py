@@ -9,11 +9,12 @@ unique for a full-rank input):
 * ``"qr"``: Householder QR (LAPACK / cuSOLVER), then a sign fix so that ``diag(R) >= 0``. The sign
   of a zero diagonal entry is taken as ``+1``: ``torch.sign(0) == 0`` would zero a column and leave
   the point off the manifold.
-* ``"cholqr2"``: CholeskyQR2. ``L = chol(X^T X)``, ``X <- X L^-T``, done twice. Only GEMMs, a
-  ``k x k`` Cholesky and a triangular solve, so it is fast on thin matrices and its Gram matrix is a
-  sum over row blocks (what a sharded retraction needs). Matrices whose Cholesky fails or whose
-  second Gram matrix shows the first pass lost orthogonality (rank-deficient or badly conditioned
-  input) fall back to Householder QR, so the result is always orthonormal.
+* ``"cholqr2"``: adaptive CholeskyQR2. ``L = chol(X^T X)``, ``X <- X L^-T``: only GEMMs and
+  ``k x k`` work, so it runs at GEMM speed on thin matrices, and its Gram matrix is a sum over row
+  blocks (what a sharded retraction needs). Its loss of orthogonality is ``~ eps * kappa(X^T X)``,
+  so one pass suffices where the Gram matrix is well conditioned (right after an optimizer step),
+  a second pass is taken where it is not, and rank-deficient or badly conditioned matrices fall
+  back to Householder QR: the result is always orthonormal.
 
 Low-precision factors (bf16/fp16) are factorized in fp32 and cast back.
 """
@@ -21,7 +22,7 @@ Low-precision factors (bf16/fp16) are factorized in fp32 and cast back.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import geoopt
 import torch
@@ -35,15 +36,14 @@ __all__ = [
     "qr_retraction",
     "retract",
     "retract_",
+    "retract_block_",
+    "retract_into",
+    "cholqr_",
+    "cholqr_into",
     "stiefel_manifold",
 ]
 
 RETRACTIONS: Tuple[str, ...] = ("qr", "cholqr2")
-
-# Largest tolerated max|Q1^T Q1 - I| after the first CholeskyQR pass. Above it the second pass
-# cannot be trusted to reach working precision and the matrix is refactorized by Householder QR.
-_CHOLQR_FALLBACK_TOL = 0.1
-
 
 def _check_method(method: str) -> str:
     if method not in RETRACTIONS:
@@ -86,37 +86,79 @@ def qr_retraction(x: torch.Tensor) -> torch.Tensor:
     return q.mul_(sign.unsqueeze(-2)).to(x.dtype)
 
 
-def _cholqr_pass(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One CholeskyQR pass: returns ``(x L^-T, gram, info)``; ``info != 0`` where Cholesky failed."""
+def _inverse_lower(chol: torch.Tensor) -> torch.Tensor:
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
+
+
+def _cholqr_factors(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(L^-T, kappa_1(X^T X), ok)`` for a batch ``x`` (..., n, k): one CholeskyQR pass is
+    ``x @ L^-T``; ``ok`` is False where the Cholesky failed or produced non-finite values."""
     gram = x.mT @ x
     chol, info = torch.linalg.cholesky_ex(gram)
-    q = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)
-    return q, gram, info
+    inv = _inverse_lower(chol)  # L^-1; (X^T X)^-1 = L^-T L^-1
+    gram_inv = inv.mT @ inv
+    # 1-norm condition number of the Gram matrix (= kappa_2(X)^2 up to a factor <= k)
+    kappa = gram.abs().sum(-2).amax(-1) * gram_inv.abs().sum(-2).amax(-1)
+    ok = (info == 0) & torch.isfinite(kappa)
+    return inv.mT, kappa, ok
+
+
+# CholeskyQR's loss of orthogonality is ~ eps * kappa(X^T X): one pass is at working precision
+# (measured: 2-3e-7 in fp32, below Householder's 4e-7) while kappa_1 <= 64; a second pass
+# repairs anything up to kappa ~ 1/eps; beyond that Householder QR takes over.
+_ONE_PASS_KAPPA = 64.0
+
+
+@torch.no_grad()
+def cholqr_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Adaptive CholeskyQR of a batch ``x`` (B, n, k) of fp32/fp64 matrices, written to ``out``.
+
+    One pass (``Q = X L^-T``, ``L = chol(X^T X)``) where the Gram matrix is well conditioned,
+    which it is right after an optimizer step; a second pass where it is not; Householder QR
+    (sign-fixed) where the Cholesky fails or the matrix is too ill-conditioned. ``x`` is left
+    unchanged; ``out`` must not overlap it. Returns ``out``.
+    """
+    eps = torch.finfo(x.dtype).eps
+    lit, kappa, ok = _cholqr_factors(x)
+    one = ok & (kappa <= _ONE_PASS_KAPPA)
+    two = ok & ~one & (kappa <= 1e-2 / eps)
+    bad = ~(one | two)
+    torch.matmul(x, lit, out=out)
+    if bool(two.any()):
+        idx = two.nonzero(as_tuple=True)
+        y = out[idx]
+        lit2, _, ok2 = _cholqr_factors(y)
+        y = y @ lit2
+        if not bool(ok2.all()):
+            y[~ok2] = qr_retraction(x[idx][~ok2])
+        out[idx] = y
+    if bool(bad.any()):
+        out[bad] = qr_retraction(x[bad])
+    return out
+
+
+@torch.no_grad()
+def cholqr_(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """In-place :func:`cholqr_into` of ``x`` (..., n, k); ``scratch`` (same shape) holds the GEMM output."""
+    xb = x.reshape(-1, *x.shape[-2:])
+    if xb.data_ptr() != x.data_ptr():  # pragma: no cover - reshape had to copy
+        raise ValueError("cholqr_ needs a tensor whose batch dimensions can be flattened without a copy")
+    out = scratch.view_as(xb) if scratch is not None else torch.empty_like(xb)
+    xb.copy_(cholqr_into(xb, out))
+    return x
 
 
 def cholqr2_retraction(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal ``Q`` of the thin QR of ``x`` computed by CholeskyQR2 (Householder QR fallback).
+    """Orthonormal ``Q`` of the thin QR of ``x`` by adaptive CholeskyQR (see :func:`cholqr_`).
 
-    Same result as :func:`qr_retraction` on full-rank input, up to rounding.
+    Same result as :func:`qr_retraction` on full-rank input, up to rounding; rank-deficient or
+    badly conditioned matrices are handled by Householder QR.
     """
     _check_matrix(x)
     x = _plain(x)
-    out_dtype = x.dtype
-    xc = x.to(_compute_dtype(x.dtype))
-    q1, _, info1 = _cholqr_pass(xc)
-    q2, gram2, info2 = _cholqr_pass(q1)
-    k = x.shape[-1]
-    eye = torch.eye(k, dtype=gram2.dtype, device=gram2.device)
-    drift = (gram2 - eye).abs().amax(dim=(-2, -1))
-    bad = (info1 != 0) | (info2 != 0) | ~(drift <= _CHOLQR_FALLBACK_TOL) | ~torch.isfinite(q2).all(dim=-1).all(dim=-1)
-    if bool(bad.any()):
-        if x.dim() == 2:
-            q2 = qr_retraction(xc)
-        else:
-            idx = bad.nonzero(as_tuple=True)
-            q2 = q2.clone()
-            q2[idx] = qr_retraction(xc[idx])
-    return q2.to(out_dtype)
+    work = x.to(_compute_dtype(x.dtype), copy=True).contiguous()
+    return cholqr_(work).to(x.dtype)
 
 
 _BACKENDS = {"qr": qr_retraction, "cholqr2": cholqr2_retraction}
@@ -135,6 +177,32 @@ def _group_by_layout(tensors: Sequence[torch.Tensor]) -> Dict[tuple, List[torch.
 
 
 @torch.no_grad()
+def retract_into(x: torch.Tensor, out: torch.Tensor, method: str = "qr") -> torch.Tensor:
+    """Retraction of a stack ``x`` (B, n, k) written to ``out`` (same shape, no overlap).
+
+    Low-precision stacks are factorized in fp32. ``x`` is left unchanged. Returns ``out``.
+    """
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if method == "cholqr2":
+        dst = out if out.dtype == work.dtype else torch.empty_like(work)
+        cholqr_into(work, dst)
+    else:
+        dst = qr_retraction(work)
+    if dst is not out:
+        out.copy_(dst)
+    return out
+
+
+@torch.no_grad()
+def retract_block_(x: torch.Tensor, method: str = "qr", scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Retract a contiguous stack ``x`` (..., n, k) in place; low precision goes through fp32."""
+    xb = x.reshape(-1, *x.shape[-2:])
+    out = scratch.view_as(xb) if scratch is not None else torch.empty_like(xb)
+    x.copy_(retract_into(xb, out, method).view_as(x))
+    return x
+
+
+@torch.no_grad()
 def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
     """Retract every tensor in ``tensors`` onto the Stiefel manifold, in place.
 
@@ -147,11 +215,9 @@ def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
         _check_matrix(t, name=f"tensors[{i}]")
     for group in _group_by_layout(tensors).values():
         plain = [_plain(t) for t in group]
-        if len(plain) == 1:
-            plain[0].copy_(retract(plain[0], method))
-            continue
-        q = retract(torch.stack(plain), method)
-        torch._foreach_copy_(plain, list(q.unbind(0)))
+        stack = torch.stack(plain)
+        retract_block_(stack, method)
+        torch._foreach_copy_(plain, list(stack.unbind(0)))
 
 
 @torch.no_grad()

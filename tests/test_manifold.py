@@ -138,3 +138,25 @@ def test_geoopt_retr_uses_our_backend():
     y2, v2 = m.retr_transp(x, u, u)
     assert torch.allclose(y2, y, atol=1e-12)
     assert (y2.mT @ v2 + v2.mT @ y2).abs().max() < 1e-12
+
+
+def test_cholqr_takes_one_pass_two_passes_or_householder_as_needed():
+    from stiefel_sct.manifold import cholqr_into
+
+    n, k = 200, 8
+    q = torch.linalg.qr(torch.randn(n, k, dtype=torch.float32))[0]
+    near = q + 1e-3 * torch.randn(n, k)  # one pass
+    scale = torch.logspace(0, 2, k)  # kappa(X^T X) = 1e4: second pass needed
+    skewed = (q * scale) @ torch.linalg.qr(torch.randn(k, k))[0]
+    deficient = near.clone()
+    deficient[:, 5] = deficient[:, 2]  # Cholesky fails: Householder
+    x = torch.stack([near, skewed, deficient])
+    out = torch.empty_like(x)
+    before = x.clone()
+    cholqr_into(x, out)
+    assert torch.equal(x, before)  # input untouched
+    ref = qr_retraction(x)
+    for i in range(3):
+        assert orthonormality_error(out[i]) < 2e-6, i
+    assert (out[0] - ref[0]).abs().max() < 1e-5
+    assert (out[1] - ref[1]).abs().max() < 1e-4

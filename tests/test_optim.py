@@ -302,7 +302,7 @@ def test_geoopt_riemannian_adam_trains_spectral_linear():
         loss = F.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
     assert orthonormality_error(model[0].U) < 1e-5
 
@@ -318,7 +318,7 @@ def test_tiny_mlp_learns_sine():
         loss = F.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-    assert float(loss) < 1e-3  # a constant predictor scores ~0.5
+    assert loss.item() < 1e-3  # a constant predictor scores ~0.5
     assert orthonormality_error(model[2].U) < 1e-5
 
 
@@ -347,3 +347,70 @@ def test_fused_path_handles_params_and_grads_with_different_strides():
     _train(a, [col_major], 5)
     _train(b, [row_major], 5)
     assert torch.allclose(col_major, row_major, atol=1e-12)
+
+
+@pytest.mark.parametrize("retraction", ["qr", "cholqr2"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_every_backend_and_layout_matches_householder_recipe(retraction, contiguous):
+    factors, s = _factor_set(dtype=torch.float32)
+    ref = [p.detach().clone() for p in factors]
+    opt = SpectralAdam(factors + [s], lr=1e-2, retraction=retraction, contiguous_factors=contiguous)
+    ref_opt = torch.optim.Adam([r.requires_grad_() for r in ref], lr=1e-2)
+    gen_a, gen_b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    for _ in range(10):
+        for p in factors:
+            p.grad = torch.randn(p.shape, generator=gen_a)
+        s.grad = torch.zeros_like(s)
+        for r in ref:
+            r.grad = torch.randn(r.shape, generator=gen_b)
+        opt.step()
+        ref_opt.step()
+        with torch.no_grad():
+            for r in ref:
+                r.copy_(qr_retraction(r))
+    for p, r in zip(factors, ref):
+        assert (p - r).abs().max() <= 1e-5
+        assert orthonormality_error(p) <= 2e-6
+
+
+def test_factor_bank_keeps_parameters_and_survives_rehoming():
+    model = nn.Sequential(SpectralLinear(40, 40, 6), SpectralLinear(40, 40, 6), SpectralLinear(40, 40, 6))
+    ids = [id(p) for p in model.parameters()]
+    opt = SpectralAdam(model.parameters(), lr=1e-2, retraction="cholqr2")
+    x = torch.randn(8, 40)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert [id(p) for p in model.parameters()] == ids
+    assert all(isinstance(p, geoopt.ManifoldParameter) for n, p in model.named_parameters() if n[-1] in "UV")
+    # all six factors share one buffer
+    storages = {p.untyped_storage().data_ptr() for n, p in model.named_parameters() if n[-1] in "UV"}
+    assert len(storages) == 1
+    model.double()  # re-homes every parameter: the optimizer must notice and rebuild its banks
+    for state in opt.state.values():
+        for k in ("exp_avg", "exp_avg_sq"):
+            state[k] = state[k].double()
+    x = x.double()
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float64
+        if n[-1] in "UV":
+            assert orthonormality_error(p) < 1e-12
+
+
+def test_bank_with_a_factor_without_gradient():
+    a, b, c = (SpectralLinear(30, 30, 4) for _ in range(3))
+    opt = SpectralAdam(list(a.parameters()) + list(b.parameters()) + list(c.parameters()), lr=1e-2, retraction="cholqr2")
+    x = torch.randn(5, 30)
+    (a(x).sum() + b(x).sum() + c(x).sum()).backward()
+    opt.step()
+    frozen_u = c.U.detach().clone()
+    opt.zero_grad()
+    (a(x).sum() + b(x).sum()).backward()  # c gets no gradient this step
+    opt.step()
+    assert torch.equal(c.U, frozen_u)
+    assert orthonormality_error(a.U) < 1e-5 and orthonormality_error(b.V) < 1e-5

@@ -1,0 +1,1 @@
+"""Paper-reproduction experiments; each module runs alone (``python experiments/NAME.py``)."""
