@@ -6,16 +6,19 @@ XOR accuracy dense 100%, SFT+DFA 85.5%, SCT 100%. The reference setup: sine on
 BCE; AdamW lr 0.01, 2000 full-batch steps; SCT rank 16 clamped per layer to min(16, in, out).
 
 Methods (the same MLP in each):
-  dense   nn.Linear layers + torch.optim.AdamW (weight decay 0.01, torch's default);
-  sct     the MLP through ``spectralize(rank=16, convert_small=True)`` + ``SpectralAdam``
-          (the same decoupled weight decay on s and biases; none on the Stiefel factors);
+  dense   nn.Linear layers + torch.optim.AdamW;
+  sct     the MLP through ``spectralize(rank=16, convert_small=True)`` + ``SpectralAdam``;
   sft_dfa the same spectral MLP trained by direct feedback alignment (see ``dfa_backward``).
 
 Choices where the reference is silent, and why:
   * sine's activation is not stated; we use tanh (a smooth target; ReLU's kinks cap the MSE);
   * no seed was fixed: every method runs ``seeds`` seeds (0..seeds-1), mean +- std reported;
   * every method is run with the reference's constant lr and with cosine decay to 0 (the same
-    schedule for all), and a 4-value lr sweep per method shows each method at its best.
+    schedule for all), and a 4-value lr sweep per method shows each method at its best;
+  * weight decay 0 for every method: the reference names AdamW but no decay; torch's default
+    (0.01) costs every method precision on this noiseless regression (measured, 5 seeds, cosine:
+    SCT 3.9e-6 with it vs 7.7e-7 without; dense 1.4e-6 vs 4.8e-7). ``Config.weight_decay``
+    sets it for all methods alike.
 
 Run alone: ``python experiments/mlp_proofs.py --preset quick`` (writes results/mlp_proofs.json).
 """
@@ -56,7 +59,7 @@ class Config:
     preset: str = "quick"
     steps: int = 2000
     lr: float = 0.01
-    weight_decay: float = 0.01
+    weight_decay: float = 0.0
     rank: int = 16
     seeds: int = 5
     schedules: List[str] = field(default_factory=lambda: ["constant", "cosine"])
