@@ -3,17 +3,26 @@
 For each shape (in, out), rank and token count: the median time of one forward+backward (input
 gradient and all parameter gradients), the speed-up over nn.Linear, the FLOP ratio
 ``m n / (k (m + n))``, the achieved GFLOP/s of each, the machine's dense-GEMM GFLOP/s measured in
-the same run, and the peak of live tensor memory during the step (parameters, input and every
-tensor created during it; gradients included). Also: two spectral layers that read the same
+the same run, and the peak of live tensor memory during the step (parameters, input, output
+gradient and every tensor created during it; gradients included). Also: two spectral layers that read the same
 input (gate/up of an MLP) computed separately vs through one shared ``x @ [U_1 U_2]`` product.
 
     python benchmarks/bench_layer.py                     # all shapes, ranks 32/128, 256/2048 tokens
     python benchmarks/bench_layer.py --shapes 2048x8192 --tokens 256
+    python benchmarks/bench_layer.py --malloc system     # glibc's defaults, see below
+
+On CPU the allocator matters: glibc hands every large block (> 32 MB) back to the kernel when it
+is freed, so each new activation of a (tokens x out) layer page-faults fresh memory; at 2048 x
+28672 that costs ~70 ms, 4x the GEMM that fills it. ``--malloc caching`` (the default) re-runs the
+benchmark with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2^40`` (glibc keeps freed memory for
+reuse), the setting a CPU training job should use too; both the dense and the spectral layer
+benefit.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import weakref
@@ -61,18 +70,18 @@ class LiveMemory(TorchDispatchMode):
         return out
 
 
-def step_fn(layer: nn.Module, x: torch.Tensor):
+def step_fn(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor):
+    """One forward + backward; ``gy`` (the output gradient) is made once, outside the timing."""
     def run():
         layer.zero_grad(set_to_none=True)
         x.grad = None
-        y = layer(x)
-        y.backward(torch.ones_like(y))
+        layer(x).backward(gy)
     return run
 
 
-def peak_bytes(layer: nn.Module, x: torch.Tensor) -> int:
-    base = sum(p.numel() * p.element_size() for p in layer.parameters()) + x.numel() * x.element_size()
-    run = step_fn(layer, x)
+def peak_bytes(layer: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> int:
+    base = sum(t.numel() * t.element_size() for t in [*layer.parameters(), x, gy])
+    run = step_fn(layer, x, gy)
     with LiveMemory(base) as mem:
         run()
     layer.zero_grad(set_to_none=True)
@@ -101,13 +110,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange")
+    ap.add_argument("--malloc", default="caching", choices=["caching", "system"],
+                    help="caching (default): glibc keeps freed memory (MALLOC_MMAP_MAX_=0, no trim), so a "
+                         "new activation reuses pages instead of page-faulting fresh ones; system: glibc defaults")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.malloc == "caching" and os.environ.get("MALLOC_MMAP_MAX_") != "0" and argv is None:
+        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these at start-up
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     print(f"torch {torch.__version__}, geoopt {geoopt.__version__}, threads {torch.get_num_threads()}, "
-          f"device {device}, dtype {args.dtype}")
+          f"device {device}, dtype {args.dtype}, malloc {args.malloc} "
+          f"(MALLOC_MMAP_MAX_={os.environ.get('MALLOC_MMAP_MAX_', 'unset')})")
     gemm = dense_gemm_gflops(dtype, device, min_run_time=args.min_run_time)
     print(f"dense GEMM (2048^3): {gemm:.0f} GFLOP/s")
 
@@ -120,13 +136,14 @@ def main(argv=None) -> dict:
         dense = nn.Linear(m, n, device=device, dtype=dtype)
         for b in args.tokens:
             x = torch.randn(b, m, device=device, dtype=dtype, requires_grad=True)
-            t_dense = time_it(step_fn(dense, x), args.min_run_time)
-            mem_dense = peak_bytes(dense, x)
+            gy = torch.randn(b, n, device=device, dtype=dtype)
+            t_dense = time_it(step_fn(dense, x, gy), args.min_run_time)
+            mem_dense = peak_bytes(dense, x, gy)
             flop_dense = 3 * 2 * b * m * n
             for k in args.ranks:
                 sl = SpectralLinear(m, n, k, device=device, dtype=dtype)
-                t_sct = time_it(step_fn(sl, x), args.min_run_time)
-                mem_sct = peak_bytes(sl, x)
+                t_sct = time_it(step_fn(sl, x, gy), args.min_run_time)
+                mem_sct = peak_bytes(sl, x, gy)
                 flop_sct = 3 * 2 * b * k * (m + n)
                 ratio = m * n / (k * (m + n))
                 row = dict(in_features=m, out_features=n, rank=k, tokens=b, dense_ms=t_dense * 1e3,
@@ -138,7 +155,7 @@ def main(argv=None) -> dict:
                 print(f"{shape:>12} {k:>4} {b:>6} {row['dense_ms']:>9.1f} {row['sct_ms']:>8.2f} {row['speedup']:>8.1f} "
                       f"{ratio:>10.1f} {row['speedup_over_flop_ratio']:>8.2f} {row['dense_gflops']:>10.0f} "
                       f"{row['sct_gflops']:>8.0f} {row['dense_peak_mib']:>9.0f} {row['sct_peak_mib']:>8.1f}")
-            del x
+            del x, gy
         del dense
 
     # layers sharing an input: gate/up of a LLaMA-70B MLP
@@ -159,10 +176,11 @@ def main(argv=None) -> dict:
 
             assert torch.allclose(separate(), fused(), rtol=1e-4, atol=1e-4)
             times = {}
+            gy = torch.randn(b, n, device=device, dtype=dtype)
             for name, fn in (("separate", separate), ("shared x@[U1 U2]", fused)):
                 def run(fn=fn):
                     x.grad = None
-                    fn().sum().backward()
+                    fn().backward(gy)
                 times[name] = time_it(run, args.min_run_time)
             shared.append(dict(rank=k, tokens=b, separate_ms=times["separate"] * 1e3,
                                shared_ms=times["shared x@[U1 U2]"] * 1e3,
@@ -173,7 +191,7 @@ def main(argv=None) -> dict:
 
     worst = min(r["speedup_over_flop_ratio"] for r in rows if r["tokens"] == max(args.tokens))
     print(f"\nworst speed-up / FLOP ratio at {max(args.tokens)} tokens: {worst:.2f}")
-    out = pathlib.Path(args.out) if args.out else ROOT / "results" / f"bench_layer_{args.dtype}.json"
+    out = pathlib.Path(args.out) if args.out else ROOT / "results" / f"bench_layer_{args.dtype}_{args.malloc}.json"
     payload = {"benchmark": "bench_layer", "config": vars(args), "environment": environment(device),
                "dense_gemm_gflops": gemm, "rows": rows, "shared_input": shared,
                "worst_speedup_over_flop_ratio": worst}

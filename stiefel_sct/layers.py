@@ -13,7 +13,7 @@ from torch import nn
 from .manifold import Stiefel, _compute_dtype, is_stiefel, retract, stiefel_manifold
 from .rank import select_rank
 
-__all__ = ["SpectralLinear", "check_rank"]
+__all__ = ["SpectralLinear", "check_rank", "spectral_linear"]
 
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
@@ -34,6 +34,71 @@ def _check_features(value: object, name: str) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return value
+
+
+class _SpectralLinearFunction(torch.autograd.Function):
+    """``((x @ U) * s) @ V^T + bias`` with a backward that reads the output gradient twice, not three times.
+
+    Plain autograd reads ``g`` (batch x out, the largest tensor of the step) three times: for
+    ``g @ V``, for ``g^T @ (h s)`` and for the bias gradient. Here the last two are one GEMM,
+    ``[h s | 1]^T @ g``, whose extra row is the bias gradient; the weight-gradient GEMMs are also
+    oriented to produce ``(k, out)``/``(k, in)`` results, which MKL runs faster than the transposed
+    forms. Exact: same gradients as autograd through the three-matmul graph.
+    """
+
+    @staticmethod
+    def forward(ctx, x, U, s, V, bias):
+        h = x @ U
+        hs = h * s
+        if bias is None:
+            y = F.linear(hs, V)
+        else:
+            # [h s | 1] @ [V | bias]^T: the bias rides in the GEMM, so the (batch x out) output
+            # is written once (addmm would first fill it with the bias, then read it back)
+            hs = torch.cat([hs, hs.new_ones(hs.shape[:-1] + (1,))], dim=-1)
+            y = hs @ torch.cat([V, bias.unsqueeze(1)], dim=1).mT
+        ctx.save_for_backward(x, U, s, V, h, hs)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, U, s, V, h, hs = ctx.saved_tensors
+        need_x, need_u, need_s, need_v, need_b = ctx.needs_input_grad
+        k, n = V.shape[1], V.shape[0]
+        g2 = g.reshape(-1, n)
+        hs2 = hs.reshape(-1, hs.shape[-1])  # (batch, k), or (batch, k + 1) with the ones column
+        grad_x = grad_u = grad_s = grad_v = grad_b = None
+        if need_v or need_b:
+            # [hs | 1]^T @ g: dV^T and the bias gradient from one pass over g
+            t = (hs2 if need_b else hs2[:, :k]).mT @ g2
+            if need_v:
+                grad_v = t[:k].mT
+            if need_b:
+                grad_b = t[k]
+        if need_x or need_u or need_s:
+            grad_hs = g2 @ V
+            if need_s:
+                grad_s = (grad_hs * h.reshape(-1, k)).sum(0)
+            grad_h = grad_hs * s
+            if need_x:
+                grad_x = (grad_h @ U.mT).reshape(x.shape)
+            if need_u:
+                grad_u = (grad_h.mT @ x.reshape(-1, x.shape[-1])).mT
+        return grad_x, grad_u, grad_s, grad_v, grad_b
+
+
+def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Functional form of :class:`SpectralLinear`: ``((x @ U) * s) @ V^T + bias``.
+
+    Uses a hand-written backward (one pass fewer over the output gradient, built from
+    differentiable ops, so double backward works too); under autocast or ``torch.compile``
+    tracing it uses the plain three-op graph, which autograd and the compiler handle natively.
+    """
+    if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+            and not torch.compiler.is_compiling() and x.dim() >= 1):
+        return _SpectralLinearFunction.apply(x, U, s, V, bias)
+    return F.linear((x @ U) * s, V, bias)
 
 
 class SpectralLinear(nn.Module):
@@ -165,7 +230,7 @@ class SpectralLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear((x @ self.U) * self.s, self.V, self.bias)
+        return spectral_linear(x, self.U, self.s, self.V, self.bias)
 
     # ------------------------------------------------------------------ bookkeeping
     @property

@@ -170,3 +170,21 @@ def test_from_linear_bad_arguments():
         SpectralLinear.from_linear(lin, rank=7)
     with pytest.raises(TypeError, match="nn.Linear"):
         SpectralLinear.from_linear(nn.Conv1d(2, 2, 1), rank=1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_input_gradient_with_leading_dims_and_double_backward(bias):
+    layer = SpectralLinear(13, 9, 4, bias=bias, dtype=torch.float64)
+    x = torch.randn(2, 3, 13, dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + list(layer.parameters()), g, create_graph=True)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = F.linear(x2, _explicit_weight(layer), layer.bias)
+    ref = torch.autograd.grad(y2, [x2] + list(layer.parameters()), g, create_graph=True)
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    # second order: d/dU of <grad_x, grad_x>
+    (gg,) = torch.autograd.grad(grads[0].square().sum(), layer.U)
+    (gg_ref,) = torch.autograd.grad(ref[0].square().sum(), layer.U)
+    assert torch.allclose(gg, gg_ref, rtol=1e-9, atol=1e-11)
