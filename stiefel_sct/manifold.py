@@ -177,14 +177,22 @@ def _group_by_layout(tensors: Sequence[torch.Tensor]) -> Dict[tuple, List[torch.
 
 
 @torch.no_grad()
-def retract_into(x: torch.Tensor, out: torch.Tensor, method: str = "qr") -> torch.Tensor:
+def retract_into(x: torch.Tensor, out: torch.Tensor, method: str = "qr",
+                 workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Retraction of a stack ``x`` (B, n, k) written to ``out`` (same shape, no overlap).
 
-    Low-precision stacks are factorized in fp32. ``x`` is left unchanged. Returns ``out``.
+    Low-precision stacks are factorized in fp32; ``workspace``, two fp32 buffers of at least
+    ``x``'s size, saves allocating them on every call. ``x`` is left unchanged. Returns ``out``.
     """
-    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    if x.dtype in (torch.float32, torch.float64):
+        work, dst = x, out
+    elif workspace is not None:
+        work = workspace[0].view(-1)[: x.numel()].view(x.shape).copy_(x)
+        dst = workspace[1].view(-1)[: x.numel()].view(x.shape)
+    else:
+        work = x.float()
+        dst = torch.empty_like(work)
     if method == "cholqr2":
-        dst = out if out.dtype == work.dtype else torch.empty_like(work)
         cholqr_into(work, dst)
     else:
         dst = qr_retraction(work)

@@ -303,6 +303,7 @@ class FactorBank:
                     p.data = v
         self.ids = {id(p) for p in params}
         self._ptrs = [p.data_ptr() for p in params]
+        self._workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # fp32, low-precision banks
 
     def intact(self) -> bool:
         """False once something else re-homed a factor (``model.to(...)``, ``p.data = ...``)."""
@@ -318,7 +319,11 @@ class FactorBank:
         chunk = self.chunks[j]
         b = len(chunk)
         dst = self.storage[self.spare, :b]
-        retract_into(self.storage[self.slot_of[j], :b], dst, method)
+        if self.storage.dtype not in (torch.float32, torch.float64) and self._workspace is None:
+            shape = self.storage.shape[1:]
+            self._workspace = tuple(torch.empty(shape, dtype=torch.float32, device=self.storage.device)
+                                    for _ in range(2))
+        retract_into(self.storage[self.slot_of[j], :b], dst, method, self._workspace)
         for p, v in zip(chunk, dst.unbind(0)):
             p.data = v
         self.slot_of[j], self.spare = self.spare, self.slot_of[j]
