@@ -5,7 +5,7 @@ never built densely; :class:`SpectralAdam` trains them and retracts the factors 
 """
 
 from .convert import densify, match_module, spectralize
-from .layers import SpectralLinear
+from .layers import SpectralEmbedding, SpectralLinear, spectral_linear
 from .manifold import (
     RETRACTIONS,
     Stiefel,
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "RETRACTIONS",
     "SpectralAdam",
+    "SpectralEmbedding",
     "SpectralLinear",
     "Stiefel",
     "__version__",
@@ -39,5 +40,6 @@ __all__ = [
     "retract_all",
     "select_rank",
     "spectral_adam",
+    "spectral_linear",
     "spectralize",
 ]

@@ -9,7 +9,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .layers import SpectralLinear, check_rank
+from .layers import SpectralEmbedding, SpectralLinear, check_rank
 from .rank import check_energy
 
 __all__ = ["densify", "match_module", "spectralize"]
@@ -78,6 +78,7 @@ def spectralize(
     convert_small: bool = False,
     retraction: str = "qr",
     device: Optional[Union[torch.device, str]] = None,
+    embeddings: bool = False,
 ) -> nn.Module:
     """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place.
 
@@ -96,6 +97,8 @@ def spectralize(
         retraction: manifold backend of the new factors, ``"qr"`` or ``"cholqr2"``.
         device: where to create layers converted from ``meta``-device linears (random
             orthonormal initialisation, the dense weight never exists). Default: stay on ``meta``.
+        embeddings: also convert ``nn.Embedding`` modules to :class:`SpectralEmbedding` (same
+            selection rules).
 
     Layers are factored by truncated SVD of their trained weight; ``meta`` layers (no weight to
     factor) get :class:`SpectralLinear`'s random initialisation. A linear layer whose weight is tied
@@ -114,9 +117,10 @@ def spectralize(
     exclude = _check_selector(exclude, "exclude")
     tied = _tied_weights(model)
 
-    plan: List[Tuple[str, nn.Linear]] = []
+    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
+    plan: List[Tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:  # subclasses (quantized, LoRA, ...) are not ours to touch
+        if type(module) not in kinds:  # subclasses (quantized, LoRA, ...) are not ours to touch
             continue
         if include is not None and not match_module(name, include):
             continue
@@ -127,8 +131,9 @@ def spectralize(
             continue
         plan.append((name, module))
 
-    for name, linear in plan:
-        new = _convert_linear(linear, rank, energy, convert_small, retraction, device)
+    for name, module in plan:
+        convert = _convert_linear if isinstance(module, nn.Linear) else _convert_embedding
+        new = convert(module, rank, energy, convert_small, retraction, device)
         if new is None:
             continue
         if name == "":
@@ -165,9 +170,29 @@ def _convert_linear(
     return layer
 
 
+def _convert_embedding(emb: nn.Embedding, rank, energy, convert_small, retraction, device):
+    vocab, d = emb.num_embeddings, emb.embedding_dim
+    w = emb.weight
+    if rank is not None:
+        k = min(rank, vocab, d) if convert_small else rank
+        if not convert_small and (k > min(vocab, d) or not _profitable(k, vocab, d)):
+            return None
+        if w.is_meta:
+            return SpectralEmbedding(vocab, d, k, padding_idx=emb.padding_idx, device=device or "meta",
+                                     dtype=w.dtype, retraction=retraction)
+        return SpectralEmbedding.from_embedding(emb, rank=k, retraction=retraction)
+    if w.is_meta:
+        raise ValueError("energy-based rank selection needs materialised weights; this model is on the meta device (use rank=...)")
+    layer = SpectralEmbedding.from_embedding(emb, energy=energy, retraction=retraction)
+    if not convert_small and not _profitable(layer.rank, vocab, d):
+        return None
+    return layer
+
+
 @torch.no_grad()
 def densify(model: nn.Module) -> nn.Module:
-    """Inverse of :func:`spectralize`: replace every :class:`SpectralLinear` by an ``nn.Linear``.
+    """Inverse of :func:`spectralize`: every :class:`SpectralLinear` back to ``nn.Linear`` and every
+    :class:`SpectralEmbedding` back to ``nn.Embedding``.
 
     The dense weights are materialised (``V diag(s) U^T``); use this for export. Returns ``model``
     (or the new layer when ``model`` itself is a ``SpectralLinear``).
@@ -176,7 +201,10 @@ def densify(model: nn.Module) -> nn.Module:
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, SpectralLinear):
         return model.to_linear()
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, SpectralLinear)]
+    if isinstance(model, SpectralEmbedding):
+        return model.to_embedding()
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (SpectralLinear, SpectralEmbedding))]
     for name, module in targets:
-        _set_submodule(model, name, module.to_linear())
+        dense = module.to_linear() if isinstance(module, SpectralLinear) else module.to_embedding()
+        _set_submodule(model, name, dense)
     return model

@@ -13,7 +13,7 @@ from torch import nn
 from .manifold import Stiefel, _compute_dtype, is_stiefel, retract, stiefel_manifold
 from .rank import select_rank
 
-__all__ = ["SpectralLinear", "check_rank", "spectral_linear"]
+__all__ = ["SpectralEmbedding", "SpectralLinear", "check_rank", "spectral_linear"]
 
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
@@ -101,7 +101,30 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.
     return F.linear((x @ U) * s, V, bias)
 
 
-class SpectralLinear(nn.Module):
+class _FactorModule(nn.Module):
+    """Base of the spectral layers: keeps ``U`` and ``V`` geoopt Stiefel parameters through ``_apply``."""
+
+    _retraction: str = "qr"
+
+    @property
+    def manifold(self) -> Stiefel:
+        """The Stiefel manifold ``U`` and ``V`` live on (shared, not a submodule)."""
+        return self.U.manifold
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Module._apply replaces a parameter by a plain nn.Parameter when it cannot reuse its
+        # storage (e.g. ``to_empty`` from meta): put the factors back on the manifold.
+        out = super()._apply(fn, recurse)
+        for name in ("U", "V"):
+            p = self._parameters[name]
+            if p is not None and not is_stiefel(p):
+                self._parameters[name] = geoopt.ManifoldParameter(
+                    p.data, manifold=stiefel_manifold(self._retraction), requires_grad=p.requires_grad
+                )
+        return out
+
+
+class SpectralLinear(_FactorModule):
     r"""Drop-in for :class:`torch.nn.Linear` whose weight is stored in spectral form.
 
     ``W = V diag(s) U^T`` (shape ``(out_features, in_features)``) with
@@ -234,11 +257,6 @@ class SpectralLinear(nn.Module):
 
     # ------------------------------------------------------------------ bookkeeping
     @property
-    def manifold(self) -> Stiefel:
-        """The Stiefel manifold ``U`` and ``V`` live on (shared, not a submodule)."""
-        return self.U.manifold
-
-    @property
     def compression(self) -> float:
         """Dense weight elements over spectral factor elements, ``m n / (k (m + n + 1))``."""
         m, n, k = self.in_features, self.out_features, self.rank
@@ -251,14 +269,106 @@ class SpectralLinear(nn.Module):
             f"compression={self.compression:.1f}x"
         )
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
-        # Module._apply replaces a parameter by a plain nn.Parameter when it cannot reuse its
-        # storage (e.g. ``to_empty`` from meta): put the factors back on the manifold.
-        out = super()._apply(fn, recurse)
-        for name in ("U", "V"):
-            p = self._parameters[name]
-            if p is not None and not is_stiefel(p):
-                self._parameters[name] = geoopt.ManifoldParameter(
-                    p.data, manifold=stiefel_manifold(self._retraction), requires_grad=p.requires_grad
-                )
+
+class SpectralEmbedding(_FactorModule):
+    r"""Drop-in for :class:`torch.nn.Embedding` whose table is stored as ``W = U diag(s) V^T``.
+
+    ``U``: ``(num_embeddings, rank)`` and ``V``: ``(embedding_dim, rank)`` are
+    :class:`geoopt.ManifoldParameter`\ s on :class:`Stiefel`; ``s``: ``(rank,)``. A lookup takes
+    rows of ``U``, scales them by ``s`` and maps them through ``V^T``:
+    ``forward(idx) = (U[idx] * s) @ V^T``. The ``num_embeddings x embedding_dim`` table never
+    exists (for a 128,256-token vocabulary at d=8192 and rank 32: 4.4M parameters instead of 1.05B).
+
+    Initialisation: random orthonormal ``U``, ``V`` and all ``s_i = sqrt(num_embeddings *
+    embedding_dim / rank)``, so ``E||W||_F^2`` equals ``nn.Embedding``'s ``N(0, 1)`` table's and an
+    average row has norm ``sqrt(embedding_dim)`` as there.
+
+    ``padding_idx``: lookups of that index return zeros (and so pass no gradient), as in
+    ``nn.Embedding``; the factors themselves are not constrained.
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: Optional[int] = None,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        retraction: str = "qr",
+    ) -> None:
+        super().__init__()
+        self.num_embeddings = _check_features(num_embeddings, "num_embeddings")
+        self.embedding_dim = _check_features(embedding_dim, "embedding_dim")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"padding_idx must be in [-{num_embeddings}, {num_embeddings}), got {padding_idx}")
+            padding_idx %= num_embeddings
+        self.padding_idx = padding_idx
+        self.rank = check_rank(rank, num_embeddings, embedding_dim)
+        self._retraction = retraction
+        manifold = stiefel_manifold(retraction)
+        factory = {"device": device, "dtype": dtype}
+        self.U = geoopt.ManifoldParameter(torch.empty(num_embeddings, rank, **factory), manifold=manifold)
+        self.s = nn.Parameter(torch.empty(rank, **factory))
+        self.V = geoopt.ManifoldParameter(torch.empty(embedding_dim, rank, **factory), manifold=manifold)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.U.is_meta:
+            return
+        for p in (self.U, self.V):
+            p.copy_(retract(torch.randn(p.shape, device=p.device, dtype=_compute_dtype(p.dtype))))
+        self.s.fill_(math.sqrt(self.num_embeddings * self.embedding_dim / self.rank))
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, embedding: nn.Embedding, rank: Optional[int] = None,
+                       energy: Optional[float] = None, retraction: str = "qr") -> "SpectralEmbedding":
+        """Factor a (trained) ``nn.Embedding`` by truncated SVD (exactly one of rank/energy)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        if (rank is None) == (energy is None):
+            raise ValueError("give exactly one of rank or energy")
+        w = embedding.weight
+        if w.is_meta:
+            raise ValueError("from_embedding needs a materialised weight; the embedding is on the meta device")
+        P, S, Qh = torch.linalg.svd(w.detach().to(_compute_dtype(w.dtype)), full_matrices=False)
+        vocab, d = w.shape
+        k = check_rank(rank, vocab, d) if rank is not None else select_rank(S, energy)
+        layer = cls(vocab, d, k, padding_idx=embedding.padding_idx, device="meta", dtype=w.dtype, retraction=retraction)
+        layer.to_empty(device=w.device)
+        layer.U.copy_(P[:, :k])
+        layer.s.copy_(S[:k])
+        layer.V.copy_(Qh[:k].mT)
+        return layer
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = (F.embedding(idx, self.U) * self.s) @ self.V.mT
+        if self.padding_idx is not None:
+            out = out.masked_fill((idx == self.padding_idx).unsqueeze(-1), 0.0)
         return out
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(num_embeddings, embedding_dim)`` table ``U diag(s) V^T``. Export only."""
+        return (self.U * self.s) @ self.V.mT
+
+    @torch.no_grad()
+    def to_embedding(self) -> nn.Embedding:
+        emb = nn.Embedding(self.num_embeddings, self.embedding_dim, padding_idx=self.padding_idx,
+                           device=self.U.device, dtype=self.U.dtype)
+        emb.weight.copy_(self.dense_weight())
+        return emb
+
+    @property
+    def compression(self) -> float:
+        m, n, k = self.num_embeddings, self.embedding_dim, self.rank
+        return m * n / (k * (m + n + 1))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+                + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+                + f", compression={self.compression:.1f}x")
+

@@ -176,3 +176,17 @@ def test_hugging_face_llama_forward_and_generate_after_conversion():
     loss = model(ids, labels=ids).loss
     loss.backward()
     assert model.model.layers[1].mlp.down_proj.U.grad is not None
+
+
+def test_spectralize_embeddings_on_meta_llama():
+    transformers = pytest.importorskip("transformers")
+    from stiefel_sct import SpectralEmbedding
+
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    spectralize(model, rank=8, embeddings=True, device="cpu")
+    assert isinstance(model.model.embed_tokens, SpectralEmbedding)
+    assert isinstance(model.lm_head, SpectralLinear)
+    assert not any(p.is_meta for n, p in model.named_parameters() if "norm" not in n)

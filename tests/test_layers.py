@@ -188,3 +188,40 @@ def test_input_gradient_with_leading_dims_and_double_backward(bias):
     (gg,) = torch.autograd.grad(grads[0].square().sum(), layer.U)
     (gg_ref,) = torch.autograd.grad(ref[0].square().sum(), layer.U)
     assert torch.allclose(gg, gg_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_spectral_embedding_matches_dense_table_and_gradients():
+    from stiefel_sct import SpectralEmbedding
+
+    emb = SpectralEmbedding(50, 12, 5, dtype=torch.float64)
+    idx = torch.randint(0, 50, (3, 7))
+    out = emb(idx)
+    table = (emb.U * emb.s) @ emb.V.mT  # built explicitly, differentiably
+    ref = F.embedding(idx, table)
+    assert out.shape == (3, 7, 12) and torch.allclose(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(out, [emb.U, emb.s, emb.V], g)
+    theirs = torch.autograd.grad(ref, [emb.U, emb.s, emb.V], g)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert orthonormality_error(emb.U) < 1e-12
+    assert "compression=" in repr(emb)
+
+
+def test_spectral_embedding_from_embedding_padding_and_back():
+    from stiefel_sct import SpectralEmbedding, densify
+
+    dense = nn.Embedding(40, 16, padding_idx=0)
+    full = SpectralEmbedding.from_embedding(dense, rank=16)
+    idx = torch.tensor([[0, 3, 39], [5, 0, 1]])
+    assert torch.allclose(full(idx), dense(idx), atol=1e-5)
+    assert (full(idx)[idx == 0] == 0).all()
+    back = densify(full)
+    assert isinstance(back, nn.Embedding) and torch.allclose(back(idx), dense(idx), atol=1e-5)
+    with pytest.raises(ValueError, match="padding_idx"):
+        SpectralEmbedding(10, 4, 2, padding_idx=10)
+    with pytest.raises(ValueError, match=r"rank must be in \[1, min"):
+        SpectralEmbedding(10, 4, 5)
+    # init scale: E||W||_F^2 as nn.Embedding's N(0, 1) table
+    big = SpectralEmbedding(1000, 64, 8)
+    assert float(big.dense_weight().square().sum()) == pytest.approx(1000 * 64, rel=1e-4)
