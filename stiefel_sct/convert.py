@@ -132,8 +132,7 @@ def spectralize(
         plan.append((name, module))
 
     for name, module in plan:
-        convert = _convert_linear if isinstance(module, nn.Linear) else _convert_embedding
-        new = convert(module, rank, energy, convert_small, retraction, device)
+        new = _convert(module, rank, energy, convert_small, retraction, device)
         if new is None:
             continue
         if name == "":
@@ -142,49 +141,34 @@ def spectralize(
     return model
 
 
-def _convert_linear(
-    linear: nn.Linear,
-    rank: Optional[int],
-    energy: Optional[float],
-    convert_small: bool,
-    retraction: str,
-    device,
-) -> Optional[SpectralLinear]:
-    m, n = linear.in_features, linear.out_features
-    w = linear.weight
+def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], convert_small: bool,
+             retraction: str, device) -> Optional[nn.Module]:
+    """The spectral counterpart of an ``nn.Linear``/``nn.Embedding``, or None where it would not shrink."""
+    if isinstance(module, nn.Linear):
+        rows, cols, cls = module.in_features, module.out_features, SpectralLinear
+        extra = {"bias": module.bias is not None}
+
+        def factor(**kw):
+            return SpectralLinear.from_linear(module, retraction=retraction, **kw)
+    else:
+        rows, cols, cls = module.num_embeddings, module.embedding_dim, SpectralEmbedding
+        extra = {"padding_idx": module.padding_idx}
+
+        def factor(**kw):
+            return SpectralEmbedding.from_embedding(module, retraction=retraction, **kw)
+    w = module.weight
     if rank is not None:
-        k = min(rank, m, n) if convert_small else rank
-        if not convert_small and (k > min(m, n) or not _profitable(k, m, n)):
+        k = min(rank, rows, cols) if convert_small else rank
+        if not convert_small and (k > min(rows, cols) or not _profitable(k, rows, cols)):
             return None
-        check_rank(k, m, n)
-        if w.is_meta:
-            layer = SpectralLinear(m, n, k, bias=linear.bias is not None, device=device or "meta",
-                                   dtype=w.dtype, retraction=retraction)
-            return layer
-        return SpectralLinear.from_linear(linear, rank=k, retraction=retraction)
+        check_rank(k, rows, cols)
+        if w.is_meta:  # nothing to factor: random orthonormal initialisation
+            return cls(rows, cols, k, device=device or "meta", dtype=w.dtype, retraction=retraction, **extra)
+        return factor(rank=k)
     if w.is_meta:
         raise ValueError("energy-based rank selection needs materialised weights; this model is on the meta device (use rank=...)")
-    layer = SpectralLinear.from_linear(linear, energy=energy, retraction=retraction)
-    if not convert_small and not _profitable(layer.rank, m, n):
-        return None
-    return layer
-
-
-def _convert_embedding(emb: nn.Embedding, rank, energy, convert_small, retraction, device):
-    vocab, d = emb.num_embeddings, emb.embedding_dim
-    w = emb.weight
-    if rank is not None:
-        k = min(rank, vocab, d) if convert_small else rank
-        if not convert_small and (k > min(vocab, d) or not _profitable(k, vocab, d)):
-            return None
-        if w.is_meta:
-            return SpectralEmbedding(vocab, d, k, padding_idx=emb.padding_idx, device=device or "meta",
-                                     dtype=w.dtype, retraction=retraction)
-        return SpectralEmbedding.from_embedding(emb, rank=k, retraction=retraction)
-    if w.is_meta:
-        raise ValueError("energy-based rank selection needs materialised weights; this model is on the meta device (use rank=...)")
-    layer = SpectralEmbedding.from_embedding(emb, energy=energy, retraction=retraction)
-    if not convert_small and not _profitable(layer.rank, vocab, d):
+    layer = factor(energy=energy)
+    if not convert_small and not _profitable(layer.rank, rows, cols):
         return None
     return layer
 

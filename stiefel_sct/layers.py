@@ -101,6 +101,18 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.
     return F.linear((x @ U) * s, V, bias)
 
 
+def _truncated_svd(weight: torch.Tensor, rank: Optional[int], energy: Optional[float], what: str):
+    """``(P, S, Qh, k)`` of a dense weight, ``k`` from ``rank`` or retained ``energy`` (exactly one)."""
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank or energy")
+    if weight.is_meta:
+        raise ValueError(f"{what} needs a materialised weight; the module is on the meta device")
+    P, S, Qh = torch.linalg.svd(weight.detach().to(_compute_dtype(weight.dtype)), full_matrices=False)
+    rows, cols = weight.shape
+    k = check_rank(rank, rows, cols) if rank is not None else select_rank(S, energy)
+    return P, S, Qh, k
+
+
 class _FactorModule(nn.Module):
     """Base of the spectral layers: keeps ``U`` and ``V`` geoopt Stiefel parameters through ``_apply``."""
 
@@ -110,6 +122,23 @@ class _FactorModule(nn.Module):
     def manifold(self) -> Stiefel:
         """The Stiefel manifold ``U`` and ``V`` live on (shared, not a submodule)."""
         return self.U.manifold
+
+    def _make_factors(self, u_rows: int, v_rows: int, rank: int, retraction: str, factory: dict) -> None:
+        self._retraction = retraction
+        manifold = stiefel_manifold(retraction)
+        self.U = geoopt.ManifoldParameter(torch.empty(u_rows, rank, **factory), manifold=manifold)
+        self.s = nn.Parameter(torch.empty(rank, **factory))
+        self.V = geoopt.ManifoldParameter(torch.empty(v_rows, rank, **factory), manifold=manifold)
+
+    @torch.no_grad()
+    def _init_factors(self, s_value: float) -> bool:
+        """Haar-random orthonormal ``U``, ``V`` and a constant spectrum; False on ``meta``."""
+        if self.U.is_meta:
+            return False
+        for p in (self.U, self.V):
+            p.copy_(retract(torch.randn(p.shape, device=p.device, dtype=_compute_dtype(p.dtype))))
+        self.s.fill_(s_value)
+        return True
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Module._apply replaces a parameter by a plain nn.Parameter when it cannot reuse its
@@ -174,12 +203,8 @@ class SpectralLinear(_FactorModule):
         self.in_features = _check_features(in_features, "in_features")
         self.out_features = _check_features(out_features, "out_features")
         self.rank = check_rank(rank, in_features, out_features)
-        self._retraction = retraction
-        manifold = stiefel_manifold(retraction)
         factory = {"device": device, "dtype": dtype}
-        self.U = geoopt.ManifoldParameter(torch.empty(in_features, rank, **factory), manifold=manifold)
-        self.s = nn.Parameter(torch.empty(rank, **factory))
-        self.V = geoopt.ManifoldParameter(torch.empty(out_features, rank, **factory), manifold=manifold)
+        self._make_factors(in_features, out_features, rank, retraction, factory)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -190,11 +215,8 @@ class SpectralLinear(_FactorModule):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Random orthonormal ``U``, ``V``; ``s`` and ``bias`` matching ``nn.Linear``'s scale."""
-        if self.U.is_meta:
+        if not self._init_factors(math.sqrt(self.out_features / (3.0 * self.rank))):
             return
-        for p in (self.U, self.V):
-            p.copy_(retract(torch.randn(p.shape, device=p.device, dtype=_compute_dtype(p.dtype))))
-        self.s.fill_(math.sqrt(self.out_features / (3.0 * self.rank)))
         if self.bias is not None:
             bound = 1.0 / math.sqrt(self.in_features)
             self.bias.uniform_(-bound, bound)
@@ -216,15 +238,9 @@ class SpectralLinear(_FactorModule):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        if (rank is None) == (energy is None):
-            raise ValueError("give exactly one of rank or energy")
         weight = linear.weight
-        if weight.is_meta:
-            raise ValueError("from_linear needs a materialised weight; the linear layer is on the meta device")
         n, m = weight.shape
-        w = weight.detach().to(_compute_dtype(weight.dtype))
-        P, S, Qh = torch.linalg.svd(w, full_matrices=False)
-        k = check_rank(rank, m, n) if rank is not None else select_rank(S, energy)
+        P, S, Qh, k = _truncated_svd(weight, rank, energy, "from_linear")
         layer = cls(m, n, k, bias=linear.bias is not None, device="meta", dtype=weight.dtype, retraction=retraction)
         layer.to_empty(device=weight.device)
         layer.U.copy_(Qh[:k].mT)
@@ -306,21 +322,13 @@ class SpectralEmbedding(_FactorModule):
             padding_idx %= num_embeddings
         self.padding_idx = padding_idx
         self.rank = check_rank(rank, num_embeddings, embedding_dim)
-        self._retraction = retraction
-        manifold = stiefel_manifold(retraction)
-        factory = {"device": device, "dtype": dtype}
-        self.U = geoopt.ManifoldParameter(torch.empty(num_embeddings, rank, **factory), manifold=manifold)
-        self.s = nn.Parameter(torch.empty(rank, **factory))
-        self.V = geoopt.ManifoldParameter(torch.empty(embedding_dim, rank, **factory), manifold=manifold)
+        self._make_factors(num_embeddings, embedding_dim, rank, retraction, {"device": device, "dtype": dtype})
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        if self.U.is_meta:
-            return
-        for p in (self.U, self.V):
-            p.copy_(retract(torch.randn(p.shape, device=p.device, dtype=_compute_dtype(p.dtype))))
-        self.s.fill_(math.sqrt(self.num_embeddings * self.embedding_dim / self.rank))
+        """Random orthonormal ``U``, ``V``; ``s`` matching ``nn.Embedding``'s table norm."""
+        self._init_factors(math.sqrt(self.num_embeddings * self.embedding_dim / self.rank))
 
     @classmethod
     @torch.no_grad()
@@ -329,14 +337,9 @@ class SpectralEmbedding(_FactorModule):
         """Factor a (trained) ``nn.Embedding`` by truncated SVD (exactly one of rank/energy)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")
-        if (rank is None) == (energy is None):
-            raise ValueError("give exactly one of rank or energy")
         w = embedding.weight
-        if w.is_meta:
-            raise ValueError("from_embedding needs a materialised weight; the embedding is on the meta device")
-        P, S, Qh = torch.linalg.svd(w.detach().to(_compute_dtype(w.dtype)), full_matrices=False)
         vocab, d = w.shape
-        k = check_rank(rank, vocab, d) if rank is not None else select_rank(S, energy)
+        P, S, Qh, k = _truncated_svd(w, rank, energy, "from_embedding")
         layer = cls(vocab, d, k, padding_idx=embedding.padding_idx, device="meta", dtype=w.dtype, retraction=retraction)
         layer.to_empty(device=w.device)
         layer.U.copy_(P[:, :k])
