@@ -131,11 +131,16 @@ def _adam_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
                 p.mul_(1 - lr * weight_decay)
             else:
                 g = g.add(p, alpha=weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        low = m.dtype != p.dtype  # moments stored in lower precision: compute in p's dtype, round on store
+        mc, vc = (m.to(p.dtype), v.to(p.dtype)) if low else (m, v)
+        mc.lerp_(g, 1 - beta1)
+        vc.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         (bc1,), (bc2,) = _bias_corrections([st], beta1, beta2)
-        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bc1)
+        denom = (vc.sqrt() / math.sqrt(bc2)).add_(eps)
+        p.addcdiv_(mc, denom, value=-lr / bc1)
+        if low:
+            m.copy_(mc)
+            v.copy_(vc)
 
 
 _ADAM_IMPLS = {"fused": _adam_fused, "foreach": _adam_foreach, "single": _adam_single}
@@ -210,6 +215,8 @@ def spectral_adam(
     stacking and no copy back (:class:`FactorBank`). Factors not in a bank are stacked per shape
     and retracted by :func:`retract_`.
     """
+    if any(m.dtype != p.dtype for m, p in zip(exp_avgs, params)):
+        impl = "single"  # low-precision moments: the per-tensor path upcasts them
     adam = _ADAM_IMPLS[impl]
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     euc = [i for i, s in enumerate(stiefel) if not s]
@@ -407,6 +414,15 @@ class SpectralAdam(Optimizer):
             within it at each step; their values, identity and ``state_dict`` are unchanged) so
             the retraction runs batched on the buffer, without stacking or copying. Disable if
             something else owns the parameters' storage.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` (default: the parameter's). ``torch.bfloat16``
+            halves optimizer memory; the update is computed in the parameter's dtype and the moments
+            are rounded to nearest on store.
+        step_in_backward: apply each parameter's Adam update inside ``backward()``, as soon as its
+            gradient is accumulated (``register_post_accumulate_grad_hook``), then free the
+            gradient: no gradient of the whole model is ever held. ``step()`` then only retracts
+            the factors updated during backward (batched, as usual). The NaN/Inf check is per
+            parameter in this mode: a bad gradient raises inside ``backward()`` before *that*
+            parameter changes, but parameters updated earlier in the same backward stay updated.
 
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (the same as ``torch.optim.Adam``).
     """
@@ -425,6 +441,8 @@ class SpectralAdam(Optimizer):
         fused: Optional[bool] = None,
         check_finite: bool = True,
         contiguous_factors: bool = True,
+        state_dtype: Optional[torch.dtype] = None,
+        step_in_backward: bool = False,
     ) -> None:
         if fused and foreach:
             raise ValueError("fused and foreach cannot both be True")
@@ -437,8 +455,18 @@ class SpectralAdam(Optimizer):
         self.fused = fused
         self.check_finite = bool(check_finite)
         self.contiguous_factors = bool(contiguous_factors)
+        if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
+            raise TypeError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
+        self.state_dtype = state_dtype
+        self.step_in_backward = bool(step_in_backward)
+        self._pending: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        self._hooks: list = []
         self._banks: Dict[int, Tuple[tuple, List[FactorBank]]] = {}
         super().__init__(params, defaults)
+        if self.step_in_backward:
+            if any(g["mode"] != "sct" for g in self.param_groups):
+                raise ValueError("step_in_backward supports mode='sct' only")
+            self._register_hooks()
         if fused:
             every = [p for g in self.param_groups for p in g["params"]]
             if not _fused_supported(every):
@@ -489,9 +517,64 @@ class SpectralAdam(Optimizer):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(_plain(p), memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(_plain(p), memory_format=torch.preserve_format)
+            dtype = self.state_dtype or p.dtype
+            state["exp_avg"] = torch.zeros_like(_plain(p), dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(_plain(p), dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    # ---------------------------------------------------------------- step in backward
+    def _register_hooks(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.requires_grad:
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(gi, pi)))
+
+    def _make_hook(self, gi: int, pi: int):
+        def hook(p: torch.Tensor) -> None:
+            self._update_in_backward(gi, pi, p)
+        return hook
+
+    @torch.no_grad()
+    def _update_in_backward(self, gi: int, pi: int, p: torch.Tensor) -> None:
+        g = p.grad
+        if g is None:
+            return
+        if self.check_finite and not bool(torch.isfinite(g).all()):
+            raise FloatingPointError(
+                f"SpectralAdam (step_in_backward): non-finite gradient (NaN or Inf) in {self._param_name(gi, pi)}; "
+                "this parameter was not changed"
+            )
+        group = self.param_groups[gi]
+        state = self._init_state(p)
+        stiefel = is_stiefel(p)
+        beta1, beta2 = group["betas"]
+        impl = "single" if state["exp_avg"].dtype != p.dtype else self._impl([p])
+        _ADAM_IMPLS[impl]([p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]],
+                          lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                          weight_decay=0.0 if stiefel else group["weight_decay"],
+                          decoupled=True if stiefel else group["decoupled_weight_decay"])
+        p.grad = None
+        if stiefel:
+            self._pending[gi].append(p)
+
+    def _retract_pending(self) -> None:
+        for gi, pending in self._pending.items():
+            group = self.param_groups[gi]
+            banks = self._banks_of(gi, group)
+            live, in_bank = self._live_banks(banks, pending, [True] * len(pending))
+            for bank in live:
+                bank.retract_(group["retraction"])
+            loose = [p for p, covered in zip(pending, in_bank or [False] * len(pending)) if not covered]
+            if loose:
+                retract_(loose, group["retraction"])
+        self._pending.clear()
+
+    def remove_hooks(self) -> None:
+        """Detach the step-in-backward hooks (the optimizer then needs ``step_in_backward=False`` use)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.step_in_backward = False
 
     # ---------------------------------------------------------------- step
     @torch.no_grad()
@@ -501,6 +584,9 @@ class SpectralAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.step_in_backward:
+            self._retract_pending()
+            return loss
         self._check_gradients()
         for gi, group in enumerate(self.param_groups):
             banks = self._banks_of(gi, group)  # before the state exists, so it takes their layout

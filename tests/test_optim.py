@@ -414,3 +414,58 @@ def test_bank_with_a_factor_without_gradient():
     opt.step()
     assert torch.equal(c.U, frozen_u)
     assert orthonormality_error(a.U) < 1e-5 and orthonormality_error(b.V) < 1e-5
+
+
+@pytest.mark.parametrize("retraction", ["qr", "cholqr2"])
+def test_step_in_backward_equals_a_normal_step(retraction):
+    def make():
+        torch.manual_seed(3)
+        return nn.Sequential(SpectralLinear(24, 24, 4), nn.Tanh(), SpectralLinear(24, 24, 4), nn.Tanh(), nn.Linear(24, 3))
+
+    data = [(torch.randn(8, 24), torch.randn(8, 3)) for _ in range(6)]
+    a, b = make(), make()
+    opt_a = SpectralAdam(a.parameters(), lr=1e-2, weight_decay=0.01, retraction=retraction)
+    opt_b = SpectralAdam(b.parameters(), lr=1e-2, weight_decay=0.01, retraction=retraction, step_in_backward=True)
+    for x, y in data:
+        opt_a.zero_grad()
+        F.mse_loss(a(x), y).backward()
+        opt_a.step()
+        F.mse_loss(b(x), y).backward()
+        assert all(p.grad is None for p in b.parameters())  # updated and freed during backward
+        opt_b.step()  # the batched retraction
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert (pa - pb).abs().max() <= 1e-6
+    assert orthonormality_error(b[2].V) < 1e-5
+
+
+def test_step_in_backward_rejects_bad_gradients_and_modes():
+    layer = SpectralLinear(6, 5, 2)
+    opt = SpectralAdam(layer.parameters(), step_in_backward=True)
+    before = layer.s.detach().clone()
+    layer.s.register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(FloatingPointError, match="param_groups\\[0\\]\\['params'\\]\\[1\\]"):
+        layer(torch.randn(3, 6)).sum().backward()
+    assert torch.equal(layer.s, before)
+    with pytest.raises(ValueError, match="step_in_backward supports mode='sct' only"):
+        SpectralAdam(SpectralLinear(6, 5, 2).parameters(), mode="riemannian", step_in_backward=True)
+
+
+def test_bf16_optimizer_state_halves_memory_and_trains():
+    model = _mlp(0)
+    opt = SpectralAdam(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
+    x = torch.randn(64, 32)
+    y = torch.sin(x[:, :8])
+    first = None
+    for _ in range(150):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert loss.item() < 0.5 * first
+    for p in model.parameters():
+        st = opt.state[p]
+        assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
+    assert orthonormality_error(model[0].U) < 1e-5
+    with pytest.raises(TypeError, match="state_dtype"):
+        SpectralAdam(model.parameters(), state_dtype=torch.int8)
