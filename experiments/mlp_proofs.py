@@ -67,6 +67,7 @@ class Config:
     sweep_seeds: int = 2
     sweep_schedule: str = "cosine"
     curve_every: int = 10
+    state_dtype: Optional[str] = None  # "bf16": SpectralAdam keeps its moments in bf16
     tasks: List[str] = field(default_factory=lambda: list(TASKS))
     methods: List[str] = field(default_factory=lambda: list(METHODS))
 
@@ -158,7 +159,8 @@ def run_one(task: str, method: str, seed: int, lr: float, schedule: str, cfg: Co
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     else:
         spectralize(model, rank=cfg.rank, convert_small=True)
-        opt = SpectralAdam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        opt = SpectralAdam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
+                           state_dtype=torch.bfloat16 if cfg.state_dtype == "bf16" else None)
     feedback = make_feedback(sizes, torch.Generator().manual_seed(10_000 + seed)) if method == "sft_dfa" else None
     sched = None
     if schedule == "cosine":

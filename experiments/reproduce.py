@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # name -> script; later experiments register here
 EXPERIMENTS = {
     "mlp_proofs": "experiments/mlp_proofs.py",
+    "memory_70b": "experiments/memory_70b.py",
 }
 
 

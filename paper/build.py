@@ -20,7 +20,9 @@ from typing import Dict, List, Optional
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # the experiments whose results the report is built from (each one section)
-REQUIRED = ("mlp_proofs",)
+REQUIRED = ("mlp_proofs", "memory_70b")
+# extra results shown when present (e.g. a full-depth run kept beside the quick one)
+OPTIONAL = ("memory_70b_paper",)
 
 
 class MissingResults(FileNotFoundError):
@@ -48,7 +50,8 @@ def _fmt(value: Optional[float], kind: str) -> str:
 
 def _provenance(res: Dict) -> str:
     env, cfg = res["environment"], res["config"]
-    return (f"preset `{cfg.get('preset')}`, {cfg.get('seeds')} seeds, {cfg.get('steps')} steps; "
+    seeds = f"{cfg['seeds']} seeds, " if "seeds" in cfg else ""
+    return (f"preset `{cfg.get('preset')}`, {seeds}{cfg.get('steps')} steps; "
             f"{env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads), "
             f"torch {env.get('torch')}, geoopt {env.get('geoopt')}, stiefel_sct {env.get('stiefel_sct')}, "
             f"{env.get('date')}")
@@ -108,6 +111,89 @@ def mlp_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
     return lines + [""]
 
 
+def memory_section(res: Dict, figures: pathlib.Path, rel: str, title: str) -> List[str]:
+    m, cfg = res["metrics"], res["config"]
+    paper = m["paper"]
+    lines = [f"## {title}", "",
+             f"How obtained: `experiments/memory_70b.py`, {_provenance(res)}; LLaMA-3-70B shapes "
+             f"(GQA 64/8 heads, vocabulary 128,256), every linear layer, the embedding and the LM head "
+             f"spectral at rank {cfg['rank']}; seq {cfg['seq']}, batch {cfg['batch']}, {cfg['steps']} steps; "
+             "peak = `VmHWM` of a fresh process per configuration"
+             + (f"; glibc `{' '.join(f'{k}={v}' for k, v in m['malloc_env'].items())}`" if m.get("malloc_env") else "")
+             + ".", ""]
+    rows = m["summary"]
+    extrapolated = any(r["extrapolated"] for r in rows.values())
+    if extrapolated:
+        first = next(iter(rows.values()))
+        lines += [f"**Extrapolated**: measured at {first['measured_layers']} layers, every figure fitted "
+                  f"linearly in depth and evaluated at {first['layers']} layers (the quick preset; "
+                  "`--preset paper` measures all 80).", ""]
+    lines += ["| configuration | layers | peak GiB | vs reference | parameters (dense, real GQA) | "
+              "params MiB | grads held MiB | Adam state MiB | activations + runtime MiB | fwd / bwd / opt s | orthonormality |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in rows.items():
+        t = r["step_time_s"]
+        lines.append(f"| {name} | {r['layers']} | {r['peak_mb'] / 1024:.2f} | {r.get('peak_vs_reference', float('nan')):.2f} | "
+                     f"{r['params'] / 1e6:.1f}M ({r['dense_params'] / 1e9:.2f}B) | {r['param_mb']:.0f} | "
+                     f"{r['grad_mb_held']:.0f} | {r['state_mb']:.0f} | {r['activations_mb']:.0f} | "
+                     f"{t['forward_s']:.2f} / {t['backward_s']:.2f} / {t['step_s']:.2f} | {r['orthonormality_error']:.1e} |")
+    any_row = next(iter(rows.values()))
+    conv = any_row.get("paper_convention_params", float("nan"))
+    lines += ["", f"Ours: {any_row['params'] / 1e6:.1f}M spectral parameters (embedding and LM head included) for "
+              f"{any_row['dense_params'] / 1e9:.2f}B dense parameters with the real GQA shapes "
+              f"({conv / 1e9:.1f}B in the paper's counting convention)."]
+    lines += [f"Paper: {paper['spectral_params'] / 1e6:.0f}M spectral parameters standing for "
+              f"{paper['dense_params_convention'] / 1e9:.1f}B (4 square attention matrices + MLP per layer, no "
+              f"embedding or head), peak {paper['peak_mb_steam_deck']:,} MB (Steam Deck) / "
+              f"{paper['peak_mb_m4_pro']:,} MB (M4 Pro) computed as parameters x 16 bytes, not measured; dense "
+              f"fp32 + Adam {paper['dense_fp32_adam_gb']:,} GB.", ""]
+    if "compression" in m:
+        lines += ["Per-layer memory at rank 32 (parameter + gradient + two Adam moments, fp32, MB = 1e6 bytes):", "",
+                  "| shape | paper MB | ours MB (formula) | ours MB (measured) | dense MB | paper ratio | ours ratio |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in m["compression"]:
+            lines.append(f"| {r['shape']} | {r['paper_mb']} | {r['sct_mb']:.2f} | {r['measured_mb']:.2f} | "
+                         f"{r['dense_mb']:,.0f} | {r['paper_ratio']}x | {r['ratio']:.1f}x |")
+        lines.append("")
+    eff = m.get("bf16_state_effect_sine_mse")
+    if eff:
+        lines += [f"Loss effect of bf16 Adam moments (SCT on the sine MLP proof, cosine lr, {len(eff['fp32']['mse'])} "
+                  f"seeds): final MSE {eff['fp32']['mse_mean']:.2e} with fp32 moments, {eff['bf16']['mse_mean']:.2e} "
+                  "with bf16 moments.", ""]
+    fig = plot_memory(rows, figures, f"{res['experiment']}.png")
+    if fig:
+        lines += [f"![peak memory by configuration]({rel}/{fig.name})", ""]
+    return lines
+
+
+def plot_memory(rows: Dict, figures: pathlib.Path, name: str) -> Optional[pathlib.Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = list(rows)
+    parts = [("param_mb", "parameters"), ("grad_mb_held", "gradients held"), ("state_mb", "Adam state"),
+             ("activations_mb", "activations + runtime")]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = [0.0] * len(names)
+    for key, label in parts:
+        vals = [rows[n][key] / 1024 for n in names]
+        ax.bar(names, vals, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("GiB (peak RSS, split by what holds it)")
+    ax.set_title(f"one training step, {next(iter(rows.values()))['layers']} layers, LLaMA-3-70B shapes, rank 32")
+    ax.legend()
+    fig.tight_layout()
+    figures.mkdir(parents=True, exist_ok=True)
+    path = figures / name.replace(".json", "")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_mlp_curves(res: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
     try:
         import matplotlib
@@ -163,6 +249,16 @@ def build(results_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
              "Rerun everything with `python experiments/reproduce.py --preset quick` (CPU, minutes) "
              "or `--preset paper`.", ""]
     lines += mlp_section(results["mlp_proofs"], out_dir / "figures", "figures")
+    lines += memory_section(results["memory_70b"], out_dir / "figures", "figures",
+                            "Memory: a full training step of a LLaMA-3-70B-shaped network")
+    for name in OPTIONAL:
+        path = results_dir / f"{name}.json"
+        if path.is_file():
+            with open(path) as fh:
+                extra = json.load(fh)
+            extra["experiment"] = name
+            lines += memory_section(extra, out_dir / "figures", "figures",
+                                    f"Memory, full depth (`results/{name}.json`)")
     path = out_dir / "README.md"
     _atomic_write_text(path, "\n".join(lines))
     return path

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import pathlib
 import sys
@@ -9,7 +10,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments import common, mlp_proofs  # noqa: E402
+from experiments import common, memory_70b, mlp_proofs  # noqa: E402
 from paper import build as report  # noqa: E402
 
 
@@ -79,8 +80,37 @@ def test_dfa_uses_feedback_not_backprop():
     assert not torch.allclose(model[0].weight.grad, g1)  # and differ from backprop's
 
 
-def test_report_builds_from_results_and_names_missing_file(tmp_path):
-    results = tmp_path / "results"
+@pytest.fixture(scope="module")
+def memory_results(tmp_path_factory):
+    """The memory script end to end at 2 layers (two configurations, fresh processes)."""
+    pytest.importorskip("transformers")
+    results = tmp_path_factory.mktemp("results")
+    metrics = memory_70b.main(["--preset", "smoke", "--layers", "2", "--configs", "reference", "ckpt_sib",
+                               "--steps", "2", "--results-dir", str(results)])
+    return results, metrics
+
+
+def test_memory_script_end_to_end(memory_results):
+    _, metrics = memory_results
+    ref, sib = metrics["summary"]["reference"], metrics["summary"]["ckpt_sib"]
+    assert ref["layers"] == 2 and not ref["extrapolated"]
+    assert ref["params"] == sib["params"] and ref["dense_params"] > 100 * ref["params"]
+    assert ref["grad_mb_held"] > 0 and sib["grad_mb_held"] == 0  # step in backward holds no gradients
+    assert ref["orthonormality_error"] < 1e-5 and sib["orthonormality_error"] < 1e-5
+    losses = [s["loss"] for s in metrics["runs"][0]["steps"]]
+    assert all(math.isfinite(v) for v in losses)
+    rows = {r["shape"]: r for r in metrics["compression"]}
+    assert rows["8192x28672"]["ratio"] == pytest.approx(199.1, abs=0.05)
+    assert rows["8192x28672"]["measured_mb"] == pytest.approx(rows["8192x28672"]["sct_mb"], rel=1e-3)
+
+
+def test_extrapolation_is_linear():
+    runs = [{"layers": 4, "x": 10.0}, {"layers": 8, "x": 18.0}]
+    assert memory_70b.extrapolate(runs, "x", 80) == pytest.approx(162.0)
+
+
+def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_results):
+    results = memory_results[0]
     mlp_proofs.main(["--preset", "smoke", "--results-dir", str(results)])
     out = tmp_path / "paper"
     path = report.build(results, out)
@@ -89,6 +119,8 @@ def test_report_builds_from_results_and_names_missing_file(tmp_path):
     assert "0.0768" in text and "85.5%" in text  # the paper's numbers beside ours
     assert "preset `smoke`" in text
     assert (out / "figures" / "mlp_proofs_curves.png").stat().st_size > 1000
+    assert "LLaMA-3-70B" in text and "| ckpt_sib | 2 |" in text and "| 8192x28672 | 18.9 |" in text
+    assert (out / "figures" / "memory_70b.png").stat().st_size > 1000
     with pytest.raises(report.MissingResults, match="mlp_proofs.json"):
         report.build(tmp_path / "empty", out)
     assert report.main(["--results", str(tmp_path / "empty"), "--out", str(out)]) == 2
