@@ -274,36 +274,35 @@ def test_retract_all_module_and_iterable():
         retract_all(3)
 
 
-def test_any_optimizer_plus_retract_all_trains():
-    model = _mlp(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+def _fit_sine(model, opt, steps, after_step=None):
+    """Full-batch regression of sin on a fixed random batch; returns (first, last) loss."""
     x = torch.randn(64, 32)
     y = torch.sin(x[:, :8])
-    first = None
-    for _ in range(200):
+    losses = []
+    for _ in range(steps):
         opt.zero_grad()
         loss = F.mse_loss(model(x), y)
         loss.backward()
         opt.step()
-        retract_all(model)
-        first = first if first is not None else float(loss.detach())
-    assert float(loss.detach()) < 0.7 * first
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def test_any_optimizer_plus_retract_all_trains():
+    model = _mlp(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    first, last = _fit_sine(model, opt, 200, after_step=lambda: retract_all(model))
+    assert last < 0.7 * first
     assert orthonormality_error(model[0].U) < 1e-5
 
 
 def test_geoopt_riemannian_adam_trains_spectral_linear():
     model = _mlp(0)
     opt = geoopt.optim.RiemannianAdam(model.parameters(), lr=1e-2)
-    x = torch.randn(64, 32)
-    y = torch.sin(x[:, :8])
-    losses = []
-    for _ in range(200):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    first, last = _fit_sine(model, opt, 200)
+    assert last < 0.5 * first
     assert orthonormality_error(model[0].U) < 1e-5
 
 
@@ -453,16 +452,8 @@ def test_step_in_backward_rejects_bad_gradients_and_modes():
 def test_bf16_optimizer_state_halves_memory_and_trains():
     model = _mlp(0)
     opt = SpectralAdam(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
-    x = torch.randn(64, 32)
-    y = torch.sin(x[:, :8])
-    first = None
-    for _ in range(150):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        first = loss.item() if first is None else first
-    assert loss.item() < 0.5 * first
+    first, last = _fit_sine(model, opt, 150)
+    assert last < 0.5 * first
     for p in model.parameters():
         st = opt.state[p]
         assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16
