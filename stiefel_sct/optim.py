@@ -281,15 +281,17 @@ def _nonfinite_candidates(grads: TensorList) -> List[int]:
 
 
 class FactorBank:
-    """Same-shape Stiefel factors kept in chunk slots of one buffer, retracted without copies.
+    """Same-shape Stiefel factors kept in contiguous chunk slots, retracted without copies.
 
-    The buffer holds ``S = ceil(G / c) + 1`` slots of ``c`` matrices (``c`` from
-    ``chunk_bytes``); chunk ``j`` of the factors lives in one slot and one slot is spare. The
-    retraction of chunk ``j`` reads its slot and writes the result straight into the spare slot
-    (one batched factorization, :func:`~stiefel_sct.manifold.retract_into`), the chunk's
-    parameters are re-pointed there (``p.data``; values and identity unchanged) and the old slot
-    becomes the spare. So the factorization runs on the buffer itself: no ``torch.stack``, no
-    copy back, and only one chunk of extra memory.
+    ``S = ceil(G / c) + 1`` slots of ``c`` matrices each (``c`` from ``chunk_bytes``): chunk ``j``
+    of the factors lives in one slot, one slot is spare. The retraction of chunk ``j`` reads its
+    slot and writes the result straight into the spare slot (one batched factorization,
+    :func:`~stiefel_sct.manifold.retract_into`), the chunk's parameters are re-pointed there
+    (``p.data``; values and identity unchanged) and the old slot becomes the spare. So the
+    factorization runs on the parameters' own memory: no ``torch.stack``, no copy back, one chunk
+    of extra memory. Slots are allocated one at a time when the bank is built, each right before
+    its factors move in and free their old storage, so building never holds a second copy of
+    the factors either.
     """
 
     def __init__(self, params: List[torch.Tensor], chunk_bytes: int = 32 << 20) -> None:
@@ -297,26 +299,29 @@ class FactorBank:
         per_matrix = first.numel() * first.element_size()
         c = max(1, min(len(params), chunk_bytes // per_matrix))
         n_chunks = -(-len(params) // c)
-        self.storage = torch.empty((n_chunks + 1, c) + tuple(first.shape), dtype=first.dtype, device=first.device)
         self.params = params
         self.chunks = [params[j * c:(j + 1) * c] for j in range(n_chunks)]
-        self.slot_of = list(range(n_chunks))
-        self.spare = n_chunks
+        self.slots: List[torch.Tensor] = []
         with torch.no_grad():
-            for j, chunk in enumerate(self.chunks):
-                views = self.storage[j, : len(chunk)].unbind(0)
+            for chunk in self.chunks:
+                slot = torch.empty((c,) + tuple(first.shape), dtype=first.dtype, device=first.device)
+                views = slot[: len(chunk)].unbind(0)
                 torch._foreach_copy_(list(views), [_plain(p) for p in chunk])
                 for p, v in zip(chunk, views):
                     p.data = v
+                self.slots.append(slot)
+        self.slots.append(torch.empty_like(self.slots[0]))  # the spare
+        self.slot_of = list(range(n_chunks))
+        self.spare = n_chunks
         self.ids = {id(p) for p in params}
         self._ptrs = [p.data_ptr() for p in params]
         self._workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # fp32, low-precision banks
 
     def intact(self) -> bool:
         """False once something else re-homed a factor (``model.to(...)``, ``p.data = ...``)."""
-        first = self.params[0]
+        first, slot = self.params[0], self.slots[0]
         return (
-            first.device == self.storage.device and first.dtype == self.storage.dtype
+            first.device == slot.device and first.dtype == slot.dtype
             and all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs))
         )
 
@@ -325,12 +330,11 @@ class FactorBank:
         """Retract chunk ``j`` into the spare slot and re-point its parameters there."""
         chunk = self.chunks[j]
         b = len(chunk)
-        dst = self.storage[self.spare, :b]
-        if self.storage.dtype not in (torch.float32, torch.float64) and self._workspace is None:
-            shape = self.storage.shape[1:]
-            self._workspace = tuple(torch.empty(shape, dtype=torch.float32, device=self.storage.device)
+        dst = self.slots[self.spare][:b]
+        if dst.dtype not in (torch.float32, torch.float64) and self._workspace is None:
+            self._workspace = tuple(torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device)
                                     for _ in range(2))
-        retract_into(self.storage[self.slot_of[j], :b], dst, method, self._workspace)
+        retract_into(self.slots[self.slot_of[j]][:b], dst, method, self._workspace)
         for p, v in zip(chunk, dst.unbind(0)):
             p.data = v
         self.slot_of[j], self.spare = self.spare, self.slot_of[j]
