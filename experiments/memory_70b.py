@@ -12,7 +12,9 @@ Each configuration runs in a fresh subprocess, which reports its peak resident m
 of what holds memory (parameters, gradients, optimizer state; activations are the rest):
 
   reference   gradients held, no checkpointing (the paper's recipe, on the full architecture)
-  ckpt        + activation checkpointing per decoder layer
+  ckpt        + activation checkpointing per decoder layer, and the LM head + cross-entropy
+              computed in checkpointed chunks of 32 positions (the 128,256-way logits of the whole
+              sequence, 66 MB, and their gradient never exist at once)
   ckpt_sib    + step in backward (each update applied as its gradient arrives, gradient freed)
   ckpt_sib_bf16   + Adam moments stored in bf16
 
@@ -54,6 +56,7 @@ CONFIGS = {
     "ckpt_sib": dict(checkpointing=True, step_in_backward=True, state_dtype=None),
     "ckpt_sib_bf16": dict(checkpointing=True, step_in_backward=True, state_dtype="bf16"),
 }
+LOSS_CHUNK = 32  # positions per cross-entropy chunk where checkpointing is on
 LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
                   num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
                   max_position_embeddings=8192, tie_word_embeddings=False)
@@ -138,6 +141,22 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def chunked_causal_lm_loss(model, ids: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Next-token cross-entropy (mean over positions, as the model's own loss) with the LM head and
+    the loss evaluated in checkpointed chunks: at most ``chunk x vocab`` logits live at a time."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+    labels = ids[:, 1:].reshape(-1)
+
+    def piece(h, y):
+        return torch.nn.functional.cross_entropy(model.lm_head(h).float(), y, reduction="sum")
+
+    total = sum(checkpoint(piece, hidden[i:i + chunk], labels[i:i + chunk], use_reentrant=False)
+                for i in range(0, labels.numel(), chunk))
+    return total / labels.numel()
+
+
 def worker(layers: int, name: str, cfg: Config) -> Dict:
     """One configuration in this (fresh) process; returns its measurements."""
     from stiefel_sct import SpectralAdam, is_stiefel, orthonormality_error
@@ -162,7 +181,10 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
         ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.seq), generator=gen)
         rec = {}
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        if opts["checkpointing"]:
+            loss = chunked_causal_lm_loss(model, ids)
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         rec["forward_s"] = time.perf_counter() - t
         rec["peak_mb_forward"] = _vm_hwm_mb()
         t = time.perf_counter()

@@ -124,3 +124,17 @@ def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_resu
     with pytest.raises(report.MissingResults, match="mlp_proofs.json"):
         report.build(tmp_path / "empty", out)
     assert report.main(["--results", str(tmp_path / "empty"), "--out", str(out)]) == 2
+
+
+def test_chunked_lm_loss_equals_the_models_loss():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 300, (2, 20))
+    ref = model(input_ids=ids, labels=ids).loss
+    ours = memory_70b.chunked_causal_lm_loss(model, ids, chunk=7)
+    assert torch.allclose(ours, ref, rtol=1e-6)
+    w = model.model.layers[0].mlp.up_proj.weight
+    assert torch.allclose(torch.autograd.grad(ours, w)[0], torch.autograd.grad(ref, w)[0], atol=1e-7)
