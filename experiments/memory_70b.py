@@ -83,6 +83,7 @@ class Config:
     lr: float = 1e-4
     configs: List[str] = field(default_factory=lambda: list(CONFIGS))
     malloc: str = "tuned"
+    dtype: str = "fp32"  # parameter dtype: fp32 or bf16
 
 
 PRESETS = {
@@ -165,6 +166,8 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
     seed_everything(0)
     t0 = time.perf_counter()
     model, config = build_model(layers, cfg.rank)
+    if cfg.dtype == "bf16":
+        model.to(torch.bfloat16)
     model.train()
     if opts["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -272,6 +275,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configurations to run")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--seq", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--rank", type=int)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], help="parameter dtype")
     ap.add_argument("--malloc", choices=["tuned", "system"])
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -285,13 +291,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         return {}
 
     cfg = Config(preset=args.preset, **PRESETS[args.preset])
-    for key in ("steps", "seq", "malloc", "configs"):
+    for key in ("steps", "seq", "batch", "rank", "dtype", "malloc", "configs"):
         if getattr(args, key) is not None:
             setattr(cfg, key, getattr(args, key))
     if args.layers:
         cfg.layers, cfg.extrapolate_to = args.layers, None
-    if cfg.steps < 1 or any(n < 1 for n in cfg.layers):
-        ap.error("--steps and --layers must be >= 1")
+    if min(cfg.steps, cfg.seq, cfg.batch, cfg.rank, *cfg.layers) < 1:
+        ap.error("--steps, --seq, --batch, --rank and --layers must be >= 1")
     jobs = [(n, c) for c in cfg.configs for n in cfg.layers]
     print(f"memory_70b: preset {cfg.preset}, depths {cfg.layers}, configurations {cfg.configs}, "
           f"{cfg.steps} steps of seq {cfg.seq}, one fresh process each")
