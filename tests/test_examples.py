@@ -19,3 +19,11 @@ def test_readme_quickstart_matches_example():
     example = (ROOT / "examples" / "quickstart.py").read_text()
     for line in ("spectralize(model, rank=16)", "SpectralAdam(model.parameters(), lr=1e-2)"):
         assert line in readme and line in example
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("```bash", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2 and "reproduce.py --preset quick" in commands[0]
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
