@@ -225,3 +225,14 @@ def test_spectral_embedding_from_embedding_padding_and_back():
     # init scale: E||W||_F^2 as nn.Embedding's N(0, 1) table
     big = SpectralEmbedding(1000, 64, 8)
     assert float(big.dense_weight().square().sum()) == pytest.approx(1000 * 64, rel=1e-4)
+
+
+def test_autocast_bf16_forward_backward():
+    layer = SpectralLinear(32, 16, 4)
+    x = torch.randn(8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    for p in layer.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.dtype == torch.float32
