@@ -210,8 +210,8 @@ def spectral_adam(
     ``steps`` are float32 scalar tensors, incremented here. ``impl`` is ``"fused"``,
     ``"foreach"`` or ``"single"`` (the Adam update's implementation).
 
-    ``banks`` hold some of the factors (``in_bank[i]`` marks them) in one buffer per shape: in
-    ``"sct"`` mode each is retracted by one batched factorization per chunk of its buffer, with no
+    ``banks`` hold some of the factors (``in_bank[i]`` marks them) in contiguous chunk slots: in
+    ``"sct"`` mode each is retracted by one batched factorization per chunk, with no
     stacking and no copy back (:class:`FactorBank`). Factors not in a bank are stacked per shape
     and retracted by :func:`retract_`.
     """
