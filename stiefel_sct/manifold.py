@@ -36,9 +36,7 @@ __all__ = [
     "qr_retraction",
     "retract",
     "retract_",
-    "retract_block_",
     "retract_into",
-    "cholqr_",
     "cholqr_into",
     "stiefel_manifold",
 ]
@@ -138,27 +136,16 @@ def cholqr_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@torch.no_grad()
-def cholqr_(x: torch.Tensor, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """In-place :func:`cholqr_into` of ``x`` (..., n, k); ``scratch`` (same shape) holds the GEMM output."""
-    xb = x.reshape(-1, *x.shape[-2:])
-    if xb.data_ptr() != x.data_ptr():  # pragma: no cover - reshape had to copy
-        raise ValueError("cholqr_ needs a tensor whose batch dimensions can be flattened without a copy")
-    out = scratch.view_as(xb) if scratch is not None else torch.empty_like(xb)
-    xb.copy_(cholqr_into(xb, out))
-    return x
-
-
 def cholqr2_retraction(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal ``Q`` of the thin QR of ``x`` by adaptive CholeskyQR (see :func:`cholqr_`).
+    """Orthonormal ``Q`` of the thin QR of ``x`` by adaptive CholeskyQR (see :func:`cholqr_into`).
 
     Same result as :func:`qr_retraction` on full-rank input, up to rounding; rank-deficient or
     badly conditioned matrices are handled by Householder QR.
     """
     _check_matrix(x)
     x = _plain(x)
-    work = x.to(_compute_dtype(x.dtype), copy=True).contiguous()
-    return cholqr_(work).to(x.dtype)
+    work = x.to(_compute_dtype(x.dtype)).reshape(-1, *x.shape[-2:])
+    return cholqr_into(work, torch.empty_like(work)).view(x.shape).to(x.dtype)
 
 
 _BACKENDS = {"qr": qr_retraction, "cholqr2": cholqr2_retraction}
@@ -202,15 +189,6 @@ def retract_into(x: torch.Tensor, out: torch.Tensor, method: str = "qr",
 
 
 @torch.no_grad()
-def retract_block_(x: torch.Tensor, method: str = "qr", scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Retract a contiguous stack ``x`` (..., n, k) in place; low precision goes through fp32."""
-    xb = x.reshape(-1, *x.shape[-2:])
-    out = scratch.view_as(xb) if scratch is not None else torch.empty_like(xb)
-    x.copy_(retract_into(xb, out, method).view_as(x))
-    return x
-
-
-@torch.no_grad()
 def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
     """Retract every tensor in ``tensors`` onto the Stiefel manifold, in place.
 
@@ -224,8 +202,8 @@ def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
     for group in _group_by_layout(tensors).values():
         plain = [_plain(t) for t in group]
         stack = torch.stack(plain)
-        retract_block_(stack, method)
-        torch._foreach_copy_(plain, list(stack.unbind(0)))
+        q = retract_into(stack, torch.empty_like(stack), method)
+        torch._foreach_copy_(plain, list(q.unbind(0)))
 
 
 @torch.no_grad()
