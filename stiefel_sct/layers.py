@@ -96,7 +96,7 @@ def spectral_linear(x: torch.Tensor, U: torch.Tensor, s: torch.Tensor, V: torch.
     tracing it uses the plain three-op graph, which autograd and the compiler handle natively.
     """
     if (torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
-            and not torch.compiler.is_compiling() and x.dim() >= 1):
+            and not torch.compiler.is_compiling()):
         return _SpectralLinearFunction.apply(x, U, s, V, bias)
     return F.linear((x @ U) * s, V, bias)
 

@@ -146,6 +146,14 @@ def _adam_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
 _ADAM_IMPLS = {"fused": _adam_fused, "foreach": _adam_foreach, "single": _adam_single}
 
 
+def _adam_kernel(impl: str, params: TensorList, exp_avgs: TensorList):
+    """The Adam implementation to run; moments stored in another dtype than their parameter
+    (``state_dtype``) need the per-tensor path, which upcasts them."""
+    if any(m.dtype != p.dtype for m, p in zip(exp_avgs, params)):
+        impl = "single"
+    return _ADAM_IMPLS[impl]
+
+
 def _riemannian_adam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, method):
     """geoopt ``RiemannianAdam`` on Euclidean-metric Stiefel factors, batched per shape.
 
@@ -215,9 +223,7 @@ def spectral_adam(
     stacking and no copy back (:class:`FactorBank`). Factors not in a bank are stacked per shape
     and retracted by :func:`retract_`.
     """
-    if any(m.dtype != p.dtype for m, p in zip(exp_avgs, params)):
-        impl = "single"  # low-precision moments: the per-tensor path upcasts them
-    adam = _ADAM_IMPLS[impl]
+    adam = _adam_kernel(impl, params, exp_avgs)
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     euc = [i for i, s in enumerate(stiefel) if not s]
     man = [i for i, s in enumerate(stiefel) if s]
@@ -338,7 +344,7 @@ class FactorBank:
         for p, v in zip(chunk, dst.unbind(0)):
             p.data = v
         self.slot_of[j], self.spare = self.spare, self.slot_of[j]
-        start = sum(len(c) for c in self.chunks[:j])
+        start = j * len(self.chunks[0])  # every chunk but the last is full
         self._ptrs[start:start + b] = [p.data_ptr() for p in chunk]
 
     def retract_(self, method: str) -> None:
@@ -552,8 +558,8 @@ class SpectralAdam(Optimizer):
         state = self._init_state(p)
         stiefel = is_stiefel(p)
         beta1, beta2 = group["betas"]
-        impl = "single" if state["exp_avg"].dtype != p.dtype else self._impl([p])
-        _ADAM_IMPLS[impl]([p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]],
+        adam = _adam_kernel(self._impl([p]), [p], [state["exp_avg"]])
+        adam([p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]],
                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                           weight_decay=0.0 if stiefel else group["weight_decay"],
                           decoupled=True if stiefel else group["decoupled_weight_decay"])
