@@ -225,10 +225,11 @@ def run_config(layers: int, name: str, cfg: Config) -> Dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def extrapolate(runs: List[Dict], key: str, target: int) -> float:
-    """Linear fit of ``key`` over the measured depths, evaluated at ``target`` layers."""
+def extrapolate(runs: List[Dict], key, target: int) -> float:
+    """Linear fit of ``key`` (a field name, or a function of a run) over the measured depths,
+    evaluated at ``target`` layers."""
     xs = [r["layers"] for r in runs]
-    ys = [r[key] for r in runs]
+    ys = [key(r) if callable(key) else r[key] for r in runs]
     if len(set(xs)) < 2:
         raise ValueError("extrapolation needs two depths")
     slope = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
@@ -317,12 +318,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             row.update(layers=target, extrapolated=True, measured_layers=[r["layers"] for r in rs],
                        peak_mb=extrapolate(rs, "peak_mb", target),
                        params=int(extrapolate(rs, "params", target)),
-                       dense_params=dense_equivalent_params(_config_for(target), target),
+                       dense_params=round(extrapolate(rs, "dense_params", target)),  # exactly linear
                        param_mb=extrapolate(rs, "param_bytes", target) / 2**20,
                        grad_mb_held=extrapolate(rs, "grad_bytes_held", target) / 2**20,
                        state_mb=extrapolate(rs, "state_bytes", target) / 2**20,
-                       step_time_s={k: rs[0]["step_time_s"][k] + (rs[-1]["step_time_s"][k] - rs[0]["step_time_s"][k])
-                                    / (rs[-1]["layers"] - rs[0]["layers"]) * (target - rs[0]["layers"])
+                       step_time_s={k: extrapolate(rs, lambda r, k=k: r["step_time_s"][k], target)
                                     for k in rs[-1]["step_time_s"]})
         row["paper_convention_params"] = paper_convention_params(row["layers"])
         row["activations_mb"] = max(0.0, row["peak_mb"] - row["param_mb"] - row["grad_mb_held"] - row["state_mb"])
@@ -344,12 +344,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               f"{row['step_time_s']['step_s']:.2f} s")
     print(f"wrote {path} ({metrics['total_wall_s']:.0f} s)")
     return metrics
-
-
-def _config_for(layers: int):
-    import transformers
-
-    return transformers.LlamaConfig(num_hidden_layers=layers, **LLAMA3_70B)
 
 
 if __name__ == "__main__":
