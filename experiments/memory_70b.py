@@ -16,14 +16,19 @@ of what holds memory (parameters, gradients, optimizer state; activations are th
               computed in checkpointed chunks of 32 positions (the 128,256-way logits of the whole
               sequence, 66 MB, and their gradient never exist at once)
   ckpt_sib    + step in backward (each update applied as its gradient arrives, gradient freed)
-  ckpt_sib_bf16   + Adam moments stored in bf16
+  ckpt2_sib   + nested checkpointing: the layers run in ~sqrt(L) checkpointed segments, each layer
+              checkpointed inside its segment, so only the segment inputs and one segment's layer
+              inputs are kept (18 hidden states at 80 layers instead of 80: -250 MB) for one more
+              forward pass of compute
+  ckpt2_sib_bf16  + Adam moments stored in bf16
 
 Every configuration runs with glibc told to keep few arenas and to return freed memory
 (``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=131072``; ``--malloc system`` for the defaults):
 without it a step-in-backward run keeps ~4-5 GB of freed but fragmented arena memory.
 
 The quick preset runs 4 and 8 layers and extrapolates each figure linearly to 80 layers (saying
-so in the results); the paper preset runs all 80 layers.
+so in the results; nested checkpointing keeps ~2 sqrt(L) hidden states, so its line overestimates
+slightly); the paper preset runs all 80 layers and writes ``results/memory_70b_paper.json``.
 
     python experiments/memory_70b.py --preset quick
     python experiments/memory_70b.py --layers 2 --configs reference ckpt_sib     # a custom run
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -50,11 +56,19 @@ if str(ROOT) not in sys.path:
 
 from experiments.common import progress, seed_everything, write_results  # noqa: E402
 
-CONFIGS = {
-    "reference": dict(checkpointing=False, step_in_backward=False, state_dtype=None),
-    "ckpt": dict(checkpointing=True, step_in_backward=False, state_dtype=None),
-    "ckpt_sib": dict(checkpointing=True, step_in_backward=True, state_dtype=None),
-    "ckpt_sib_bf16": dict(checkpointing=True, step_in_backward=True, state_dtype="bf16"),
+CONFIGS = {  # checkpointing: None, "layer" (each decoder layer) or "nested" (layers inside segments)
+    "reference": dict(checkpointing=None, step_in_backward=False, state_dtype=None),
+    "ckpt": dict(checkpointing="layer", step_in_backward=False, state_dtype=None),
+    "ckpt_sib": dict(checkpointing="layer", step_in_backward=True, state_dtype=None),
+    "ckpt2_sib": dict(checkpointing="nested", step_in_backward=True, state_dtype=None),
+    "ckpt2_sib_bf16": dict(checkpointing="nested", step_in_backward=True, state_dtype="bf16"),
+}
+DESCRIPTIONS = {
+    "reference": "gradients held, no checkpointing (the paper's recipe)",
+    "ckpt": "+ activation checkpointing per decoder layer, LM head + loss in checkpointed chunks",
+    "ckpt_sib": "+ step in backward (no gradient held)",
+    "ckpt2_sib": "+ nested checkpointing (layers in ~sqrt(L) checkpointed segments)",
+    "ckpt2_sib_bf16": "+ Adam moments in bf16",
 }
 LOSS_CHUNK = 32  # positions per cross-entropy chunk where checkpointing is on
 LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
@@ -142,12 +156,47 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def chunked_causal_lm_loss(model, ids: torch.Tensor, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+def nested_hidden_states(model, ids: torch.Tensor, segments: int) -> torch.Tensor:
+    """The decoder's final hidden states with the layers run in ``segments`` checkpointed groups.
+
+    The same computation as ``model.model(input_ids=ids)`` (the model's own modules, mask and
+    rotary embeddings, in its order), with one more level of activation checkpointing around
+    groups of layers; the layers keep their own per-layer checkpointing inside a group.
+    """
+    from torch.utils.checkpoint import checkpoint
+    from transformers.masking_utils import create_causal_mask
+
+    inner = model.model
+    hidden = inner.embed_tokens(ids)
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+    mask = create_causal_mask(config=inner.config, inputs_embeds=hidden, attention_mask=None,
+                              past_key_values=None, position_ids=positions)
+    rope = inner.rotary_emb(hidden, position_ids=positions)
+
+    def run(h, group):
+        for layer in group:
+            h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=positions)
+        return h
+
+    layers = list(inner.layers)
+    size = -(-len(layers) // max(1, segments))
+    for i in range(0, len(layers), size):
+        hidden = checkpoint(run, hidden, layers[i:i + size], use_reentrant=False)
+    return inner.norm(hidden)
+
+
+def chunked_causal_lm_loss(model, ids: torch.Tensor, chunk: int = LOSS_CHUNK,
+                           segments: Optional[int] = None) -> torch.Tensor:
     """Next-token cross-entropy (mean over positions, as the model's own loss) with the LM head and
-    the loss evaluated in checkpointed chunks: at most ``chunk x vocab`` logits live at a time."""
+    the loss evaluated in checkpointed chunks: at most ``chunk x vocab`` logits live at a time.
+    ``segments``: run the decoder layers as that many checkpointed groups (:func:`nested_hidden_states`)."""
     from torch.utils.checkpoint import checkpoint
 
-    hidden = model.model(input_ids=ids).last_hidden_state[:, :-1].reshape(-1, model.config.hidden_size)
+    if segments is None:
+        hidden = model.model(input_ids=ids).last_hidden_state
+    else:
+        hidden = nested_hidden_states(model, ids, segments)
+    hidden = hidden[:, :-1].reshape(-1, model.config.hidden_size)
     labels = ids[:, 1:].reshape(-1)
 
     def piece(h, y):
@@ -171,6 +220,8 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
     model.train()
     if opts["checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # nested: ~sqrt(L) segments of ~sqrt(L) layers keep the fewest hidden states
+    segments = max(1, round(math.sqrt(layers))) if opts["checkpointing"] == "nested" else None
     state_dtype = torch.bfloat16 if opts["state_dtype"] == "bf16" else None
     opt = SpectralAdam(model.parameters(), lr=cfg.lr, state_dtype=state_dtype, step_in_backward=opts["step_in_backward"])
     params = list(model.parameters())
@@ -185,7 +236,7 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
         rec = {}
         t = time.perf_counter()
         if opts["checkpointing"]:
-            loss = chunked_causal_lm_loss(model, ids)
+            loss = chunked_causal_lm_loss(model, ids, segments=segments)
         else:
             loss = model(input_ids=ids, labels=ids).loss
         rec["forward_s"] = time.perf_counter() - t
@@ -332,13 +383,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         for row in summary.values():
             row["peak_vs_reference"] = row["peak_mb"] / ref["peak_mb"]
     effect = bf16_state_effect(seeds=1 if cfg.preset == "smoke" else 3)
-    metrics = {"summary": summary, "runs": runs, "compression": compression_table(cfg.rank), "paper": PAPER,
+    metrics = {"summary": summary, "descriptions": {c: DESCRIPTIONS[c] for c in cfg.configs}, "runs": runs, "compression": compression_table(cfg.rank), "paper": PAPER,
                "bf16_state_effect_sine_mse": effect,
                "malloc_env": MALLOC_ENV if cfg.malloc == "tuned" else {}, "total_wall_s": time.time() - t0}
-    path = write_results("memory_70b", dataclasses.asdict(cfg), metrics, results_dir=args.results_dir)
+    name = "memory_70b_paper" if cfg.preset == "paper" else "memory_70b"  # both feed the report
+    path = write_results(name, dataclasses.asdict(cfg), metrics, results_dir=args.results_dir)
     for c, row in summary.items():
         tag = f"extrapolated from {row['measured_layers']} layers" if row["extrapolated"] else "measured"
-        print(f"  {c:14s} {row['layers']} layers ({tag}): peak {row['peak_mb'] / 1024:.2f} GiB, "
+        print(f"  {c:14s} {row['layers']} layers ({tag}): peak {row['peak_mb'] / 1024:.2f} GiB "
+              f"({row['peak_mb'] * 2**20 / 1e9:.2f} GB), "
               f"params {row['params'] / 1e6:.0f}M for {row['dense_params'] / 1e9:.2f}B dense, "
               f"step fwd/bwd/opt {row['step_time_s']['forward_s']:.2f}/{row['step_time_s']['backward_s']:.2f}/"
               f"{row['step_time_s']['step_s']:.2f} s")

@@ -19,10 +19,13 @@ from typing import Dict, List, Optional
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# the experiments whose results the report is built from (each one section)
-REQUIRED = ("mlp_proofs", "memory_70b")
-# extra results shown when present (e.g. a full-depth run kept beside the quick one)
-OPTIONAL = ("memory_70b_paper",)
+# the experiments whose results the report is built from (each one section); a tuple names
+# alternatives, at least one of which must exist (the memory test's quick and paper presets)
+REQUIRED = ("mlp_proofs", ("memory_70b", "memory_70b_paper"), "rank_sweep")
+MEMORY_TITLES = {
+    "memory_70b": "Memory: a full training step of a LLaMA-3-70B-shaped network",
+    "memory_70b_paper": "Memory, full depth (`results/memory_70b_paper.json`)",
+}
 
 
 class MissingResults(FileNotFoundError):
@@ -128,15 +131,18 @@ def memory_section(res: Dict, figures: pathlib.Path, rel: str, title: str) -> Li
         lines += [f"**Extrapolated**: measured at {first['measured_layers']} layers, every figure fitted "
                   f"linearly in depth and evaluated at {first['layers']} layers (the quick preset; "
                   "`--preset paper` measures all 80).", ""]
-    lines += ["| configuration | layers | peak GiB | vs reference | parameters (dense, real GQA) | "
+    lines += ["| configuration | layers | peak GiB | peak GB | vs reference | parameters (dense, real GQA) | "
               "params MiB | grads held MiB | Adam state MiB | activations + runtime MiB | fwd / bwd / opt s | orthonormality |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in rows.items():
         t = r["step_time_s"]
-        lines.append(f"| {name} | {r['layers']} | {r['peak_mb'] / 1024:.2f} | {r.get('peak_vs_reference', float('nan')):.2f} | "
+        lines.append(f"| {name} | {r['layers']} | {r['peak_mb'] / 1024:.2f} | {r['peak_mb'] * 2**20 / 1e9:.2f} | "
+                     f"{r.get('peak_vs_reference', float('nan')):.2f} | "
                      f"{r['params'] / 1e6:.1f}M ({r['dense_params'] / 1e9:.2f}B) | {r['param_mb']:.0f} | "
                      f"{r['grad_mb_held']:.0f} | {r['state_mb']:.0f} | {r['activations_mb']:.0f} | "
                      f"{t['forward_s']:.2f} / {t['backward_s']:.2f} / {t['step_s']:.2f} | {r['orthonormality_error']:.1e} |")
+    if m.get("descriptions"):
+        lines += [""] + [f"- `{n}`: {d}" for n, d in m["descriptions"].items()]
     any_row = next(iter(rows.values()))
     conv = any_row.get("paper_convention_params", float("nan"))
     lines += ["", f"Ours: {any_row['params'] / 1e6:.1f}M spectral parameters (embedding and LM head included) for "
@@ -166,13 +172,134 @@ def memory_section(res: Dict, figures: pathlib.Path, rel: str, title: str) -> Li
     return lines
 
 
-def plot_memory(rows: Dict, figures: pathlib.Path, name: str) -> Optional[pathlib.Path]:
+def rank_sweep_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
+    m, cfg = res["metrics"], res["config"]
+    depth = cfg["layers"] or "full"
+    lines = ["## Rank sweep: SmolLM2-shaped language models, dense vs spectral, held-out loss", "",
+             f"How obtained: `experiments/rank_sweep.py`, {_provenance(res)}; SmolLM2-{cfg['shape']} shape at "
+             f"{depth} layers, `{cfg['targets']}` linear layers spectral, trained from scratch on "
+             f"{m['data']['train_tokens']:,} tokens of Shakespeare ({m['data']['dataset']}, "
+             f"{len(m['data'].get('train_documents', []))} texts; BPE vocabulary {m['data']['vocab_size']:,} trained here), "
+             f"batch {cfg['batch']} x {cfg['seq']} tokens, {cfg['schedule']} schedule with {cfg['warmup']} warm-up steps. "
+             f"**Validation** loss on {len(m['data'].get('val_documents', []))} held-out texts "
+             f"({m['data']['val_tokens']:,} tokens; {cfg['eval_batches']} x {cfg['batch']} windows). "
+             "Each method at its own best learning rate from the sweep below.", "",
+             "| method | lr | val loss | val PPL | train loss | params | compression of converted layers | "
+             "vs dense, equal steps | vs dense, equal time | step s | tokens/s | peak RSS MiB | orthonormality |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    pct = lambda v: "n/a" if v is None else f"{100 * v:+.1f}%"  # noqa: E731
+    for name, r in m["table"].items():
+        lines.append(f"| {name} | {r['lr']:g} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} | {r['train_loss']:.3f} | "
+                     f"{r['params'] / 1e6:.2f}M | {r['compression']:.2f}x | {pct(r.get('gap_equal_steps'))} | "
+                     f"{pct(r.get('gap_equal_time'))} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['peak_rss_mb'] or float('nan'):.0f} | {r['orthonormality_error']:.1e} |")
+    lines += ["", "Paper (SmolLM2-1.7B fine-tuned on Alpaca, MLP only, *training* loss, dense fp32 at lr 2e-5 vs "
+              "SCT bf16 at 5e-4, A100):", "", "| method | params | loss | PPL | step s |", "| --- | --- | --- | --- | --- |"]
+    for name, r in m["paper"].items():
+        lines.append(f"| {name} | {r['params_m']:,}M | {r['loss']} | {r['ppl']} | {r['step_s']} |")
+    if m.get("lr_sweep"):
+        lrs = sorted({float(lr) for by in m["lr_sweep"].values() for lr in by})
+        lines += ["", f"Learning-rate sweep ({cfg['sweep_steps']} steps each, validation loss; best in bold):", "",
+                  "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "| --- |" + " --- |" * len(lrs)]
+        for name, by in m["lr_sweep"].items():
+            best = min(by.values())
+            cells = [("**{:.3f}**" if by.get(str(lr)) == best else "{:.3f}").format(by[str(lr)]) if str(lr) in by
+                     else "n/a" for lr in lrs]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    others = [r for r in m["runs"].values() if r["stage"] in ("schedule", "ablation")]
+    if others:
+        main = {r["name"]: r for r in m["runs"].values() if r["stage"] == "main"}
+        lines += ["", "Schedules and ablations (same steps, validation loss; the main-stage run of the same method "
+                  "for comparison):", "", "| run | schedule | s lr x | function-preserving | val loss | main-stage val loss |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in others:
+            ref = main.get("main-" + ("dense" if r["rank"] is None else f"r{r['rank']}"))
+            lines.append(f"| {r['name']} | {r['schedule']} | {r['s_lr_mult']:g} | {r['preserve_function']} | "
+                         f"{r['val_loss']:.3f} | {ref['val_loss']:.3f} |" if ref else "| n/a |")
+    for fig in plot_rank_sweep(m, cfg, figures):
+        lines += ["", f"![{fig.stem}]({rel}/{fig.name})"]
+    return lines + [""]
+
+
+def plot_rank_sweep(m: Dict, cfg: Dict, figures: pathlib.Path) -> List[pathlib.Path]:
+    plt = _pyplot()
+    if plt is None:
+        return []
+    out = []
+    main = [r for r in m["runs"].values() if r["stage"] == "main"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in main:
+        label = "dense" if r["rank"] is None else f"rank {r['rank']}"
+        ax.plot(r["curve"]["eval_step"], r["curve"]["val_loss"], marker="o", ms=3, label=label)
+    ax.set(xlabel="step", ylabel="validation loss", title="validation loss vs step (each at its best lr)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.append(_save(fig, figures, "rank_sweep_curves.png"))
+
+    spectral = sorted((r for r in main if r["rank"] is not None), key=lambda r: r["rank"])
+    dense = next((r for r in main if r["rank"] is None), None)
+    if spectral:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ranks = [r["rank"] for r in spectral]
+        ax.plot(ranks, [r["val_loss"] for r in spectral], "o-", color="C1", label="spectral: val loss")
+        if dense:
+            ax.axhline(dense["val_loss"], color="C0", ls="--", label="dense: val loss")
+        ax.set(xscale="log", xlabel="rank", ylabel="final validation loss")
+        ax.set_xticks(ranks, [str(k) for k in ranks])
+        ax2 = ax.twinx()
+        ax2.plot(ranks, [r["params"] / 1e6 for r in spectral], "s:", color="C2", label="params (M)")
+        ax2.plot(ranks, [r["step_s"] * 1e3 for r in spectral], "^:", color="C3", label="step (ms)")
+        if dense:
+            ax2.axhline(dense["params"] / 1e6, color="C2", ls=":", alpha=0.5)
+        ax2.set_ylabel("params (M) / step time (ms)")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8)
+        ax.set_title("final loss, parameters and step time vs rank")
+        out.append(_save(fig, figures, "rank_sweep_tradeoff.png"))
+
+    sched = [r for r in m["runs"].values() if r["stage"] == "schedule"]
+    if sched:
+        k = cfg["schedule_rank"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in sched + [r for r in main if r["rank"] in (None, k)]:
+            label = f"{'dense' if r['rank'] is None else f'rank {k}'}, {r['schedule']}"
+            ax.plot(r["curve"]["eval_step"], r["curve"]["val_loss"], ls="--" if r["rank"] is None else "-", label=label)
+        ax.set(xlabel="step", ylabel="validation loss", title="learning-rate schedules")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out.append(_save(fig, figures, "rank_sweep_schedules.png"))
+    return out
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (figures skipped) when not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print("matplotlib not installed: figures skipped", file=sys.stderr)
+        return None
+    return plt
+
+
+def _save(fig, figures: pathlib.Path, name: str) -> pathlib.Path:
+    fig.tight_layout()
+    figures.mkdir(parents=True, exist_ok=True)
+    path = figures / name
+    fig.savefig(path, dpi=110)
+    fig.clf()
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_memory(rows: Dict, figures: pathlib.Path, name: str) -> Optional[pathlib.Path]:
+    plt = _pyplot()
+    if plt is None:
         return None
     names = list(rows)
     parts = [("param_mb", "parameters"), ("grad_mb_held", "gradients held"), ("state_mb", "Adam state"),
@@ -186,22 +313,12 @@ def plot_memory(rows: Dict, figures: pathlib.Path, name: str) -> Optional[pathli
     ax.set_ylabel("GiB (peak RSS, split by what holds it)")
     ax.set_title(f"one training step, {next(iter(rows.values()))['layers']} layers, LLaMA-3-70B shapes, rank 32")
     ax.legend()
-    fig.tight_layout()
-    figures.mkdir(parents=True, exist_ok=True)
-    path = figures / name.replace(".json", "")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, figures, name)
 
 
 def plot_mlp_curves(res: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: figures skipped", file=sys.stderr)
+    plt = _pyplot()
+    if plt is None:
         return None
     import numpy as np
 
@@ -221,12 +338,7 @@ def plot_mlp_curves(res: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
         ax.set_xlabel("step")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    figures.mkdir(parents=True, exist_ok=True)
-    path = figures / "mlp_proofs_curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, figures, "mlp_proofs_curves.png")
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -242,23 +354,29 @@ def _atomic_write_text(path: pathlib.Path, text: str) -> None:
         raise
 
 
+def _load_required(results_dir: pathlib.Path) -> Dict[str, Dict]:
+    """Every required result (for alternatives: those present); raises before anything is written."""
+    results = {}
+    for entry in REQUIRED:
+        names = entry if isinstance(entry, tuple) else (entry,)
+        present = [n for n in names if (results_dir / f"{n}.json").is_file()]
+        for name in present or names[:1]:  # none present: load() names the first one missing
+            results[name] = load(results_dir, name)
+    return results
+
+
 def build(results_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
-    results = {name: load(results_dir, name) for name in REQUIRED}  # fail before writing anything
+    results = _load_required(results_dir)  # fail before writing anything
     lines = ["# stiefel-sct: the SCT paper, reproduced", "",
              "Generated by `python paper/build.py` from `results/*.json`; do not edit by hand. "
              "Rerun everything with `python experiments/reproduce.py --preset quick` (CPU, minutes) "
              "or `--preset paper`.", ""]
     lines += mlp_section(results["mlp_proofs"], out_dir / "figures", "figures")
-    lines += memory_section(results["memory_70b"], out_dir / "figures", "figures",
-                            "Memory: a full training step of a LLaMA-3-70B-shaped network")
-    for name in OPTIONAL:
-        path = results_dir / f"{name}.json"
-        if path.is_file():
-            with open(path) as fh:
-                extra = json.load(fh)
-            extra["experiment"] = name
-            lines += memory_section(extra, out_dir / "figures", "figures",
-                                    f"Memory, full depth (`results/{name}.json`)")
+    for name, title in MEMORY_TITLES.items():
+        if name in results:
+            results[name]["experiment"] = name
+            lines += memory_section(results[name], out_dir / "figures", "figures", title)
+    lines += rank_sweep_section(results["rank_sweep"], out_dir / "figures", "figures")
     path = out_dir / "README.md"
     _atomic_write_text(path, "\n".join(lines))
     return path

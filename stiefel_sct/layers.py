@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import geoopt
 import torch
@@ -13,7 +14,47 @@ from torch import nn
 from .manifold import Stiefel, _compute_dtype, is_stiefel, retract, stiefel_manifold
 from .rank import select_rank
 
-__all__ = ["SpectralEmbedding", "SpectralLinear", "check_rank", "spectral_linear"]
+__all__ = ["SpectralEmbedding", "SpectralLinear", "check_rank", "spectral_linear", "spectral_triples"]
+
+# id(factor parameter) -> (weak ref to it, weak ref to the spectral layer holding it): how an
+# optimizer given only parameters finds each layer's (U, s, V) triple. Weak both ways (the
+# registry keeps nothing alive; an entry leaves with its parameter). Keyed by id because tensors
+# compare elementwise, which rules out a WeakKeyDictionary.
+_OWNERS: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _register_owner(param: torch.Tensor, layer: nn.Module) -> None:
+    key = id(param)
+
+    def forget(ref: weakref.ref, key: int = key) -> None:
+        if _OWNERS.get(key, (None,))[0] is ref:
+            del _OWNERS[key]
+
+    _OWNERS[key] = (weakref.ref(param, forget), weakref.ref(layer))
+
+
+def _owner(param: torch.Tensor) -> Optional[nn.Module]:
+    entry = _OWNERS.get(id(param))
+    if entry is None or entry[0]() is not param:
+        return None
+    return entry[1]()
+
+
+def spectral_triples(params: Sequence[torch.Tensor]) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], List[torch.Tensor]]:
+    """Split ``params`` into the ``(U, s, V)`` triples of spectral layers (all three present) and
+    the rest. A triple is listed once, in the order its first member appears."""
+    given = {id(p) for p in params}
+    triples, seen, covered = [], set(), set()
+    for p in params:
+        layer = _owner(p)
+        if layer is None or id(layer) in seen:
+            continue
+        triple = (layer.U, layer.s, layer.V)
+        if any(t is p for t in triple) and all(id(t) in given for t in triple):
+            seen.add(id(layer))
+            triples.append(triple)
+            covered.update(id(t) for t in triple)
+    return triples, [p for p in params if id(p) not in covered]
 
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
@@ -123,6 +164,21 @@ class _FactorModule(nn.Module):
         """The Stiefel manifold ``U`` and ``V`` live on (shared, not a submodule)."""
         return self.U.manifold
 
+    def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
+        super().register_parameter(name, param)
+        if param is not None and name in ("U", "s", "V"):
+            _register_owner(param, self)
+
+    def __setstate__(self, state) -> None:  # copy.deepcopy / pickle: the copy owns its factors
+        super().__setstate__(state)
+        self._register_factors()
+
+    def _register_factors(self) -> None:
+        for name in ("U", "s", "V"):
+            p = self._parameters.get(name)
+            if p is not None:
+                _register_owner(p, self)
+
     def _make_factors(self, u_rows: int, v_rows: int, rank: int, retraction: str, factory: dict) -> None:
         self._retraction = retraction
         manifold = stiefel_manifold(retraction)
@@ -150,6 +206,7 @@ class _FactorModule(nn.Module):
                 self._parameters[name] = geoopt.ManifoldParameter(
                     p.data, manifold=stiefel_manifold(self._retraction), requires_grad=p.requires_grad
                 )
+        self._register_factors()
         return out
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "retract_",
     "retract_into",
     "cholqr_into",
+    "preserving_retraction",
+    "retract_triples_",
     "stiefel_manifold",
 ]
 
@@ -204,6 +206,78 @@ def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
         stack = torch.stack(plain)
         q = retract_into(stack, torch.empty_like(stack), method)
         torch._foreach_copy_(plain, list(q.unbind(0)))
+
+
+def _thin_qr(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a stack with ``diag(R) >= 0`` (zero diagonal entries keep ``+1``)."""
+    q, r = torch.linalg.qr(x)
+    sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(x.dtype)
+    return q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
+
+
+def _align_to_identity(p: torch.Tensor, s: torch.Tensor, q: torch.Tensor):
+    """Reorder and re-sign an SVD ``C = P diag(S) Q^T`` (a stack of ``k x k``) so that ``P`` and
+    ``Q`` are as close to the identity as the decomposition allows: component ``i`` is the one
+    whose left vector points mostly along axis ``i`` (where that matching is a permutation),
+    ``diag(Q) >= 0`` and ``diag(P) >= 0`` (the sign moves into ``S``). ``C`` is unchanged.
+
+    Near the manifold ``C`` is ``diag(s)`` plus a small term, so the aligned ``P``, ``Q`` are a
+    small rotation: every coordinate of ``U``, ``s``, ``V`` (and of their Adam moments) keeps its
+    meaning, where a raw SVD would sort and flip components.
+    """
+    k = p.shape[-1]
+    rows = p.abs().argmax(dim=-2)  # (B, k): the axis each component points along
+    is_perm = (torch.sort(rows, dim=-1).values == torch.arange(k, device=p.device)).all(-1, keepdim=True)
+    order = torch.where(is_perm, torch.argsort(rows, dim=-1), torch.arange(k, device=p.device).expand_as(rows))
+    idx = order.unsqueeze(-2).expand_as(p)
+    p, q, s = p.gather(-1, idx), q.gather(-1, idx), s.gather(-1, order)
+    d = torch.where(torch.diagonal(q, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(p.dtype)
+    p, q = p * d.unsqueeze(-2), q * d.unsqueeze(-2)
+    e = torch.where(torch.diagonal(p, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(p.dtype)
+    return p * e.unsqueeze(-2), s * e, q
+
+
+@torch.no_grad()
+def preserving_retraction(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor):
+    """Function-preserving retraction of factor stacks: ``(U', s', V')`` with ``U'``, ``V'``
+    orthonormal and ``U' diag(s') V'^T = U diag(s) V^T`` up to rounding.
+
+    ``U = Q_U R_U``, ``V = Q_V R_V`` (thin QR); the small core ``R_U diag(s) R_V^T = P S Q^T``
+    (a ``k x k`` SVD, in fp64) is re-diagonalised and ``U' = Q_U P``, ``V' = Q_V Q``, ``s' = S``.
+    The plain retraction keeps ``Q_U``, ``Q_V`` and drops ``R_U``, ``R_V``, which moves the
+    layer's function at every step; this one does not. ``P``, ``Q`` are aligned to the identity
+    (see :func:`_align_to_identity`), so ``s'`` keeps the order and signs of ``s``.
+
+    Shapes: ``u`` (..., m, k), ``s`` (..., k), ``v`` (..., n, k); low precision is computed in fp32.
+    Which of ``U``, ``V`` is the "input" side does not matter: the construction is symmetric.
+    """
+    _check_matrix(u, "u")
+    _check_matrix(v, "v")
+    k = u.shape[-1]
+    if v.shape[-1] != k or s.shape[-1] != k or u.shape[:-2] != v.shape[:-2] or s.shape[:-1] != u.shape[:-2]:
+        raise ValueError(f"u (..., m, k), s (..., k) and v (..., n, k) must agree; got "
+                         f"{tuple(u.shape)}, {tuple(s.shape)}, {tuple(v.shape)}")
+    dtype = _compute_dtype(u.dtype)
+    qu, ru = _thin_qr(_plain(u).to(dtype))
+    qv, rv = _thin_qr(_plain(v).to(dtype))
+    core = (ru.double() * s.double().unsqueeze(-2)) @ rv.double().mT
+    p, sv, qh = torch.linalg.svd(core)
+    p, sv, q = _align_to_identity(p, sv, qh.mT)
+    return ((qu @ p.to(dtype)).to(u.dtype), sv.to(s.dtype), (qv @ q.to(dtype)).to(v.dtype))
+
+
+@torch.no_grad()
+def retract_triples_(triples: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    """:func:`preserving_retraction` of each ``(U, s, V)`` triple, in place, batched over
+    triples of the same shapes (one factorization call per distinct layer shape)."""
+    groups: Dict[tuple, List[tuple]] = defaultdict(list)
+    for u, s, v in triples:
+        groups[(tuple(u.shape), tuple(v.shape), u.dtype, u.device)].append((u, s, v))
+    for group in groups.values():
+        plain = [[_plain(t) for t in member] for member in zip(*group)]
+        new = preserving_retraction(*(torch.stack(ts) for ts in plain))
+        for ts, values in zip(plain, new):
+            torch._foreach_copy_(ts, list(values.unbind(0)))
 
 
 @torch.no_grad()

@@ -27,7 +27,8 @@ import geoopt
 import torch
 from torch.optim import Optimizer
 
-from .manifold import RETRACTIONS, _plain, is_stiefel, retract, retract_, retract_into
+from .layers import spectral_triples
+from .manifold import RETRACTIONS, _plain, is_stiefel, retract, retract_, retract_into, retract_triples_
 
 __all__ = ["MODES", "FactorBank", "SpectralAdam", "retract_all", "spectral_adam"]
 
@@ -212,6 +213,7 @@ def spectral_adam(
     impl: str,
     banks: Sequence["FactorBank"] = (),
     in_bank: Optional[List[bool]] = None,
+    retract_factors: bool = True,
 ) -> None:
     """Functional SpectralAdam step over parallel lists; ``stiefel[i]`` marks manifold factors.
 
@@ -221,7 +223,8 @@ def spectral_adam(
     ``banks`` hold some of the factors (``in_bank[i]`` marks them) in contiguous chunk slots: in
     ``"sct"`` mode each is retracted by one batched factorization per chunk, with no
     stacking and no copy back (:class:`FactorBank`). Factors not in a bank are stacked per shape
-    and retracted by :func:`retract_`.
+    and retracted by :func:`retract_`. ``retract_factors=False`` (``"sct"`` mode): the factors get
+    the Adam update only; the caller retracts them (the function-preserving retraction does).
     """
     adam = _adam_kernel(impl, params, exp_avgs)
     hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
@@ -236,11 +239,14 @@ def spectral_adam(
     if mode != "sct":
         _riemannian_adam(*(pick(x, man) for x in (params, grads, exp_avgs, exp_avg_sqs, steps)), method=retraction, **hp)
         return
-    loose = man if in_bank is None else [i for i in man if not in_bank[i]]
+    loose = man if in_bank is None or not retract_factors else [i for i in man if not in_bank[i]]
     if loose:
         adam(*(pick(x, loose) for x in (params, grads, exp_avgs, exp_avg_sqs, steps)),
              weight_decay=0.0, decoupled=True, **hp)
-        retract_(pick(params, loose), retraction)
+        if retract_factors:
+            retract_(pick(params, loose), retraction)
+    if not retract_factors:
+        return
     if banks:
         # chunk by chunk: the Adam update leaves the chunk in cache for the retraction's GEMMs
         position = {id(p): i for i, p in enumerate(params)}
@@ -383,7 +389,9 @@ def _check_group(group: dict) -> None:
         raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
     if group["retraction"] not in RETRACTIONS:
         raise ValueError(f"retraction must be one of {RETRACTIONS}, got {group['retraction']!r}")
-    for flag in ("decoupled_weight_decay",):
+    if group["preserve_function"] is True and group["mode"] != "sct":
+        raise ValueError("preserve_function=True needs mode='sct'")
+    for flag in ("decoupled_weight_decay", "preserve_function"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"{flag} must be a bool, got {type(group[flag]).__name__}")
     for i, p in enumerate(group["params"]):
@@ -434,6 +442,14 @@ class SpectralAdam(Optimizer):
             parameter in this mode: a bad gradient raises inside ``backward()`` before *that*
             parameter changes, but parameters updated earlier in the same backward stay updated.
 
+        preserve_function: retract each spectral layer's ``(U, s, V)`` together so that its
+            weight ``U diag(s) V^T`` is kept to rounding (the ``R`` factors of the QRs are folded
+            into a re-diagonalised ``s``: :func:`~stiefel_sct.manifold.preserving_retraction`)
+            instead of dropping ``R``, which moves the weight at every step. Every Stiefel factor
+            of such a group must belong to a ``SpectralLinear``/``SpectralEmbedding`` whose
+            ``U``, ``s`` and ``V`` are all given to this optimizer. Costs a Householder QR per
+            factor and a ``k x k`` SVD per layer (batched by layer shape).
+
     State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (the same as ``torch.optim.Adam``).
     """
 
@@ -453,12 +469,14 @@ class SpectralAdam(Optimizer):
         contiguous_factors: bool = True,
         state_dtype: Optional[torch.dtype] = None,
         step_in_backward: bool = False,
+        preserve_function: bool = False,
     ) -> None:
         if fused and foreach:
             raise ValueError("fused and foreach cannot both be True")
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay, mode=mode, retraction=retraction,
+            preserve_function=preserve_function,
         )
         _check_group(dict(defaults, params=[]))
         self.foreach = foreach
@@ -472,7 +490,10 @@ class SpectralAdam(Optimizer):
         self._pending: Dict[int, List[torch.Tensor]] = defaultdict(list)
         self._hooks: list = []
         self._banks: Dict[int, Tuple[tuple, List[FactorBank]]] = {}
+        self._triples: Optional[Tuple[tuple, list]] = None
         super().__init__(params, defaults)
+        self._check_triples()
+        self._ready = True
         if self.step_in_backward:
             if any(g["mode"] != "sct" for g in self.param_groups):
                 raise ValueError("step_in_backward supports mode='sct' only")
@@ -485,6 +506,35 @@ class SpectralAdam(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
+        if getattr(self, "_ready", False):  # __init__ checks once, after every group is in
+            self._check_triples()
+
+    # ---------------------------------------------------------------- function-preserving retraction
+    def _layer_triples(self) -> list:
+        """``(U, s, V)`` of the spectral layers whose factors sit in ``preserve_function`` groups."""
+        every = [p for g in self.param_groups for p in g["params"]]
+        key = tuple(id(p) for p in every)
+        if self._triples is None or self._triples[0] != key:
+            triples, _ = spectral_triples(every)
+            preserve = {id(p) for g in self.param_groups if g["preserve_function"] for p in g["params"]}
+            self._triples = (key, [t for t in triples if id(t[0]) in preserve or id(t[2]) in preserve])
+        return self._triples[1]
+
+    def _check_triples(self) -> None:
+        self._triples = None
+        in_triple = {id(p) for t in self._layer_triples() for p in (t[0], t[2])}
+        for gi, group in enumerate(self.param_groups):
+            if not group["preserve_function"]:
+                continue
+            for pi, p in enumerate(group["params"]):
+                if is_stiefel(p) and id(p) not in in_triple:
+                    raise ValueError(
+                        f"preserve_function=True: {self._param_name(gi, pi)} is not the U or V of a spectral layer "
+                        "whose U, s and V are all given to this optimizer"
+                    )
+
+    def _retract_triples(self, updated: set) -> None:
+        retract_triples_([t for t in self._layer_triples() if id(t[0]) in updated or id(t[2]) in updated])
 
     # ---------------------------------------------------------------- helpers
     def _impl(self, tensors: TensorList) -> str:
@@ -568,8 +618,13 @@ class SpectralAdam(Optimizer):
             self._pending[gi].append(p)
 
     def _retract_pending(self) -> None:
+        preserved = {id(p) for gi, ps in self._pending.items() if self.param_groups[gi]["preserve_function"] for p in ps}
+        if preserved:
+            self._retract_triples(preserved)
         for gi, pending in self._pending.items():
             group = self.param_groups[gi]
+            if group["preserve_function"]:
+                continue
             banks = self._banks_of(gi, group)
             live, in_bank = self._live_banks(banks, pending, [True] * len(pending))
             for bank in live:
@@ -598,6 +653,7 @@ class SpectralAdam(Optimizer):
             self._retract_pending()
             return loss
         self._check_gradients()
+        preserved: set = set()
         for gi, group in enumerate(self.param_groups):
             banks = self._banks_of(gi, group)  # before the state exists, so it takes their layout
             params, grads, exp_avgs, exp_avg_sqs, steps, stiefel = [], [], [], [], [], []
@@ -620,13 +676,17 @@ class SpectralAdam(Optimizer):
                 lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
                 mode=group["mode"], retraction=group["retraction"], impl=self._impl(params),
-                banks=live, in_bank=in_bank,
+                banks=live, in_bank=in_bank, retract_factors=not group["preserve_function"],
             )
+            if group["preserve_function"]:
+                preserved.update(id(p) for p, s in zip(params, stiefel) if s)
+        if preserved:  # after every group's update: a layer's s may sit in another group
+            self._retract_triples(preserved)
         return loss
 
     def _banks_of(self, gi: int, group: dict) -> List[FactorBank]:
         """The factor banks of group ``gi``, (re)built when missing or invalidated."""
-        if group["mode"] != "sct" or not self.contiguous_factors:
+        if group["mode"] != "sct" or not self.contiguous_factors or group["preserve_function"]:
             return []
         factors = [p for p in group["params"] if is_stiefel(p)]
         key = tuple(id(p) for p in factors)
@@ -651,14 +711,22 @@ class SpectralAdam(Optimizer):
 
 
 @torch.no_grad()
-def retract_all(module_or_params, method: str = "cholqr2") -> int:
+def retract_all(module_or_params, method: str = "cholqr2", preserve_function: bool = False) -> int:
     """Retract every geoopt Stiefel factor of a module (or an iterable of tensors) in place.
 
     For users who keep their own optimizer: call it after ``optimizer.step()``. Factors are
     batched by shape, one factorization call per shape. Returns the number of factors retracted.
+
+    ``preserve_function=True`` (a module only): each spectral layer's ``(U, s, V)`` is retracted
+    together so that its weight does not change (:func:`~stiefel_sct.manifold.preserving_retraction`:
+    the ``R`` factors of the QRs are folded into a re-diagonalised ``s``); Stiefel factors outside
+    spectral layers get the plain retraction.
     """
     if isinstance(module_or_params, torch.nn.Module):
         tensors = list(module_or_params.parameters())
+    elif preserve_function:
+        raise TypeError("preserve_function=True needs an nn.Module (to find each layer's U, s, V), "
+                        f"got {type(module_or_params).__name__}")
     elif isinstance(module_or_params, torch.Tensor):
         tensors = [module_or_params]
     else:
@@ -669,5 +737,12 @@ def retract_all(module_or_params, method: str = "cholqr2") -> int:
                 f"module_or_params must be an nn.Module or an iterable of tensors, got {type(module_or_params).__name__}"
             ) from None
     factors = [t for t in tensors if isinstance(t, torch.Tensor) and is_stiefel(t)]
-    retract_(factors, method)
+    if preserve_function:
+        triples, rest = spectral_triples(tensors)
+        triples = [t for t in triples if is_stiefel(t[0]) and is_stiefel(t[2])]
+        retract_triples_(triples)
+        loose = {id(t) for t in rest}
+        retract_([p for p in factors if id(p) in loose], method)
+    else:
+        retract_(factors, method)
     return len(factors)

@@ -109,9 +109,15 @@ def test_extrapolation_is_linear():
     assert memory_70b.extrapolate(runs, "x", 80) == pytest.approx(162.0)
 
 
-def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_results):
+def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_results, tiny_data, monkeypatch):
+    from experiments import data as data_lib
+    from experiments import rank_sweep
+
     results = memory_results[0]
     mlp_proofs.main(["--preset", "smoke", "--results-dir", str(results)])
+    monkeypatch.setattr(data_lib, "prepare", lambda *a, **k: tiny_data)
+    rank_sweep.main(["--preset", "smoke", "--stages", "lr", "main", "schedule", "ablation",
+                     "--results-dir", str(results)])
     out = tmp_path / "paper"
     path = report.build(results, out)
     text = path.read_text()
@@ -121,6 +127,10 @@ def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_resu
     assert (out / "figures" / "mlp_proofs_curves.png").stat().st_size > 1000
     assert "LLaMA-3-70B" in text and "| ckpt_sib | 2 |" in text and "| 8192x28672 | 18.9 |" in text
     assert (out / "figures" / "memory_70b.png").stat().st_size > 1000
+    assert "## Rank sweep" in text and "| r8 |" in text and "| r128 | 598M | 4.183 |" in text  # ours beside the paper's
+    assert "ablation-r8-preserve" in text and "schedule-dense-wsd" in text
+    for fig in ("rank_sweep_curves.png", "rank_sweep_tradeoff.png", "rank_sweep_schedules.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
     with pytest.raises(report.MissingResults, match="mlp_proofs.json"):
         report.build(tmp_path / "empty", out)
     assert report.main(["--results", str(tmp_path / "empty"), "--out", str(out)]) == 2

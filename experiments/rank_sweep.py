@@ -1,0 +1,449 @@
+"""The SmolLM2 rank sweep, done with held-out evaluation: dense vs spectral at several ranks, from scratch.
+
+The paper fine-tuned SmolLM2-1.7B on Alpaca with only the MLP spectral and reported *training*
+loss: every rank reached the same floor (~4.2-4.5), so "the schedule, not the rank, is the
+bottleneck". Here every method trains the same SmolLM2-shaped Hugging Face ``LlamaForCausalLM`` from
+scratch on the same tokens (Shakespeare, offline: ``experiments/data.py``) and is judged by its
+loss on held-out plays. Read top to bottom:
+
+1. data: documents -> fixed train/validation split (whole plays held out) -> a BPE tokenizer trained
+   here on the training plays -> token streams;
+2. model: a SmolLM2 shape (``SHAPES``; the ``tiny`` preset is the 135M shape at reduced depth), dense
+   or ``spectralize``-d at rank ``k`` (``--targets``: which linear layers become spectral);
+3. one training run (``train_run``): SpectralAdam (exact AdamW on dense parameters), a learning-rate
+   schedule (constant / cosine / warmup-stable-decay, all with warm-up), optional per-component
+   learning rate for ``s`` and the function-preserving retraction; validation loss every
+   ``eval_every`` steps; an atomic checkpoint every ``ckpt_every`` steps (``--resume`` continues);
+4. the sweep (``main``): stage ``lr`` (a short learning-rate sweep per method; each method then uses
+   its own best), stage ``main`` (every method at its best lr), stage ``schedule`` (the schedules
+   compared at one rank and dense), stage ``ablation`` (function-preserving retraction; a 10x
+   learning rate for ``s``). Each finished run is appended atomically to ``results/rank_sweep.json``.
+
+    python experiments/rank_sweep.py --preset quick            # tiny model, CPU, ~10 min
+    python experiments/rank_sweep.py --preset paper            # SmolLM2-1.7B, ranks 32-256 (a GPU)
+    python experiments/rank_sweep.py --preset quick --resume   # pick up where a killed run stopped
+    torchrun --nproc-per-node 2 experiments/rank_sweep.py ...  # data-parallel (gloo on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from experiments import data as data_lib  # noqa: E402
+from experiments.common import RESULTS_DIR, atomic_write_json, environment, progress, seed_everything  # noqa: E402
+
+# SmolLM2 shapes, from the published config.json of each model (vocabulary replaced by the local tokenizer's)
+SHAPES = {
+    "135M": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, head_dim=64, rope_theta=100000.0),
+    "360M": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                 num_key_value_heads=5, head_dim=64, rope_theta=100000.0),
+    "1.7B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                 num_key_value_heads=32, head_dim=64, rope_theta=130000.0),
+}
+COMMON = dict(rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=True, initializer_range=0.02)
+TARGETS = {
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+SCHEDULES = ("constant", "cosine", "wsd")
+PAPER = {  # SmolLM2-1.7B, Alpaca fine-tuning, MLP only, training loss (trailing 50-step mean), A100
+    "dense": dict(params_m=1711, loss=1.291, ppl=3.64, step_s=1.174),
+    "r256": dict(params_m=692, loss=4.325, ppl=75.6, step_s=1.047),
+    "r128": dict(params_m=598, loss=4.183, ppl=65.6, step_s=0.740),
+    "r64": dict(params_m=551, loss=4.339, ppl=76.7, step_s=0.616),
+    "r32": dict(params_m=527, loss=4.465, ppl=86.9, step_s=0.562),
+}
+CKPT_FORMAT = 1
+
+
+@dataclass
+class Config:
+    preset: str = "quick"
+    shape: str = "135M"
+    layers: Optional[int] = 2          # None: the shape's own depth
+    targets: str = "all"
+    ranks: List[int] = field(default_factory=lambda: [32, 64, 128])
+    steps: int = 300
+    batch: int = 8
+    seq: int = 64
+    vocab: int = 4096
+    dataset: str = "shakespeare"
+    schedule: str = "cosine"
+    warmup: int = 30
+    lr_sweep: List[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    sweep_steps: int = 120
+    schedule_rank: int = 128           # the rank the schedule comparison and ablations use
+    s_lr_mult: float = 10.0            # the per-component ablation: lr of s = this x lr of U, V
+    stages: List[str] = field(default_factory=lambda: ["lr", "main", "schedule", "ablation"])
+    eval_every: int = 50
+    eval_batches: int = 16
+    ckpt_every: int = 100
+    seed: int = 0
+    dtype: str = "fp32"
+
+
+PRESETS = {
+    "quick": {},
+    "paper": dict(shape="1.7B", layers=None, ranks=[32, 64, 128, 256], steps=2000, batch=16, seq=512,
+                  vocab=49152, warmup=100, sweep_steps=400, lr_sweep=[3e-4, 1e-3, 3e-3], schedule_rank=128,
+                  eval_every=200, eval_batches=32, ckpt_every=200),
+    "smoke": dict(layers=1, ranks=[8], steps=3, batch=2, seq=16, vocab=300, warmup=1, lr_sweep=[1e-3],
+                  sweep_steps=2, schedule_rank=8, stages=["main"], eval_every=2, eval_batches=2, ckpt_every=2),
+}
+
+
+@dataclass
+class Run:
+    """One training run: which model and how it is trained."""
+
+    name: str
+    stage: str
+    rank: Optional[int]                # None: dense
+    lr: float
+    steps: int
+    schedule: str
+    s_lr_mult: float = 1.0
+    preserve_function: bool = False
+
+
+# ------------------------------------------------------------------------------------- the model
+def build_model(cfg: Config, vocab_size: int, rank: Optional[int]):
+    """A SmolLM2-shaped ``LlamaForCausalLM`` (HF init), dense or spectral at ``rank``; the report of
+    which layers became spectral, and the dense-equivalent size of those layers."""
+    import transformers
+
+    from stiefel_sct import SpectralLinear, spectralize
+
+    shape = dict(SHAPES[cfg.shape])
+    if cfg.layers is not None:
+        shape["num_hidden_layers"] = cfg.layers
+    config = transformers.LlamaConfig(vocab_size=vocab_size, **shape, **COMMON)
+    config._attn_implementation = "sdpa"
+    model = transformers.LlamaForCausalLM(config)
+    converted = {"layers": 0, "dense_params": 0, "spectral_params": 0}
+    if rank is not None:
+        spectralize(model, rank=rank, include=TARGETS[cfg.targets], retraction="cholqr2")
+        for m in model.modules():
+            if isinstance(m, SpectralLinear):
+                # from scratch: the SVD of the random init keeps its k largest singular values and so
+                # far less than its Frobenius norm, which starts the network near the identity (the
+                # tied embedding then predicts the input token: initial loss above uniform). Scale s
+                # so that E|Wx|^2 matches the dense init: ||W||_F^2 = k s^2 = std^2 m n.
+                with torch.no_grad():
+                    m.s.fill_(COMMON["initializer_range"] * math.sqrt(m.in_features * m.out_features / rank))
+                converted["layers"] += 1
+                converted["dense_params"] += m.in_features * m.out_features
+                converted["spectral_params"] += sum(p.numel() for p in (m.U, m.s, m.V))
+    return model, converted
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up, then constant, cosine to 10%,
+    or warmup-stable-decay (constant, then linear to 0 over the last 20% of the steps)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        t = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if schedule == "wsd":
+        decay_start = int(0.8 * steps)
+        return 1.0 if step < decay_start else max(0.0, (steps - step) / max(1, steps - decay_start))
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+
+
+def make_optimizer(model, run: Run):
+    """SpectralAdam (AdamW on dense parameters) with ``s`` in its own group when its lr differs."""
+    from stiefel_sct import SpectralAdam
+
+    spectra = [p for n, p in model.named_parameters() if n.endswith(".s")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith(".s")]
+    groups = [{"params": rest}]
+    if spectra:
+        groups.append({"params": spectra, "lr": run.lr * run.s_lr_mult})
+    opt = SpectralAdam(groups, lr=run.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                       preserve_function=run.preserve_function)
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt
+
+
+# ------------------------------------------------------------------------------- measurement
+def _reset_peak_rss() -> None:
+    try:  # Linux: writing 5 resets VmHWM to the current RSS
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> Optional[float]:
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def lm_loss(model, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of windows of ``seq + 1`` tokens: every position predicts the next."""
+    logits = model(input_ids=batch[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate(model, batches: List[torch.Tensor]) -> float:
+    """Mean next-token cross-entropy over the fixed validation windows."""
+    was_training = model.training
+    model.eval()
+    total = sum(float(lm_loss(model, b, reduction="sum")) for b in batches)
+    model.train(was_training)
+    return total / sum(b[:, 1:].numel() for b in batches)
+
+
+def orthonormality(model) -> float:
+    from stiefel_sct import is_stiefel, orthonormality_error
+
+    errs = [orthonormality_error(p) for p in model.parameters() if is_stiefel(p)]
+    return max(errs) if errs else 0.0
+
+
+# --------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: pathlib.Path, payload: dict) -> None:
+    """``torch.save`` to a temporary file, then rename: a checkpoint is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: pathlib.Path, run: Run) -> Optional[dict]:
+    if not path.exists():
+        return None
+    blob = torch.load(path, weights_only=True)
+    if blob.get("format") != CKPT_FORMAT:
+        raise RuntimeError(f"{path}: checkpoint format {blob.get('format')!r}, this code reads format {CKPT_FORMAT}")
+    if blob["run"] != json.loads(json.dumps(dataclasses.asdict(run))):
+        raise RuntimeError(f"{path} belongs to another run ({blob['run']}); delete it or drop --resume")
+    return blob
+
+
+# -------------------------------------------------------------------------------- one training run
+def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib.Path,
+              resume: bool = False, stop_after: Optional[int] = None) -> Dict:
+    """Train one model; returns its record (curves and final metrics). ``stop_after`` ends the
+    run early after that many steps, leaving its checkpoint (what a killed run leaves)."""
+    from experiments.common import parse_dtype
+
+    seed_everything(cfg.seed)
+    model, converted = build_model(cfg, data.vocab_size, run.rank)
+    model.to(parse_dtype(cfg.dtype)).train()
+    opt = make_optimizer(model, run)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every method
+    val = data.val_batches(cfg.batch, cfg.seq, cfg.eval_batches)
+    history: Dict[str, list] = {"eval_step": [], "val_loss": [], "train_loss": [], "step_s": []}
+    start = 0
+    ckpt = ckpt_dir / f"{run.name}.pt"
+    blob = load_checkpoint(ckpt, run) if resume else None
+    if blob is not None:
+        model.load_state_dict(blob["model"])
+        opt.load_state_dict(blob["optimizer"])
+        gen.set_state(blob["generator"])
+        history, start = blob["history"], blob["step"]
+    _reset_peak_rss()
+    window: List[float] = []
+    bar = progress(range(start, run.steps), desc=run.name, initial=start, total=run.steps, leave=False)
+    for step in bar:
+        batch = data.batch(cfg.batch, cfg.seq, gen)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_factor(step, run.steps, run.schedule, cfg.warmup)
+        t = time.perf_counter()
+        loss = lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history["step_s"].append(time.perf_counter() - t)
+        window.append(loss.item())
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == run.steps:
+            history["eval_step"].append(done)
+            history["val_loss"].append(evaluate(model, val))
+            history["train_loss"].append(sum(window) / len(window))
+            window = []
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(val=f"{history['val_loss'][-1]:.3f}")
+        if done % cfg.ckpt_every == 0 or done == run.steps or done == stop_after:
+            save_checkpoint(ckpt, {"format": CKPT_FORMAT, "run": dataclasses.asdict(run), "step": done,
+                                   "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "generator": gen.get_state(), "history": history})
+        if stop_after is not None and done >= stop_after and done < run.steps:
+            return {}
+    n_params = sum(p.numel() for p in model.parameters())
+    step_s = statistics.median(history["step_s"][-max(1, len(history["step_s"]) // 2):])
+    return {
+        **dataclasses.asdict(run),
+        "val_loss": history["val_loss"][-1], "val_ppl": math.exp(history["val_loss"][-1]),
+        "train_loss": history["train_loss"][-1], "params": n_params,
+        "converted": converted,
+        "compression": converted["dense_params"] / converted["spectral_params"] if converted["layers"] else 1.0,
+        "step_s": step_s, "tokens_per_s": cfg.batch * cfg.seq / step_s,
+        "peak_rss_mb": _peak_rss_mb(), "orthonormality_error": orthonormality(model),
+        "curve": {k: history[k] for k in ("eval_step", "val_loss", "train_loss")},
+        "wall_s": sum(history["step_s"]),
+    }
+
+
+# ------------------------------------------------------------------------------------ the sweep
+def method_name(rank: Optional[int]) -> str:
+    return "dense" if rank is None else f"r{rank}"
+
+
+def plan_stage(stage: str, cfg: Config, best_lr: Dict[str, float]) -> List[Run]:
+    methods = [None] + list(cfg.ranks)
+    if stage == "lr":
+        return [Run(f"lr-{method_name(r)}-{lr:g}", "lr", r, lr, cfg.sweep_steps, cfg.schedule)
+                for r in methods for lr in cfg.lr_sweep]
+    if stage == "main":
+        return [Run(f"main-{method_name(r)}", "main", r, best_lr[method_name(r)], cfg.steps, cfg.schedule)
+                for r in methods]
+    k = cfg.schedule_rank
+    if stage == "schedule":
+        return [Run(f"schedule-{method_name(r)}-{s}", "schedule", r, best_lr[method_name(r)], cfg.steps, s)
+                for r in (None, k) for s in SCHEDULES if s != cfg.schedule]
+    if stage == "ablation":
+        lr = best_lr[method_name(k)]
+        return [Run(f"ablation-r{k}-preserve", "ablation", k, lr, cfg.steps, cfg.schedule, preserve_function=True),
+                Run(f"ablation-r{k}-s{cfg.s_lr_mult:g}x", "ablation", k, lr, cfg.steps, cfg.schedule,
+                    s_lr_mult=cfg.s_lr_mult)]
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
+    """The sweep table (main stage), each rank's gap to dense at equal steps and equal wall-clock."""
+    main = {r["name"][len("main-"):]: r for r in runs.values() if r["stage"] == "main"}
+    dense = main.get("dense")
+    table = {}
+    for m, r in main.items():
+        row = {k: r[k] for k in ("lr", "val_loss", "val_ppl", "train_loss", "params", "compression",
+                                 "step_s", "tokens_per_s", "peak_rss_mb", "orthonormality_error")}
+        if dense is not None:
+            row["gap_equal_steps"] = r["val_loss"] / dense["val_loss"] - 1
+            # dense's validation loss after the same wall-clock time as this run took in total
+            t_dense = [s * dense["wall_s"] / dense["steps"] for s in dense["curve"]["eval_step"]]
+            reached = [v for t, v in zip(t_dense, dense["curve"]["val_loss"]) if t <= r["wall_s"]]
+            row["dense_at_equal_time"] = reached[-1] if reached else None
+            row["gap_equal_time"] = r["val_loss"] / reached[-1] - 1 if reached else None
+        table[m] = row
+    return table
+
+
+def load_results(path: pathlib.Path, cfg: Config, resume: bool) -> Dict[str, Dict]:
+    """Finished runs already in the results file (kept only with ``--resume`` and the same config)."""
+    if not resume or not path.exists():
+        return {}
+    with open(path) as fh:
+        old = json.load(fh)
+    if old.get("config") != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        raise RuntimeError(f"{path} was written with another configuration; drop --resume to start over")
+    return old["metrics"]["runs"]
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    ap.add_argument("--shape", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, help="depth (default: the preset's; 0 = the shape's own)")
+    ap.add_argument("--targets", choices=sorted(TARGETS), help="which linear layers become spectral")
+    ap.add_argument("--ranks", type=int, nargs="+")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--seq", type=int)
+    ap.add_argument("--vocab", type=int, help="tokenizer vocabulary size")
+    ap.add_argument("--schedule", choices=SCHEDULES)
+    ap.add_argument("--stages", nargs="+", choices=["lr", "main", "schedule", "ablation"])
+    ap.add_argument("--lr", type=float, help="skip the lr stage: every method uses this lr")
+    ap.add_argument("--dataset", help="'shakespeare' (offline default) or a datasets name, e.g. 'text'")
+    ap.add_argument("--data-files", help="files for --dataset text (or other file-based loaders)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"])
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--resume", action="store_true", help="keep finished runs, continue from checkpoints")
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--ckpt-dir", default=None, help="default: <results-dir>/../runs/rank_sweep")
+    args = ap.parse_args(argv)
+
+    cfg = Config(preset=args.preset, **PRESETS[args.preset])
+    for key in ("shape", "targets", "ranks", "steps", "batch", "seq", "vocab", "schedule", "stages", "dataset",
+                "dtype", "seed"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if args.layers is not None:
+        cfg.layers = args.layers or None
+    if args.lr is not None:
+        cfg.lr_sweep, cfg.stages = [args.lr], [s for s in cfg.stages if s != "lr"]
+    if min(cfg.steps, cfg.batch, cfg.seq, *(cfg.ranks or [1])) < 1:
+        ap.error("--steps, --batch, --seq and --ranks must be >= 1")
+    results_dir = pathlib.Path(args.results_dir or RESULTS_DIR)
+    ckpt_dir = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else results_dir.parent / "runs" / "rank_sweep"
+    out_path = results_dir / "rank_sweep.json"
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    t0 = time.time()
+    load_kwargs = {"data_files": args.data_files} if args.data_files else {}
+    data = data_lib.prepare(cfg.dataset, cfg.vocab, **load_kwargs)
+    print(f"rank_sweep: preset {cfg.preset}, SmolLM2-{cfg.shape} shape at {cfg.layers or 'full'} layers, "
+          f"targets {cfg.targets}, ranks {cfg.ranks}, {cfg.steps} steps of {cfg.batch}x{cfg.seq} tokens; "
+          f"data {data.info['train_tokens']:,} train / {data.info['val_tokens']:,} validation tokens")
+    runs = load_results(out_path, cfg, args.resume)
+    best_lr: Dict[str, float] = {method_name(r): cfg.lr_sweep[0] for r in [None] + list(cfg.ranks)}
+    sweep: Dict[str, Dict[str, float]] = {}
+    for stage in cfg.stages:
+        for run in plan_stage(stage, cfg, best_lr):
+            if run.name not in runs:
+                runs[run.name] = train_run(run, cfg, data, ckpt_dir, resume=args.resume)
+                write(out_path, cfg, runs, data, best_lr, sweep, t0)  # after every run: nothing lost
+            r = runs[run.name]
+            print(f"  {run.name:28s} lr {run.lr:.0e}  val {r['val_loss']:.4f}  ppl {r['val_ppl']:8.2f}  "
+                  f"{r['tokens_per_s']:8.0f} tok/s  params {r['params'] / 1e6:.2f}M")
+        if stage == "lr":
+            for m in best_lr:
+                by_lr = {str(r["lr"]): r["val_loss"] for r in runs.values()
+                         if r["stage"] == "lr" and method_name(r["rank"]) == m}
+                sweep[m] = by_lr
+                best_lr[m] = float(min(by_lr, key=by_lr.get))
+    metrics = write(out_path, cfg, runs, data, best_lr, sweep, t0)
+    print(f"wrote {out_path} ({time.time() - t0:.0f} s)")
+    return metrics
+
+
+def write(path: pathlib.Path, cfg: Config, runs: Dict[str, Dict], data: data_lib.TokenData,
+          best_lr: Dict[str, float], sweep: Dict, t0: float) -> Dict:
+    metrics = {"runs": runs, "table": summarise(runs, cfg), "best_lr": best_lr, "lr_sweep": sweep,
+               "data": data.info, "paper": PAPER, "total_wall_s": time.time() - t0}
+    payload = {"experiment": "rank_sweep", "config": dataclasses.asdict(cfg), "environment": environment(),
+               "metrics": metrics}
+    atomic_write_json(path, payload)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
