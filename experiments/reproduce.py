@@ -22,6 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = {
     "mlp_proofs": "experiments/mlp_proofs.py",
     "memory_70b": "experiments/memory_70b.py",
+    "rank_sweep": "experiments/rank_sweep.py",
 }
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         if proc.returncode != 0:
             print(f"reproduce: {name} failed with exit code {proc.returncode}", file=sys.stderr)
             return proc.returncode
-        print(f"== {name} done in {time.time() - t0:.0f} s -> results/{name}.json", flush=True)
+        print(f"== {name} done in {time.time() - t0:.0f} s", flush=True)
     if not args.no_report:
         proc = subprocess.run([sys.executable, str(ROOT / "paper" / "build.py")], cwd=ROOT)
         if proc.returncode != 0:

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # the experiments whose results the report is built from (each one section); a tuple names
 # alternatives, at least one of which must exist (the memory test's quick and paper presets)
-REQUIRED = ("mlp_proofs", ("memory_70b", "memory_70b_paper"), "rank_sweep")
+REQUIRED = ("mlp_proofs", ("memory_70b", "memory_70b_paper"), "rank_sweep", "compress_pretrained")
 MEMORY_TITLES = {
     "memory_70b": "Memory: a full training step of a LLaMA-3-70B-shaped network",
     "memory_70b_paper": "Memory, full depth (`results/memory_70b_paper.json`)",
@@ -54,7 +54,8 @@ def _fmt(value: Optional[float], kind: str) -> str:
 def _provenance(res: Dict) -> str:
     env, cfg = res["environment"], res["config"]
     seeds = f"{cfg['seeds']} seeds, " if "seeds" in cfg else ""
-    return (f"preset `{cfg.get('preset')}`, {seeds}{cfg.get('steps')} steps; "
+    steps = f"{cfg['steps']} steps; " if "steps" in cfg else ""
+    return (f"preset `{cfg.get('preset')}`, {seeds}{steps}"
             f"{env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads), "
             f"torch {env.get('torch')}, geoopt {env.get('geoopt')}, stiefel_sct {env.get('stiefel_sct')}, "
             f"{env.get('date')}")
@@ -246,6 +247,7 @@ def plot_rank_sweep(m: Dict, cfg: Dict, figures: pathlib.Path) -> List[pathlib.P
             ax.axhline(dense["val_loss"], color="C0", ls="--", label="dense: val loss")
         ax.set(xscale="log", xlabel="rank", ylabel="final validation loss")
         ax.set_xticks(ranks, [str(k) for k in ranks])
+        ax.minorticks_off()
         ax2 = ax.twinx()
         ax2.plot(ranks, [r["params"] / 1e6 for r in spectral], "s:", color="C2", label="params (M)")
         ax2.plot(ranks, [r["step_s"] * 1e3 for r in spectral], "^:", color="C3", label="step (ms)")
@@ -270,6 +272,86 @@ def plot_rank_sweep(m: Dict, cfg: Dict, figures: pathlib.Path) -> List[pathlib.P
         ax.legend(fontsize=8)
         out.append(_save(fig, figures, "rank_sweep_schedules.png"))
     return out
+
+
+def compress_section(res: Dict, figures: pathlib.Path, rel: str,
+                     title: str = "Compressing pretrained models: conversion, then healing", brief: bool = False) -> List[str]:
+    m, cfg = res["metrics"], res["config"]
+    lines = [f"## {title}", "",
+             f"How obtained: `experiments/compress_pretrained.py`, {_provenance(res)}. Budgets are fractions of the "
+             "converted layers' dense size; `sct` = `spectralize` + `SpectralAdam`, `lowrank` = the same ranks as an "
+             "unconstrained `W = B A` (same truncated SVD start) + AdamW; equal steps, each method at its best lr.", ""]
+    mini = m.get("minilm")
+    if mini:
+        lines += [f"**all-MiniLM-L6-v2** ({mini['params'] / 1e6:.1f}M parameters; {mini['model']}): mean cosine "
+                  f"similarity of sentence embeddings to the original on {mini['eval_sentences']} held-out lines, "
+                  f"before and after {cfg['heal_steps']} distillation steps on {mini['train_sentences']} training lines "
+                  f"(heal lr: sct {mini['heal_lr']['sct']:g}, lowrank {mini['heal_lr']['lowrank']:g}).", "",
+                  "| policy | method | model params | converted layers | mean rank | kept energy | cosine after conversion | cosine after healing |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in mini["rows"]:
+            lines.append(f"| {r['policy']} {r['value']:g} | {r['method']} | {r['params_after'] / 1e6:.2f}M | "
+                         f"{r['converted_layers']}/{r['layers']} | {r['mean_rank']:.0f} | "
+                         f"{'n/a' if r['mean_kept_energy'] is None else format(r['mean_kept_energy'], '.3f')} | "
+                         f"{r['cosine_before']:.4f} | {r['cosine_after']:.4f} |")
+        if brief:
+            return lines + [""]
+        lines += ["", "One layer type at a time, energy 0.95 (MiniLM: cosine; a layer stays dense where that energy "
+                  "needs a rank that would not shrink it):", "", "| layer type | converted | mean rank | cosine |",
+                  "| --- | --- | --- | --- |"]
+        for name, r in mini["per_type_energy_0.95"].items():
+            lines.append(f"| {name} | {r['converted_layers']}/{r['layers']} | {r['mean_rank']:.0f} | {r['cosine']:.4f} |")
+    lm = m.get("lm")
+    if lm:
+        lines += ["", f"**Causal LM trained here** (the rank sweep's tiny SmolLM2 shape, {lm['params'] / 1e6:.2f}M parameters, "
+                  f"{lm['pretrain_steps']} dense steps: held-out loss {lm['pretrained_val_loss']:.3f}); "
+                  f"{cfg['lm_heal_steps']} fine-tuning steps on the same batches for every method:", "",
+                  "| policy | method | lr | params | val loss after conversion | val loss after fine-tuning |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in lm["rows"]:
+            pol = "none" if r["value"] is None else f"{r['policy']} {r['value']:g}"
+            lines.append(f"| {pol} | {r['method']} | {r['lr']:g} | {r['params_after'] / 1e6:.2f}M | "
+                         f"{r['loss_before']:.3f} | {r['loss_after']:.3f} |")
+        lines += ["", "| layer type (energy 0.95 alone) | converted | mean rank | val loss |", "| --- | --- | --- | --- |"]
+        for name, r in lm["per_type_energy_0.95"].items():
+            lines.append(f"| {name} | {r['converted_layers']}/{r['layers']} | {r['mean_rank']:.0f} | {r['val_loss']:.3f} |")
+    fig = plot_compress(m, figures)
+    if fig:
+        lines += ["", f"![quality vs parameters]({rel}/{fig.name})"]
+    return lines + [""]
+
+
+def plot_compress(m: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
+    plt = _pyplot()
+    if plt is None:
+        return None
+    parts = [(k, m[k]) for k in ("minilm", "lm") if m.get(k)]
+    if not parts:
+        return None
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
+    for ax, (key, part) in zip(axes[0], parts):
+        before, after = ("cosine_before", "cosine_after") if key == "minilm" else ("loss_before", "loss_after")
+        for method, color in (("sct", "C1"), ("lowrank", "C2")):
+            rows = sorted((r for r in part["rows"] if r["method"] == method), key=lambda r: r["params_after"])
+            if key == "lm":  # best lr per policy
+                best = {}
+                for r in rows:
+                    k = (r["policy"], r["value"])
+                    if k not in best or r[after] < best[k][after]:
+                        best[k] = r
+                rows = sorted(best.values(), key=lambda r: r["params_after"])
+            xs = [r["params_after"] / 1e6 for r in rows]
+            ax.plot(xs, [r[before] for r in rows], "o:", color=color, alpha=0.6, label=f"{method}, converted")
+            ax.plot(xs, [r[after] for r in rows], "o-", color=color, label=f"{method}, healed")
+        if key == "lm":
+            dense = [r for r in part["rows"] if r["method"] == "dense_continued"]
+            if dense:
+                ax.axhline(min(r["loss_after"] for r in dense), color="C0", ls="--", label="dense, continued")
+        ax.set(xlabel="model parameters (M)", ylabel="cosine to original" if key == "minilm" else "validation loss",
+               title="all-MiniLM-L6-v2" if key == "minilm" else "causal LM trained here")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, figures, "compress_pretrained.png")
 
 
 def _pyplot():
@@ -377,6 +459,14 @@ def build(results_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
             results[name]["experiment"] = name
             lines += memory_section(results[name], out_dir / "figures", "figures", title)
     lines += rank_sweep_section(results["rank_sweep"], out_dir / "figures", "figures")
+    lines += compress_section(results["compress_pretrained"], out_dir / "figures", "figures")
+    long_run = results_dir / "compress_pretrained_long.json"
+    if long_run.is_file():  # optional: a longer healing run of the MiniLM budgets
+        with open(long_run) as fh:
+            extra = json.load(fh)
+        lines += compress_section(extra, out_dir / "figures", "figures", brief=True,
+                                  title=f"Longer healing of MiniLM ({extra['config']['heal_steps']} steps, "
+                                        "`results/compress_pretrained_long.json`)")
     path = out_dir / "README.md"
     _atomic_write_text(path, "\n".join(lines))
     return path

@@ -4,7 +4,7 @@ Weights are stored as ``W = V diag(s) U^T`` with ``U``, ``V`` on the Stiefel man
 never built densely; :class:`SpectralAdam` trains them and retracts the factors after each step.
 """
 
-from .convert import densify, match_module, spectralize
+from .convert import ConversionReport, LayerConversion, budget_ranks, densify, match_module, spectralize
 from .layers import SpectralEmbedding, SpectralLinear, spectral_linear
 from .manifold import (
     RETRACTIONS,
@@ -23,12 +23,15 @@ from .rank import kept_energy, select_rank
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionReport",
+    "LayerConversion",
     "RETRACTIONS",
     "SpectralAdam",
     "SpectralEmbedding",
     "SpectralLinear",
     "Stiefel",
     "__version__",
+    "budget_ranks",
     "cholqr2_retraction",
     "densify",
     "is_stiefel",

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import heapq
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from .layers import SpectralEmbedding, SpectralLinear, check_rank
-from .rank import check_energy
+from .rank import check_energy, kept_energy
 
-__all__ = ["densify", "match_module", "spectralize"]
+__all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
 
 ModuleSelector = Union[str, Sequence[str], None]
 
@@ -67,6 +69,92 @@ def _profitable(rank: int, m: int, n: int) -> bool:
     return rank * (m + n + 1) < m * n
 
 
+@dataclass
+class LayerConversion:
+    """What :func:`spectralize` did with one candidate layer."""
+
+    name: str
+    kind: str                      # "linear" or "embedding"
+    shape: Tuple[int, int]         # the dense weight's shape
+    rank: Optional[int]            # None: left dense
+    kept_energy: Optional[float]   # fraction of sum(sigma^2) the rank keeps (None without a weight)
+    dense_params: int              # weight (+ bias) of the dense layer
+    params: int                    # parameters after conversion (dense_params when left dense)
+    note: str                      # "converted", or why it stayed dense
+
+    @property
+    def converted(self) -> bool:
+        return self.rank is not None
+
+
+class ConversionReport(list):
+    """The per-layer record of a conversion (a list of :class:`LayerConversion`); ``print`` it."""
+
+    @property
+    def dense_params(self) -> int:
+        return sum(r.dense_params for r in self)
+
+    @property
+    def params(self) -> int:
+        return sum(r.params for r in self)
+
+    def __str__(self) -> str:
+        rows = [f"{'layer':40s} {'shape':>13s} {'rank':>5s} {'energy':>7s} {'params':>11s} {'dense':>11s}  note"]
+        for r in self:
+            energy = f"{r.kept_energy:.4f}" if r.kept_energy is not None else "-"
+            rows.append(f"{r.name or '<model>':40s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
+                        f"{r.rank if r.rank is not None else '-':>5} {energy:>7s} {r.params:>11,d} {r.dense_params:>11,d}  {r.note}")
+        ratio = self.dense_params / self.params if self.params else float("nan")
+        rows.append(f"{len([r for r in self if r.converted])} of {len(self)} candidate layers converted: "
+                    f"{self.dense_params:,d} -> {self.params:,d} parameters ({ratio:.2f}x smaller)")
+        return "\n".join(rows)
+
+
+def _max_profitable_rank(m: int, n: int) -> int:
+    """The largest ``k`` with ``k (m + n + 1) < m n`` (0 if none)."""
+    return min(min(m, n), (m * n - 1) // (m + n + 1))
+
+
+def budget_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, int]], budget: int) -> Dict[str, int]:
+    """Per-layer ranks whose spectral parameters fit ``budget``, chosen greedily on singular values.
+
+    ``spectra[name]``: the layer's singular values (non-increasing); ``shapes[name] = (m, n)``.
+    Every layer starts at rank 1; then singular triplets are added in order of retained energy
+    per parameter, ``(sigma_i^2 / ||W||_F^2) / (m + n + 1)`` (relative, so layers of any scale
+    compete fairly), skipping any that no longer fits, until none fits. Ranks never exceed the
+    largest rank that still shrinks the layer. Afterwards ``sum k (m + n + 1) <= budget`` and no
+    layer below its cap has room for one more triplet.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise TypeError(f"budget must be an int (parameters), got {type(budget).__name__}")
+    cost = {n: sum(shapes[n]) + 1 for n in spectra}
+    floor = sum(cost.values())
+    if budget < floor:
+        raise ValueError(f"budget must be >= {floor:,d} (rank 1 for every converted layer), got {budget:,d}")
+    ranks = {n: 1 for n in spectra}
+    left = budget - floor
+    heap = []
+    for n, sv in spectra.items():
+        cap = _max_profitable_rank(*shapes[n])
+        sq = sv.detach().double().square()
+        total = float(sq.sum()) or 1.0
+        gains = (sq / total / cost[n]).tolist()
+        for i in range(1, min(cap, len(gains))):
+            heap.append((-gains[i], n, i))
+    heapq.heapify(heap)
+    blocked = set()
+    while heap and left > 0:
+        _, n, i = heapq.heappop(heap)
+        if n in blocked or i != ranks[n]:  # triplets of a layer are taken in order
+            continue
+        if cost[n] > left:
+            blocked.add(n)  # all of this layer's further triplets cost the same
+            continue
+        ranks[n] += 1
+        left -= cost[n]
+    return ranks
+
+
 @torch.no_grad()
 def spectralize(
     model: nn.Module,
@@ -79,7 +167,9 @@ def spectralize(
     retraction: str = "qr",
     device: Optional[Union[torch.device, str]] = None,
     embeddings: bool = False,
-) -> nn.Module:
+    budget: Optional[int] = None,
+    report: bool = False,
+):
     """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place.
 
     Args:
@@ -99,6 +189,15 @@ def spectralize(
             orthonormal initialisation, the dense weight never exists). Default: stay on ``meta``.
         embeddings: also convert ``nn.Embedding`` modules to :class:`SpectralEmbedding` (same
             selection rules).
+        budget: instead of ``rank``/``energy``, a parameter budget for the whole model: per-layer
+            ranks are chosen greedily on the singular values across all selected layers
+            (:func:`budget_ranks`) so that the model's parameter count (converted layers plus
+            everything left as it is) is at most ``budget``. Needs materialised weights.
+        report: also return a :class:`ConversionReport` (per layer: rank, kept energy, size, or
+            why it stayed dense): ``model, report = spectralize(..., report=True)``.
+
+    A layer is never made larger: where ``k (m + n + 1) >= m n`` it stays dense (unless
+    ``convert_small``). Biases are kept.
 
     Layers are factored by truncated SVD of their trained weight; ``meta`` layers (no weight to
     factor) get :class:`SpectralLinear`'s random initialisation. A linear layer whose weight is tied
@@ -107,8 +206,8 @@ def spectralize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if (rank is None) == (energy is None):
-        raise ValueError("give exactly one of rank or energy")
+    if sum(x is not None for x in (rank, energy, budget)) != 1:
+        raise ValueError("give exactly one of rank, energy or budget")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     if energy is not None:
@@ -119,6 +218,7 @@ def spectralize(
 
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
     plan: List[Tuple[str, nn.Module]] = []
+    records = ConversionReport()
     for name, module in model.named_modules():
         if type(module) not in kinds:  # subclasses (quantized, LoRA, ...) are not ours to touch
             continue
@@ -128,17 +228,42 @@ def spectralize(
             continue
         if id(module.weight) in tied and include is None:
             warnings.warn(f"spectralize: leaving {name or 'model'!r} dense, its weight is tied to another module")
+            n_dense = sum(p.numel() for p in module.parameters())
+            records.append(LayerConversion(name, "linear" if isinstance(module, nn.Linear) else "embedding",
+                                           tuple(module.weight.shape), None, None, n_dense, n_dense,
+                                           "left dense: weight tied to another module"))
             continue
         plan.append((name, module))
 
+    spectra = {name: torch.linalg.svdvals(module.weight.detach().float()) for name, module in plan
+               if (report or budget is not None) and not module.weight.is_meta}
+    ranks: Dict[str, Optional[int]] = {name: rank for name, _ in plan}
+    if budget is not None:
+        if len(spectra) < len(plan):
+            raise ValueError("budget-based ranks need materialised weights; this model is on the meta device")
+        shapes = {name: tuple(module.weight.shape) for name, module in plan}
+        fixed = sum(p.numel() for p in model.parameters()) - sum(module.weight.numel() for _, module in plan)
+        ranks = budget_ranks(spectra, shapes, budget - fixed) if budget > fixed else None
+        if ranks is None:
+            raise ValueError(f"budget must exceed the {fixed:,d} parameters that are not converted, got {budget:,d}")
+    result = model
     for name, module in plan:
-        new = _convert(module, rank, energy, convert_small, retraction, device)
+        new = _convert(module, ranks[name], energy, convert_small, retraction, device)
+        dense = sum(p.numel() for p in module.parameters())
+        kind = "linear" if isinstance(module, nn.Linear) else "embedding"
+        shape = tuple(module.weight.shape)
         if new is None:
+            records.append(LayerConversion(name, kind, shape, None, None, dense, dense, "left dense: would not shrink"))
             continue
+        sv = spectra.get(name)
+        kept = float(kept_energy(sv)[new.rank - 1]) if sv is not None else None
+        records.append(LayerConversion(name, kind, shape, new.rank, kept, dense, sum(p.numel() for p in new.parameters()),
+                                       "converted"))
         if name == "":
-            return new
-        _set_submodule(model, name, new)
-    return model
+            result = new
+        else:
+            _set_submodule(model, name, new)
+    return (result, records) if report else result
 
 
 def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], convert_small: bool,

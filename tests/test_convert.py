@@ -120,9 +120,9 @@ def test_meta_model_converts_without_materialising():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="exactly one of rank or energy"):
+    with pytest.raises(ValueError, match="exactly one of rank, energy or budget"):
         spectralize(Net())
-    with pytest.raises(ValueError, match="exactly one of rank or energy"):
+    with pytest.raises(ValueError, match="exactly one of rank, energy or budget"):
         spectralize(Net(), rank=4, energy=0.5)
     with pytest.raises(ValueError, match=r"energy must be in \(0, 1\]"):
         spectralize(Net(), energy=1.5)

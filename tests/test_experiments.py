@@ -85,7 +85,7 @@ def memory_results(tmp_path_factory):
     """The memory script end to end at 2 layers (two configurations, fresh processes)."""
     pytest.importorskip("transformers")
     results = tmp_path_factory.mktemp("results")
-    metrics = memory_70b.main(["--preset", "smoke", "--layers", "2", "--configs", "reference", "ckpt_sib",
+    metrics = memory_70b.main(["--preset", "smoke", "--layers", "2", "--configs", "reference", "ckpt_sib", "ckpt2_sib",
                                "--steps", "2", "--results-dir", str(results)])
     return results, metrics
 
@@ -97,6 +97,11 @@ def test_memory_script_end_to_end(memory_results):
     assert ref["params"] == sib["params"] and ref["dense_params"] > 100 * ref["params"]
     assert ref["grad_mb_held"] > 0 and sib["grad_mb_held"] == 0  # step in backward holds no gradients
     assert ref["orthonormality_error"] < 1e-5 and sib["orthonormality_error"] < 1e-5
+    nested = metrics["summary"]["ckpt2_sib"]
+    assert nested["grad_mb_held"] == 0 and nested["orthonormality_error"] < 1e-5
+    # same model, same batches: the levers change memory, not the computation
+    by = {r["config"]: [s["loss"] for s in r["steps"]] for r in metrics["runs"]}
+    assert by["ckpt2_sib"] == pytest.approx(by["reference"], rel=1e-5)
     losses = [s["loss"] for s in metrics["runs"][0]["steps"]]
     assert all(math.isfinite(v) for v in losses)
     rows = {r["shape"]: r for r in metrics["compression"]}
@@ -118,6 +123,9 @@ def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_resu
     monkeypatch.setattr(data_lib, "prepare", lambda *a, **k: tiny_data)
     rank_sweep.main(["--preset", "smoke", "--stages", "lr", "main", "schedule", "ablation",
                      "--results-dir", str(results)])
+    from experiments import compress_pretrained
+
+    compress_pretrained.main(["--preset", "smoke", "--parts", "lm", "--results-dir", str(results)])
     out = tmp_path / "paper"
     path = report.build(results, out)
     text = path.read_text()
@@ -129,22 +137,32 @@ def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_resu
     assert (out / "figures" / "memory_70b.png").stat().st_size > 1000
     assert "## Rank sweep" in text and "| r8 |" in text and "| r128 | 598M | 4.183 |" in text  # ours beside the paper's
     assert "ablation-r8-preserve" in text and "schedule-dense-wsd" in text
-    for fig in ("rank_sweep_curves.png", "rank_sweep_tradeoff.png", "rank_sweep_schedules.png"):
+    assert "## Compressing pretrained models" in text and "| budget 0.5 | sct |" in text and "dense_continued" in text
+    for fig in ("rank_sweep_curves.png", "rank_sweep_tradeoff.png", "rank_sweep_schedules.png", "compress_pretrained.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
     with pytest.raises(report.MissingResults, match="mlp_proofs.json"):
         report.build(tmp_path / "empty", out)
     assert report.main(["--results", str(tmp_path / "empty"), "--out", str(out)]) == 2
 
 
-def test_chunked_lm_loss_equals_the_models_loss():
+@pytest.mark.parametrize("segments", [None, 1, 2, 5])
+def test_chunked_and_nested_loss_equal_the_models_loss(segments):
+    """The LM head in checkpointed chunks, and (segments) the layers in checkpointed groups, each
+    layer checkpointed inside: the same loss and gradients as the model's own forward."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=5,
                                    num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
+    if segments is not None:
+        memory_70b.enable_layer_checkpointing(model)
+    model.train()
     ids = torch.randint(0, 300, (2, 20))
     ref = model(input_ids=ids, labels=ids).loss
-    ours = memory_70b.chunked_causal_lm_loss(model, ids, chunk=7)
+    params = [model.model.layers[0].mlp.up_proj.weight, model.model.layers[4].self_attn.q_proj.weight,
+              model.model.embed_tokens.weight]
+    ref_grads = torch.autograd.grad(ref, params)
+    ours = memory_70b.chunked_causal_lm_loss(model, ids, chunk=7, segments=segments)
     assert torch.allclose(ours, ref, rtol=1e-6)
-    w = model.model.layers[0].mlp.up_proj.weight
-    assert torch.allclose(torch.autograd.grad(ours, w)[0], torch.autograd.grad(ref, w)[0], atol=1e-7)
+    for g, r in zip(torch.autograd.grad(ours, params), ref_grads):
+        assert torch.allclose(g, r, atol=1e-7)

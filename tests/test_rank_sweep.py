@@ -87,7 +87,7 @@ def test_three_steps_dense_and_spectral(tmp_path, tiny_data, rank):
     run = rank_sweep.Run("t", "main", rank, 3e-3, 3, "cosine")
     rec = rank_sweep.train_run(run, cfg, tiny_data, tmp_path)
     assert math.isfinite(rec["val_loss"]) and rec["val_ppl"] == pytest.approx(math.exp(rec["val_loss"]))
-    assert rec["curve"]["eval_step"] == [3] and rec["tokens_per_s"] > 0 and rec["params"] > 0
+    assert rec["curve"]["eval_step"] == [0, 3] and rec["tokens_per_s"] > 0 and rec["params"] > 0
     if rank is None:
         assert rec["compression"] == 1.0 and rec["orthonormality_error"] == 0.0
     else:
@@ -144,3 +144,19 @@ def test_sweep_end_to_end_picks_lrs_and_resumes(tmp_path, tiny_data, monkeypatch
     assert again["table"] == metrics["table"]
     with pytest.raises(RuntimeError, match="another configuration"):
         rank_sweep.main(args[:-2] + ["--steps", "3", "--results-dir", str(tmp_path / "results"), "--resume"])
+
+
+def test_equal_time_comparison_interpolates_the_slower_curve():
+    fast = {"stage": "main", "name": "main-r8", "wall_s": 10.0, "steps": 100, "val_loss": 4.0,
+            "curve": {"eval_step": [0, 50, 100], "val_loss": [8.0, 5.0, 4.0]}}
+    slow = {"stage": "main", "name": "main-dense", "wall_s": 40.0, "steps": 100, "val_loss": 3.0,
+            "curve": {"eval_step": [0, 50, 100], "val_loss": [8.0, 4.0, 3.0]}}
+    # after 10 s the dense run is at step 25: halfway from 8.0 to 4.0
+    assert rank_sweep._loss_at_time(slow, 10.0) == pytest.approx(6.0)
+    assert rank_sweep._loss_at_time(fast, 10.0) == 4.0 and rank_sweep._loss_at_time(fast, 99.0) == 4.0
+    for r in (fast, slow):
+        r.update({k: 0.0 for k in ("lr", "val_ppl", "train_loss", "params", "compression", "step_s", "tokens_per_s",
+                                   "peak_rss_mb", "orthonormality_error")})
+    table = rank_sweep.summarise({"a": fast, "b": slow}, rank_sweep.Config())
+    assert table["r8"]["gap_equal_steps"] == pytest.approx(4.0 / 3.0 - 1)
+    assert table["r8"]["gap_equal_time"] == pytest.approx(4.0 / 6.0 - 1) and table["r8"]["equal_time_s"] == 10.0

