@@ -228,6 +228,24 @@ def orthonormality(model) -> float:
     return max(errs) if errs else 0.0
 
 
+# ------------------------------------------------------------------------------- more than one process
+def _world():
+    """``(rank, world_size, dist)`` of an initialised process group, else ``(0, 1, None)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist
+    return 0, 1, None
+
+
+def init_distributed() -> None:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1): gloo on CPU, nccl on GPUs."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 # --------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(path: pathlib.Path, payload: dict) -> None:
     """``torch.save`` to a temporary file, then rename: a checkpoint is complete or absent."""
@@ -255,9 +273,15 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
     run early after that many steps, leaving its checkpoint (what a killed run leaves)."""
     from experiments.common import parse_dtype
 
+    rank, world, dist = _world()
+    if cfg.batch % world:
+        raise ValueError(f"batch {cfg.batch} must be divisible by the number of processes ({world})")
     seed_everything(cfg.seed)
     model, converted = build_model(cfg, data.vocab_size, run.rank)
     model.to(parse_dtype(cfg.dtype)).train()
+    net = model  # what the steps run: the model, or its DDP wrapper (same parameters)
+    if dist is not None:
+        net = torch.nn.parallel.DistributedDataParallel(model)
     opt = make_optimizer(model, run)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every method
     val = data.val_batches(cfg.batch, cfg.seq, cfg.eval_batches)
@@ -277,17 +301,24 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
     _reset_peak_rss()
     window: List[float] = []
     bar = progress(range(start, run.steps), desc=run.name, initial=start, total=run.steps, leave=False)
+    per = cfg.batch // world
     for step in bar:
-        batch = data.batch(cfg.batch, cfg.seq, gen)
+        # every process draws the same global batch and trains on its rows: DDP's averaged
+        # gradient is then the single-process gradient of the whole batch
+        batch = data.batch(cfg.batch, cfg.seq, gen)[rank * per:(rank + 1) * per]
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * lr_factor(step, run.steps, run.schedule, cfg.warmup)
         t = time.perf_counter()
-        loss = lm_loss(model, batch)
+        loss = lm_loss(net, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         history["step_s"].append(time.perf_counter() - t)
-        window.append(loss.item())
+        logged = loss.detach()
+        if dist is not None:
+            dist.all_reduce(logged)
+            logged = logged / world
+        window.append(logged.item())
         done = step + 1
         if done % cfg.eval_every == 0 or done == run.steps:
             history["eval_step"].append(done)
@@ -297,9 +328,12 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(val=f"{history['val_loss'][-1]:.3f}")
         if done % cfg.ckpt_every == 0 or done == run.steps or done == stop_after:
-            save_checkpoint(ckpt, {"format": CKPT_FORMAT, "run": dataclasses.asdict(run), "step": done,
-                                   "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                   "generator": gen.get_state(), "history": history})
+            if rank == 0:  # every process holds the same state: one writes it
+                save_checkpoint(ckpt, {"format": CKPT_FORMAT, "run": dataclasses.asdict(run), "step": done,
+                                       "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                       "generator": gen.get_state(), "history": history})
+            if dist is not None:
+                dist.barrier()
         if stop_after is not None and done >= stop_after and done < run.steps:
             return {}
     n_params = sum(p.numel() for p in model.parameters())
@@ -422,12 +456,20 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results_dir = pathlib.Path(args.results_dir or RESULTS_DIR)
     ckpt_dir = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else results_dir.parent / "runs" / "rank_sweep"
     out_path = results_dir / "rank_sweep.json"
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # processes on one machine share its cores (oversubscribed OpenMP threads spin and crawl)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
+    init_distributed()
+    rank, world, dist = _world()
     t0 = time.time()
     load_kwargs = {"data_files": args.data_files} if args.data_files else {}
+    if rank != 0:  # rank 0 fills the caches (download, tokenizer, tokens) first
+        dist.barrier()
     data = data_lib.prepare(cfg.dataset, cfg.vocab, **load_kwargs)
-    print(f"rank_sweep: preset {cfg.preset}, SmolLM2-{cfg.shape} shape at {cfg.layers or 'full'} layers, "
+    if rank == 0 and dist is not None:
+        dist.barrier()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"rank_sweep: {world} process(es), preset {cfg.preset}, SmolLM2-{cfg.shape} shape at {cfg.layers or 'full'} layers, "
           f"targets {cfg.targets}, ranks {cfg.ranks}, {cfg.steps} steps of {cfg.batch}x{cfg.seq} tokens; "
           f"data {data.info['train_tokens']:,} train / {data.info['val_tokens']:,} validation tokens")
     runs = load_results(out_path, cfg, args.resume)
@@ -437,9 +479,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         for run in plan_stage(stage, cfg, best_lr):
             if run.name not in runs:
                 runs[run.name] = train_run(run, cfg, data, ckpt_dir, resume=args.resume)
-                write(out_path, cfg, runs, data, best_lr, sweep, t0)  # after every run: nothing lost
+                if rank == 0:
+                    write(out_path, cfg, runs, data, best_lr, sweep, t0)  # after every run: nothing lost
             r = runs[run.name]
-            print(f"  {run.name:28s} lr {run.lr:.0e}  val {r['val_loss']:.4f}  ppl {r['val_ppl']:8.2f}  "
+            say(f"  {run.name:28s} lr {run.lr:.0e}  val {r['val_loss']:.4f}  ppl {r['val_ppl']:8.2f}  "
                   f"{r['tokens_per_s']:8.0f} tok/s  params {r['params'] / 1e6:.2f}M")
         if stage == "lr":
             for m in best_lr:
@@ -447,8 +490,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                          if r["stage"] == "lr" and method_name(r["rank"]) == m}
                 sweep[m] = by_lr
                 best_lr[m] = float(min(by_lr, key=by_lr.get))
-    metrics = write(out_path, cfg, runs, data, best_lr, sweep, t0)
-    print(f"wrote {out_path} ({time.time() - t0:.0f} s)")
+    metrics = {"runs": runs, "table": summarise(runs, cfg), "best_lr": best_lr}
+    if rank == 0:
+        metrics = write(out_path, cfg, runs, data, best_lr, sweep, t0)
+        print(f"wrote {out_path} ({time.time() - t0:.0f} s)")
+    if dist is not None:
+        dist.barrier()
     return metrics
 
 
