@@ -94,7 +94,12 @@ def _inverse_lower(chol: torch.Tensor) -> torch.Tensor:
 def _cholqr_factors(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L^-T, kappa_1(X^T X), ok)`` for a batch ``x`` (..., n, k): one CholeskyQR pass is
     ``x @ L^-T``; ``ok`` is False where the Cholesky failed or produced non-finite values."""
-    gram = x.mT @ x
+    return _gram_factors(x.mT @ x)
+
+
+def _gram_factors(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_cholqr_factors` from the Gram matrix ``X^T X`` (for a row-sharded ``X``: the sum of
+    the shards' Gram matrices)."""
     chol, info = torch.linalg.cholesky_ex(gram)
     inv = _inverse_lower(chol)  # L^-1; (X^T X)^-1 = L^-T L^-1
     gram_inv = inv.mT @ inv

@@ -100,3 +100,51 @@ def test_rank_sweep_run_under_ddp_equals_one_process(tmp_path, tiny_data):
     assert torch.allclose(torch.tensor(train), torch.tensor(ref), **close)  # the all-reduced batch loss
     shared = torch.load(tmp_path / "ddp.pt", weights_only=True)["model"]  # rank 0's checkpoint = the module's state
     assert set(shared) == set(torch.load(tmp_path / "one" / "ddp.pt", weights_only=True)["model"])
+
+
+SHAPES = [(10, 3), (10, 3), (7, 2), (33, 4)]
+
+
+def _factors(dtype):
+    """Factors one optimizer step off the manifold, plus a rank-deficient one (Householder fallback)."""
+    from stiefel_sct import retract
+
+    gen = torch.Generator().manual_seed(3)
+    out = [retract(torch.randn(n, k, generator=gen, dtype=dtype)) + 1e-2 * torch.randn(n, k, generator=gen, dtype=dtype)
+           for n, k in SHAPES]
+    out[1][:, 2] = out[1][:, 0]  # a repeated column: rank 2 of 3
+    return out
+
+
+def _sharded_worker(rank, world, port, out_dir, dtype):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from stiefel_sct.distributed import sharded_retract_
+
+        mine = [torch.tensor_split(x, world, dim=0)[rank].clone() for x in _factors(dtype)]  # uneven row shards
+        stats = sharded_retract_([(m, s) for m, s in zip(mine, SHAPES)])
+        torch.save({"rows": mine, "stats": stats}, os.path.join(out_dir, f"shard{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_sharded_cholqr2_equals_the_unsharded_retraction(tmp_path, dtype, tol):
+    from stiefel_sct import orthonormality_error, retract
+
+    world = 2
+    mp.spawn(_sharded_worker, args=(world, _free_port(), str(tmp_path), dtype), nprocs=world, join=True)
+    parts = [torch.load(tmp_path / f"shard{r}.pt", weights_only=True) for r in range(world)]
+    for i, x in enumerate(_factors(dtype)):
+        gathered = torch.cat([p["rows"][i] for p in parts])
+        assert orthonormality_error(gathered) <= tol
+        assert (gathered - retract(x, "cholqr2")).abs().max() <= 10 * tol
+    stats = parts[0]["stats"]
+    assert stats == parts[1]["stats"]  # both processes took the same decisions
+    assert stats["gathered"] == 1  # only the rank-deficient factor was gathered
+    # per shape group one all-reduce of B k^2 numbers (a second only where a pass was needed)
+    item = torch.finfo(dtype).bits // 8
+    assert stats["allreduce_bytes"] <= 2 * (2 * 9 + 4 + 16) * item
+    assert stats["allgather_bytes"] == sum(n * k for n, k in SHAPES) * item

@@ -1,0 +1,93 @@
+"""Retraction of row-sharded Stiefel factors: CholeskyQR2 with all-reduced Gram matrices.
+
+A factor ``X`` (n x k) split by rows over the processes of a group (``X_i`` on process ``i``, as
+FSDP2's ``Shard(0)`` lays it out) is retracted without ever gathering it: ``X^T X = sum_i X_i^T X_i``,
+so each process computes its ``k x k`` Gram matrix, one all-reduce sums them, every process
+factorizes the same ``L = chol(X^T X)`` and updates its rows, ``X_i <- X_i L^-T``. The same
+adaptive rule as the single-process backend decides one or two passes, from the global Gram
+matrix (so every process decides the same). Only a factor whose Gram matrix is too ill-conditioned
+for CholeskyQR (rank-deficient) is gathered and factorized by Householder QR, and each process keeps
+its rows of the result.
+
+Communication per group of same-shape factors and pass: one all-reduce of ``B k^2`` numbers, against
+``B n k`` for an all-gather of the factors (``n / k`` times more: 256x for an 8192 x 32 factor).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .manifold import _ONE_PASS_KAPPA, _compute_dtype, _gram_factors, _plain, qr_retraction
+
+__all__ = ["sharded_retract_"]
+
+
+def _all_reduce_gram(x: torch.Tensor, group, stats: Dict[str, int]) -> torch.Tensor:
+    gram = x.mT @ x
+    dist.all_reduce(gram, group=group)
+    stats["allreduce_bytes"] += gram.numel() * gram.element_size()
+    stats["collectives"] += 1
+    return gram
+
+
+def _gather_rows(local: torch.Tensor, group) -> Tuple[torch.Tensor, List[int]]:
+    """All processes' rows of a (B, n_i, k) stack, concatenated in rank order, and each one's count."""
+    world = dist.get_world_size(group)
+    counts = [torch.zeros((), dtype=torch.long) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor(local.shape[-2]), group=group)
+    counts = [int(c) for c in counts]
+    rows = max(counts)  # collectives want equal sizes: pad to the longest shard, trim after
+    padded = local.new_zeros(local.shape[:-2] + (rows, local.shape[-1]))
+    padded[..., : local.shape[-2], :] = local
+    pieces = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(pieces, padded, group=group)
+    return torch.cat([p[..., :c, :] for p, c in zip(pieces, counts)], dim=-2), counts
+
+
+@torch.no_grad()
+def sharded_retract_(shards: Sequence[Tuple[torch.Tensor, Tuple[int, int]]], group=None) -> Dict[str, int]:
+    """Retract row-sharded Stiefel factors in place, by CholeskyQR2 with all-reduced Gram matrices.
+
+    Args:
+        shards: ``(local_rows, global_shape)`` per factor: this process's rows ``(n_i, k)`` of a
+            factor of global shape ``(n, k)``. Every process of the group passes the same factors
+            in the same order (its own rows of each); factors of one global shape are batched,
+            one collective per group and pass.
+        group: the process group (default: the whole world).
+
+    Returns counts of what was communicated: ``allreduce_bytes``, ``collectives``, ``gathered``
+    (factors that needed the Householder fallback) and ``allgather_bytes`` (what gathering every
+    factor would have cost instead).
+    """
+    stats = {"allreduce_bytes": 0, "collectives": 0, "gathered": 0, "allgather_bytes": 0}
+    groups: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
+    for local, shape in shards:
+        if local.dim() != 2 or local.shape[-1] != shape[-1]:
+            raise ValueError(f"a shard must be (rows, k) with k = {shape[-1]}, got {tuple(local.shape)}")
+        groups[(tuple(shape), local.dtype, local.device)].append(_plain(local))
+    for (shape, dtype, _), locals_ in groups.items():  # the same order on every process
+        stats["allgather_bytes"] += len(locals_) * shape[0] * shape[1] * torch.finfo(dtype).bits // 8
+        work = torch.stack(locals_).to(_compute_dtype(dtype))
+        eps = torch.finfo(work.dtype).eps
+        lit, kappa, ok = _gram_factors(_all_reduce_gram(work, group, stats))
+        one = ok & (kappa <= _ONE_PASS_KAPPA)
+        two = ok & ~one & (kappa <= 1e-2 / eps)
+        bad = ~(one | two)
+        out = work @ lit
+        if bool(two.any()):  # the same decision on every process: it comes from the global Gram
+            lit2, _, ok2 = _gram_factors(_all_reduce_gram(out, group, stats))
+            out = torch.where(two[:, None, None], out @ lit2, out)
+            bad = bad | (two & ~ok2)
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten()
+            full, counts = _gather_rows(work[idx], group)
+            rank = dist.get_rank(group)
+            start = sum(counts[:rank])
+            out[idx] = qr_retraction(full)[..., start:start + counts[rank], :]
+            stats["gathered"] += len(idx)
+        torch._foreach_copy_(locals_, list(out.to(dtype).unbind(0)))
+    return stats
