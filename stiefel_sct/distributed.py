@@ -23,7 +23,38 @@ import torch.distributed as dist
 
 from .manifold import _ONE_PASS_KAPPA, _compute_dtype, _gram_factors, _plain, qr_retraction
 
-__all__ = ["sharded_retract_"]
+__all__ = ["is_sharded_factor", "shard_model", "sharded_retract_"]
+
+
+def is_sharded_factor(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a Stiefel factor that :func:`shard_model` turned into a sharded ``DTensor``."""
+    return bool(getattr(p, "_sct_stiefel", False))
+
+
+def shard_model(model: torch.nn.Module, mesh=None, **fully_shard_kwargs) -> torch.nn.Module:
+    """FSDP2 for a model with spectral layers: ``fully_shard`` each spectral layer, then the root.
+
+    ``fully_shard`` replaces every parameter by a row-sharded ``DTensor`` and so drops the geoopt
+    manifold of ``U`` and ``V``; this marks them again (:func:`is_sharded_factor`) and re-registers
+    each layer's ``(U, s, V)``, so :class:`~stiefel_sct.SpectralAdam` keeps them on the manifold
+    with :func:`sharded_retract_`. Returns ``model``.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    from .layers import _FactorModule, _register_owner
+
+    layers = [m for m in model.modules() if isinstance(m, _FactorModule)]
+    for layer in layers:
+        if layer is not model:
+            fully_shard(layer, mesh=mesh, **fully_shard_kwargs)
+    fully_shard(model, mesh=mesh, **fully_shard_kwargs)
+    for layer in layers:
+        for name in ("U", "s", "V"):
+            p = layer._parameters[name]
+            _register_owner(p, layer)
+            if name != "s":
+                p._sct_stiefel = True
+    return model
 
 
 def _all_reduce_gram(x: torch.Tensor, group, stats: Dict[str, int]) -> torch.Tensor:

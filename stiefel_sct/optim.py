@@ -40,6 +40,14 @@ TensorList = List[torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # Functional core
 # ---------------------------------------------------------------------------------------------
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
 def _fused_supported(tensors: TensorList) -> bool:
     if not hasattr(torch, "_fused_adamw_"):
         return False
@@ -578,8 +586,9 @@ class SpectralAdam(Optimizer):
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             dtype = self.state_dtype or p.dtype
-            state["exp_avg"] = torch.zeros_like(_plain(p), dtype=dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(_plain(p), dtype=dtype, memory_format=torch.preserve_format)
+            like = p.detach() if _is_dtensor(p) else _plain(p)  # sharded moments for sharded parameters
+            state["exp_avg"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
     # ---------------------------------------------------------------- step in backward
@@ -652,6 +661,9 @@ class SpectralAdam(Optimizer):
         if self.step_in_backward:
             self._retract_pending()
             return loss
+        if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
+            self._step_sharded()
+            return loss
         self._check_gradients()
         preserved: set = set()
         for gi, group in enumerate(self.param_groups):
@@ -684,11 +696,56 @@ class SpectralAdam(Optimizer):
             self._retract_triples(preserved)
         return loss
 
+    def _step_sharded(self) -> None:
+        """FSDP2 (parameters are sharded ``DTensor``s, see :func:`~stiefel_sct.distributed.shard_model`):
+        the Adam update runs on each process's shards (it is elementwise, so it is the unsharded
+        update), then the factors are retracted by :func:`~stiefel_sct.distributed.sharded_retract_`
+        (CholeskyQR2 with all-reduced Gram matrices; no factor is gathered)."""
+        import torch.distributed as dist
+
+        from .distributed import is_sharded_factor, sharded_retract_
+
+        if self.step_in_backward or any(g["mode"] != "sct" or g["preserve_function"] for g in self.param_groups):
+            raise NotImplementedError("sharded (FSDP2) parameters support mode='sct' without preserve_function "
+                                      "or step_in_backward")
+        local = lambda t: t.to_local() if _is_dtensor(t) else t  # noqa: E731
+        work = []
+        for group in self.param_groups:
+            rows = [(p, self._init_state(p)) for p in group["params"] if p.grad is not None]
+            work.append((group, rows))
+        mesh = next(p.device_mesh for g in self.param_groups for p in g["params"] if _is_dtensor(p))
+        pg = mesh.get_group()
+        if self.check_finite:  # every process must agree before anything changes
+            bad = torch.zeros((), dtype=torch.float32)
+            for _, rows in work:
+                for p, _ in rows:
+                    bad = torch.maximum(bad, (~torch.isfinite(local(p.grad))).any().float())
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=pg)
+            if bool(bad):
+                raise FloatingPointError("SpectralAdam.step(): non-finite gradient (NaN or Inf) on some process; "
+                                         "no parameter or optimizer state was changed")
+        shards = []
+        for group, rows in work:
+            if not rows:
+                continue
+            params = [local(p) for p, _ in rows]
+            stiefel = [is_stiefel(p) or is_sharded_factor(p) for p, _ in rows]
+            beta1, beta2 = group["betas"]
+            spectral_adam(
+                params, [local(p.grad) for p, _ in rows], [local(st["exp_avg"]) for _, st in rows],
+                [local(st["exp_avg_sq"]) for _, st in rows], [st["step"] for _, st in rows], stiefel,
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                mode="sct", retraction=group["retraction"], impl=self._impl(params), retract_factors=False,
+            )
+            shards += [(x, tuple(p.shape)) for x, (p, _), f in zip(params, rows, stiefel) if f]
+        sharded_retract_(shards, group=pg)
+
     def _banks_of(self, gi: int, group: dict) -> List[FactorBank]:
         """The factor banks of group ``gi``, (re)built when missing or invalidated."""
         if group["mode"] != "sct" or not self.contiguous_factors or group["preserve_function"]:
             return []
-        factors = [p for p in group["params"] if is_stiefel(p)]
+        factors = [p for p in group["params"] if is_stiefel(p) and not _is_dtensor(p)]
         key = tuple(id(p) for p in factors)
         cached = self._banks.get(gi)
         if cached is None or cached[0] != key or not all(b.intact() for b in cached[1]):

@@ -1,5 +1,6 @@
 """Multi-process training on CPU with the gloo backend (2 processes via torch.multiprocessing)."""
 
+import datetime
 import os
 import socket
 
@@ -14,12 +15,20 @@ from stiefel_sct import SpectralAdam, SpectralLinear
 pytestmark = pytest.mark.distributed
 
 STEPS = 20
+TIMEOUT = datetime.timedelta(seconds=120)  # a stuck collective fails the test instead of hanging CI
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _leave():
+    """Leave the process group only once every process is done with it (a process exiting while
+    its peer's gloo threads still talk to it aborts with 'terminate called without an active exception')."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _model():
@@ -39,28 +48,36 @@ def _train(model, opt, xs, ys):
         opt.step()
 
 
+def _my_rows(rank, world):
+    """This process's slice of every batch (the whole run's data)."""
+    xs, ys = _data()
+    per = xs.shape[1] // world
+    return xs[:, rank * per:(rank + 1) * per], ys[:, rank * per:(rank + 1) * per]
+
+
+def _single_process_state():
+    single = _model()
+    _train(single, SpectralAdam(single.parameters(), lr=1e-2), *_data())
+    return single.state_dict()
+
+
 def _ddp_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         model = nn.parallel.DistributedDataParallel(_model())
-        opt = SpectralAdam(model.parameters(), lr=1e-2)
-        xs, ys = _data()
-        per = xs.shape[1] // world  # each process takes its slice of every batch
-        _train(model, opt, xs[:, rank * per:(rank + 1) * per], ys[:, rank * per:(rank + 1) * per])
+        _train(model, SpectralAdam(model.parameters(), lr=1e-2), *_my_rows(rank, world))
         torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_ddp_matches_a_single_process_on_the_whole_batch(tmp_path):
     world = 2
     mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
-    single = _model()
-    _train(single, SpectralAdam(single.parameters(), lr=1e-2), *_data())
     states = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(world)]
-    for name, ref in single.state_dict().items():
+    for name, ref in _single_process_state().items():
         assert torch.equal(states[0][name], states[1][name]), name  # every rank holds the same parameters
         assert (states[0][name] - ref).abs().max() <= 1e-5, name
 
@@ -68,7 +85,7 @@ def test_ddp_matches_a_single_process_on_the_whole_batch(tmp_path):
 def _sweep_worker(rank, world, port, out_dir, data):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         from experiments import rank_sweep
 
@@ -77,7 +94,7 @@ def _sweep_worker(rank, world, port, out_dir, data):
         rec = rank_sweep.train_run(run, cfg, data, __import__("pathlib").Path(out_dir))
         torch.save(rec["curve"], os.path.join(out_dir, f"curve{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 def test_rank_sweep_run_under_ddp_equals_one_process(tmp_path, tiny_data):
@@ -119,7 +136,7 @@ def _factors(dtype):
 def _sharded_worker(rank, world, port, out_dir, dtype):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         from stiefel_sct.distributed import sharded_retract_
 
@@ -127,7 +144,7 @@ def _sharded_worker(rank, world, port, out_dir, dtype):
         stats = sharded_retract_([(m, s) for m, s in zip(mine, SHAPES)])
         torch.save({"rows": mine, "stats": stats}, os.path.join(out_dir, f"shard{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _leave()
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
@@ -148,3 +165,80 @@ def test_sharded_cholqr2_equals_the_unsharded_retraction(tmp_path, dtype, tol):
     item = torch.finfo(dtype).bits // 8
     assert stats["allreduce_bytes"] <= 2 * (2 * 9 + 4 + 16) * item
     assert stats["allgather_bytes"] == sum(n * k for n, k in SHAPES) * item
+
+
+def _fsdp_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from stiefel_sct.distributed import is_sharded_factor, shard_model
+
+        model = shard_model(_model(), mesh=init_device_mesh("cpu", (world,)))
+        assert sum(is_sharded_factor(p) for p in model.parameters()) == 4
+        _train(model, SpectralAdam(model.parameters(), lr=1e-2), *_my_rows(rank, world))
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # gathered only to check
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        _leave()
+
+
+def test_fsdp2_sharded_training_equals_the_unsharded_run(tmp_path):
+    from stiefel_sct import orthonormality_error
+
+    world = 2
+    mp.spawn(_fsdp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    sharded = torch.load(tmp_path / "fsdp.pt", weights_only=True)
+    for name, ref in _single_process_state().items():
+        assert (sharded[name] - ref).abs().max() <= 1e-5, name
+        if name.endswith((".U", ".V")):
+            assert orthonormality_error(sharded[name]) <= 1e-6
+
+
+def _dcp_worker(rank, world, port, out_dir, phase):
+    """phase "full": 20 steps straight, saving a DCP checkpoint after 10; "resume": a fresh
+    process group loads that checkpoint and takes the last 10 steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from stiefel_sct.distributed import shard_model
+
+        torch.manual_seed(123)  # a different init: the resumed run must take everything from the checkpoint
+        model = shard_model(_model() if phase == "full" else nn.Sequential(
+            SpectralLinear(12, 16, 4), nn.Tanh(), SpectralLinear(16, 6, 3)), mesh=init_device_mesh("cpu", (world,)))
+        opt = SpectralAdam(model.parameters(), lr=1e-2)
+        xs, ys = _my_rows(rank, world)
+        ckpt = os.path.join(out_dir, "dcp")
+        if phase == "full":
+            _train(model, opt, xs[:10], ys[:10])
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+        else:
+            msd, osd = get_state_dict(model, opt)
+            state = {"model": msd, "optim": osd}
+            dcp.load(state, checkpoint_id=ckpt)
+            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        _train(model, opt, xs[10:], ys[10:])
+        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        if rank == 0:
+            torch.save(full, os.path.join(out_dir, f"{phase}.pt"))
+    finally:
+        _leave()
+
+
+def test_fsdp2_run_resumes_bitwise_from_a_dcp_checkpoint(tmp_path):
+    world = 2
+    for phase in ("full", "resume"):
+        mp.spawn(_dcp_worker, args=(world, _free_port(), str(tmp_path), phase), nprocs=world, join=True)
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resume.pt", weights_only=True)
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
