@@ -221,11 +221,11 @@ def evaluate(model, batches: List[torch.Tensor]) -> float:
     return total / sum(b[:, 1:].numel() for b in batches)
 
 
-def orthonormality(model) -> float:
+def orthonormality(model) -> Optional[float]:
     from stiefel_sct import is_stiefel, orthonormality_error
 
     errs = [orthonormality_error(p) for p in model.parameters() if is_stiefel(p)]
-    return max(errs) if errs else 0.0
+    return max(errs) if errs else None  # a dense model has no factors
 
 
 # ------------------------------------------------------------------------------- more than one process

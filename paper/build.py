@@ -173,6 +173,12 @@ def memory_section(res: Dict, figures: pathlib.Path, rel: str, title: str) -> Li
     return lines
 
 
+def _ortho(row: Dict) -> str:
+    """Orthonormality error of a run's factors; n/a for a dense model (no factors; older results say 0)."""
+    err = row.get("orthonormality_error")
+    return "n/a" if err is None or (err == 0.0 and row.get("compression") == 1.0) else f"{err:.1e}"
+
+
 def rank_sweep_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
     m, cfg = res["metrics"], res["config"]
     depth = cfg["layers"] or "full"
@@ -193,7 +199,7 @@ def rank_sweep_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
         lines.append(f"| {name} | {r['lr']:g} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} | {r['train_loss']:.3f} | "
                      f"{r['params'] / 1e6:.2f}M | {r['compression']:.2f}x | {pct(r.get('gap_equal_steps'))} | "
                      f"{pct(r.get('gap_equal_time'))} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['peak_rss_mb'] or float('nan'):.0f} | {r['orthonormality_error']:.1e} |")
+                     f"{r['peak_rss_mb'] or float('nan'):.0f} | {_ortho(r)} |")
     lines += ["", "Paper (SmolLM2-1.7B fine-tuned on Alpaca, MLP only, *training* loss, dense fp32 at lr 2e-5 vs "
               "SCT bf16 at 5e-4, A100):", "", "| method | params | loss | PPL | step s |", "| --- | --- | --- | --- | --- |"]
     for name, r in m["paper"].items():
