@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .layers import SpectralEmbedding, SpectralLinear, check_rank
-from .rank import check_energy, kept_energy
+from .rank import check_energy
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
 
@@ -108,6 +108,21 @@ class ConversionReport(list):
         rows.append(f"{len([r for r in self if r.converted])} of {len(self)} candidate layers converted: "
                     f"{self.dense_params:,d} -> {self.params:,d} parameters ({ratio:.2f}x smaller)")
         return "\n".join(rows)
+
+
+def _record(name: str, module: nn.Module, new: Optional[nn.Module], note: str) -> LayerConversion:
+    """The report line of a candidate layer, converted to ``new`` or (``None``) left dense. The
+    kept energy is ``sum(s^2) / ||W||_F^2``: the truncated SVD keeps the ``k`` largest singular values."""
+    dense = sum(p.numel() for p in module.parameters())
+    kind = "linear" if isinstance(module, nn.Linear) else "embedding"
+    shape = tuple(module.weight.shape)
+    if new is None:
+        return LayerConversion(name, kind, shape, None, None, dense, dense, note)
+    kept = None
+    if not module.weight.is_meta:
+        total = float(module.weight.detach().double().square().sum())
+        kept = float(new.s.detach().double().square().sum()) / total if total > 0 else 1.0
+    return LayerConversion(name, kind, shape, new.rank, kept, dense, sum(p.numel() for p in new.parameters()), note)
 
 
 def _max_profitable_rank(m: int, n: int) -> int:
@@ -228,37 +243,26 @@ def spectralize(
             continue
         if id(module.weight) in tied and include is None:
             warnings.warn(f"spectralize: leaving {name or 'model'!r} dense, its weight is tied to another module")
-            n_dense = sum(p.numel() for p in module.parameters())
-            records.append(LayerConversion(name, "linear" if isinstance(module, nn.Linear) else "embedding",
-                                           tuple(module.weight.shape), None, None, n_dense, n_dense,
-                                           "left dense: weight tied to another module"))
+            records.append(_record(name, module, None, "left dense: weight tied to another module"))
             continue
         plan.append((name, module))
 
-    spectra = {name: torch.linalg.svdvals(module.weight.detach().float()) for name, module in plan
-               if (report or budget is not None) and not module.weight.is_meta}
     ranks: Dict[str, Optional[int]] = {name: rank for name, _ in plan}
     if budget is not None:
-        if len(spectra) < len(plan):
+        if any(module.weight.is_meta for _, module in plan):
             raise ValueError("budget-based ranks need materialised weights; this model is on the meta device")
-        shapes = {name: tuple(module.weight.shape) for name, module in plan}
         fixed = sum(p.numel() for p in model.parameters()) - sum(module.weight.numel() for _, module in plan)
-        ranks = budget_ranks(spectra, shapes, budget - fixed) if budget > fixed else None
-        if ranks is None:
+        if budget <= fixed:
             raise ValueError(f"budget must exceed the {fixed:,d} parameters that are not converted, got {budget:,d}")
+        spectra = {name: torch.linalg.svdvals(module.weight.detach().float()) for name, module in plan}
+        shapes = {name: tuple(module.weight.shape) for name, module in plan}
+        ranks = budget_ranks(spectra, shapes, budget - fixed)
     result = model
     for name, module in plan:
         new = _convert(module, ranks[name], energy, convert_small, retraction, device)
-        dense = sum(p.numel() for p in module.parameters())
-        kind = "linear" if isinstance(module, nn.Linear) else "embedding"
-        shape = tuple(module.weight.shape)
+        records.append(_record(name, module, new, "left dense: would not shrink" if new is None else "converted"))
         if new is None:
-            records.append(LayerConversion(name, kind, shape, None, None, dense, dense, "left dense: would not shrink"))
             continue
-        sv = spectra.get(name)
-        kept = float(kept_energy(sv)[new.rank - 1]) if sv is not None else None
-        records.append(LayerConversion(name, kind, shape, new.rank, kept, dense, sum(p.numel() for p in new.parameters()),
-                                       "converted"))
         if name == "":
             result = new
         else:

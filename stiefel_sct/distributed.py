@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .manifold import _ONE_PASS_KAPPA, _compute_dtype, _gram_factors, _plain, qr_retraction
+from .manifold import _compute_dtype, _gram_factors, _passes, _plain, qr_retraction
 
 __all__ = ["is_sharded_factor", "shard_model", "sharded_retract_"]
 
@@ -41,7 +41,7 @@ def shard_model(model: torch.nn.Module, mesh=None, **fully_shard_kwargs) -> torc
     """
     from torch.distributed.fsdp import fully_shard
 
-    from .layers import _FactorModule, _register_owner
+    from .layers import _FactorModule
 
     layers = [m for m in model.modules() if isinstance(m, _FactorModule)]
     for layer in layers:
@@ -49,11 +49,8 @@ def shard_model(model: torch.nn.Module, mesh=None, **fully_shard_kwargs) -> torc
             fully_shard(layer, mesh=mesh, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, **fully_shard_kwargs)
     for layer in layers:
-        for name in ("U", "s", "V"):
-            p = layer._parameters[name]
-            _register_owner(p, layer)
-            if name != "s":
-                p._sct_stiefel = True
+        layer._register_factors()  # fully_shard set new parameters without register_parameter
+        layer.U._sct_stiefel = layer.V._sct_stiefel = True
     return model
 
 
@@ -103,11 +100,8 @@ def sharded_retract_(shards: Sequence[Tuple[torch.Tensor, Tuple[int, int]]], gro
     for (shape, dtype, _), locals_ in groups.items():  # the same order on every process
         stats["allgather_bytes"] += len(locals_) * shape[0] * shape[1] * torch.finfo(dtype).bits // 8
         work = torch.stack(locals_).to(_compute_dtype(dtype))
-        eps = torch.finfo(work.dtype).eps
         lit, kappa, ok = _gram_factors(_all_reduce_gram(work, group, stats))
-        one = ok & (kappa <= _ONE_PASS_KAPPA)
-        two = ok & ~one & (kappa <= 1e-2 / eps)
-        bad = ~(one | two)
+        two, bad = _passes(kappa, ok, work.dtype)
         out = work @ lit
         if bool(two.any()):  # the same decision on every process: it comes from the global Gram
             lit2, _, ok2 = _gram_factors(_all_reduce_gram(out, group, stats))

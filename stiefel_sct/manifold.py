@@ -72,6 +72,13 @@ def _plain(x: torch.Tensor) -> torch.Tensor:
     return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
 
 
+def _thin_qr(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Thin QR of a stack with ``diag(R) >= 0`` (zero diagonal entries keep ``+1``)."""
+    q, r = torch.linalg.qr(x)
+    sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(x.dtype)
+    return q.mul_(sign.unsqueeze(-2)), r.mul_(sign.unsqueeze(-1))  # fresh from qr: in place is safe
+
+
 def qr_retraction(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal factor ``Q`` of the thin QR factorization of ``x``, with ``diag(R) >= 0``.
 
@@ -80,10 +87,7 @@ def qr_retraction(x: torch.Tensor) -> torch.Tensor:
     """
     _check_matrix(x)
     x = _plain(x)
-    q, r = torch.linalg.qr(x.to(_compute_dtype(x.dtype)))
-    d = torch.diagonal(r, dim1=-2, dim2=-1)
-    sign = torch.where(d < 0, -1.0, 1.0).to(q.dtype)
-    return q.mul_(sign.unsqueeze(-2)).to(x.dtype)
+    return _thin_qr(x.to(_compute_dtype(x.dtype)))[0].to(x.dtype)
 
 
 def _inverse_lower(chol: torch.Tensor) -> torch.Tensor:
@@ -115,6 +119,14 @@ def _gram_factors(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch
 _ONE_PASS_KAPPA = 64.0
 
 
+def _passes(kappa: torch.Tensor, ok: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Which matrices of a batch need a second CholeskyQR pass, and which need Householder QR
+    (``kappa``, ``ok`` from :func:`_gram_factors`); the rest are done after one pass."""
+    one = ok & (kappa <= _ONE_PASS_KAPPA)
+    two = ok & ~one & (kappa <= 1e-2 / torch.finfo(dtype).eps)
+    return two, ~(one | two)
+
+
 @torch.no_grad()
 def cholqr_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Adaptive CholeskyQR of a batch ``x`` (B, n, k) of fp32/fp64 matrices, written to ``out``.
@@ -124,11 +136,8 @@ def cholqr_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     (sign-fixed) where the Cholesky fails or the matrix is too ill-conditioned. ``x`` is left
     unchanged; ``out`` must not overlap it. Returns ``out``.
     """
-    eps = torch.finfo(x.dtype).eps
     lit, kappa, ok = _cholqr_factors(x)
-    one = ok & (kappa <= _ONE_PASS_KAPPA)
-    two = ok & ~one & (kappa <= 1e-2 / eps)
-    bad = ~(one | two)
+    two, bad = _passes(kappa, ok, x.dtype)
     torch.matmul(x, lit, out=out)
     if bool(two.any()):
         idx = two.nonzero(as_tuple=True)
@@ -211,13 +220,6 @@ def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
         stack = torch.stack(plain)
         q = retract_into(stack, torch.empty_like(stack), method)
         torch._foreach_copy_(plain, list(q.unbind(0)))
-
-
-def _thin_qr(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Thin QR of a stack with ``diag(R) >= 0`` (zero diagonal entries keep ``+1``)."""
-    q, r = torch.linalg.qr(x)
-    sign = torch.where(torch.diagonal(r, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(x.dtype)
-    return q * sign.unsqueeze(-2), r * sign.unsqueeze(-1)
 
 
 def _align_to_identity(p: torch.Tensor, s: torch.Tensor, q: torch.Tensor):

@@ -19,6 +19,7 @@ Retractions are batched: all factors of one (shape, dtype, device) are factorize
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -40,12 +41,18 @@ TensorList = List[torch.Tensor]
 # ---------------------------------------------------------------------------------------------
 # Functional core
 # ---------------------------------------------------------------------------------------------
-def _is_dtensor(t: torch.Tensor) -> bool:
+@functools.lru_cache(maxsize=None)
+def _dtensor_type() -> tuple:
+    """``(DTensor,)``, or ``()`` for a torch without distributed; imported once, on first use."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
+        return ()
+    return (DTensor,)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return isinstance(t, _dtensor_type())
 
 
 def _fused_supported(tensors: TensorList) -> bool:
@@ -385,6 +392,13 @@ def _check_float(value, name: str, low: float, high: Optional[float] = None, *, 
     return value
 
 
+def _group_hyperparameters(group: dict) -> dict:
+    """A param group's settings as :func:`spectral_adam` keywords (all but ``mode``/``impl``)."""
+    beta1, beta2 = group["betas"]
+    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"], retraction=group["retraction"])
+
+
 def _check_group(group: dict) -> None:
     group["lr"] = _check_float(group["lr"], "lr", 0.0)
     group["eps"] = _check_float(group["eps"], "eps", 0.0)
@@ -681,13 +695,10 @@ class SpectralAdam(Optimizer):
                 stiefel.append(is_stiefel(p))
             if not params:
                 continue
-            beta1, beta2 = group["betas"]
             live, in_bank = self._live_banks(banks, params, stiefel)
             spectral_adam(
-                params, grads, exp_avgs, exp_avg_sqs, steps, stiefel,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                mode=group["mode"], retraction=group["retraction"], impl=self._impl(params),
+                params, grads, exp_avgs, exp_avg_sqs, steps, stiefel, **_group_hyperparameters(group),
+                mode=group["mode"], impl=self._impl(params),
                 banks=live, in_bank=in_bank, retract_factors=not group["preserve_function"],
             )
             if group["preserve_function"]:
@@ -730,13 +741,10 @@ class SpectralAdam(Optimizer):
                 continue
             params = [local(p) for p, _ in rows]
             stiefel = [is_stiefel(p) or is_sharded_factor(p) for p, _ in rows]
-            beta1, beta2 = group["betas"]
             spectral_adam(
                 params, [local(p.grad) for p, _ in rows], [local(st["exp_avg"]) for _, st in rows],
                 [local(st["exp_avg_sq"]) for _, st in rows], [st["step"] for _, st in rows], stiefel,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                mode="sct", retraction=group["retraction"], impl=self._impl(params), retract_factors=False,
+                **_group_hyperparameters(group), mode="sct", impl=self._impl(params), retract_factors=False,
             )
             shards += [(x, tuple(p.shape)) for x, (p, _), f in zip(params, rows, stiefel) if f]
         sharded_retract_(shards, group=pg)
@@ -796,10 +804,9 @@ def retract_all(module_or_params, method: str = "cholqr2", preserve_function: bo
     factors = [t for t in tensors if isinstance(t, torch.Tensor) and is_stiefel(t)]
     if preserve_function:
         triples, rest = spectral_triples(tensors)
-        triples = [t for t in triples if is_stiefel(t[0]) and is_stiefel(t[2])]
         retract_triples_(triples)
-        loose = {id(t) for t in rest}
-        retract_([p for p in factors if id(p) in loose], method)
+        factors_left = {id(t) for t in rest}
+        retract_([p for p in factors if id(p) in factors_left], method)
     else:
         retract_(factors, method)
     return len(factors)
