@@ -16,8 +16,9 @@ from .manifold import (
     qr_retraction,
     retract,
     retract_,
+    retract_all,
 )
-from .optim import SpectralAdam, retract_all, spectral_adam
+from .optim import SpectralAdam, spectral_adam
 from .rank import kept_energy, select_rank
 
 __version__ = "0.1.0"

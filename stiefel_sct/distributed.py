@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .manifold import _compute_dtype, _gram_factors, _passes, _plain, qr_retraction
+from .manifold import cholqr_into, compute_dtype, plain, qr_retraction
 
 __all__ = ["is_sharded_factor", "shard_model", "sharded_retract_"]
 
@@ -41,25 +41,17 @@ def shard_model(model: torch.nn.Module, mesh=None, **fully_shard_kwargs) -> torc
     """
     from torch.distributed.fsdp import fully_shard
 
-    from .layers import _FactorModule
+    from .layers import SpectralModule
 
-    layers = [m for m in model.modules() if isinstance(m, _FactorModule)]
+    layers = [m for m in model.modules() if isinstance(m, SpectralModule)]
     for layer in layers:
         if layer is not model:
             fully_shard(layer, mesh=mesh, **fully_shard_kwargs)
     fully_shard(model, mesh=mesh, **fully_shard_kwargs)
     for layer in layers:
-        layer._register_factors()  # fully_shard set new parameters without register_parameter
+        layer.register_factors()  # fully_shard set new parameters without register_parameter
         layer.U._sct_stiefel = layer.V._sct_stiefel = True
     return model
-
-
-def _all_reduce_gram(x: torch.Tensor, group, stats: Dict[str, int]) -> torch.Tensor:
-    gram = x.mT @ x
-    dist.all_reduce(gram, group=group)
-    stats["allreduce_bytes"] += gram.numel() * gram.element_size()
-    stats["collectives"] += 1
-    return gram
 
 
 def _gather_rows(local: torch.Tensor, group) -> Tuple[torch.Tensor, List[int]]:
@@ -92,27 +84,31 @@ def sharded_retract_(shards: Sequence[Tuple[torch.Tensor, Tuple[int, int]]], gro
     factor would have cost instead).
     """
     stats = {"allreduce_bytes": 0, "collectives": 0, "gathered": 0, "allgather_bytes": 0}
+    rank = dist.get_rank(group)
+
+    def all_reduce(gram: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(gram, group=group)
+        stats["allreduce_bytes"] += gram.numel() * gram.element_size()
+        stats["collectives"] += 1
+        return gram
+
+    def householder(rows: torch.Tensor) -> torch.Tensor:
+        # rank-deficient factors only: gather their rows, factorize, keep this process's rows
+        full, counts = _gather_rows(rows, group)
+        start = sum(counts[:rank])
+        stats["gathered"] += rows.shape[0]
+        return qr_retraction(full)[..., start:start + counts[rank], :]
+
     groups: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
     for local, shape in shards:
         if local.dim() != 2 or local.shape[-1] != shape[-1]:
             raise ValueError(f"a shard must be (rows, k) with k = {shape[-1]}, got {tuple(local.shape)}")
-        groups[(tuple(shape), local.dtype, local.device)].append(_plain(local))
+        groups[(tuple(shape), local.dtype, local.device)].append(plain(local))
     for (shape, dtype, _), locals_ in groups.items():  # the same order on every process
         stats["allgather_bytes"] += len(locals_) * shape[0] * shape[1] * torch.finfo(dtype).bits // 8
-        work = torch.stack(locals_).to(_compute_dtype(dtype))
-        lit, kappa, ok = _gram_factors(_all_reduce_gram(work, group, stats))
-        two, bad = _passes(kappa, ok, work.dtype)
-        out = work @ lit
-        if bool(two.any()):  # the same decision on every process: it comes from the global Gram
-            lit2, _, ok2 = _gram_factors(_all_reduce_gram(out, group, stats))
-            out = torch.where(two[:, None, None], out @ lit2, out)
-            bad = bad | (two & ~ok2)
-        if bool(bad.any()):
-            idx = bad.nonzero().flatten()
-            full, counts = _gather_rows(work[idx], group)
-            rank = dist.get_rank(group)
-            start = sum(counts[:rank])
-            out[idx] = qr_retraction(full)[..., start:start + counts[rank], :]
-            stats["gathered"] += len(idx)
+        work = torch.stack(locals_).to(compute_dtype(dtype))
+        # the pass decisions come from the all-reduced (global) Gram matrices: every process takes
+        # the same ones, so the collectives inside the driver match up
+        out = cholqr_into(work, torch.empty_like(work), sum_gram=all_reduce, householder=householder)
         torch._foreach_copy_(locals_, list(out.to(dtype).unbind(0)))
     return stats

@@ -3,59 +3,18 @@
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional
 
 import geoopt
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .manifold import Stiefel, _compute_dtype, is_stiefel, retract, stiefel_manifold
+from .manifold import Stiefel, compute_dtype, is_stiefel, retract, stiefel_manifold
 from .rank import select_rank
+from .triples import register_factors
 
-__all__ = ["SpectralEmbedding", "SpectralLinear", "check_rank", "spectral_linear", "spectral_triples"]
-
-# id(factor parameter) -> (weak ref to it, weak ref to the spectral layer holding it): how an
-# optimizer given only parameters finds each layer's (U, s, V) triple. Weak both ways (the
-# registry keeps nothing alive; an entry leaves with its parameter). Keyed by id because tensors
-# compare elementwise, which rules out a WeakKeyDictionary.
-_OWNERS: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
-
-
-def _register_owner(param: torch.Tensor, layer: nn.Module) -> None:
-    key = id(param)
-
-    def forget(ref: weakref.ref, key: int = key) -> None:
-        if _OWNERS.get(key, (None,))[0] is ref:
-            del _OWNERS[key]
-
-    _OWNERS[key] = (weakref.ref(param, forget), weakref.ref(layer))
-
-
-def _owner(param: torch.Tensor) -> Optional[nn.Module]:
-    entry = _OWNERS.get(id(param))
-    if entry is None or entry[0]() is not param:
-        return None
-    return entry[1]()
-
-
-def spectral_triples(params: Sequence[torch.Tensor]) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], List[torch.Tensor]]:
-    """Split ``params`` into the ``(U, s, V)`` triples of spectral layers (all three present) and
-    the rest. A triple is listed once, in the order its first member appears."""
-    given = {id(p) for p in params}
-    triples, seen, covered = [], set(), set()
-    for p in params:
-        layer = _owner(p)
-        if layer is None or id(layer) in seen:
-            continue
-        triple = (layer.U, layer.s, layer.V)
-        if any(t is p for t in triple) and all(id(t) in given for t in triple):
-            seen.add(id(layer))
-            triples.append(triple)
-            covered.update(id(t) for t in triple)
-    return triples, [p for p in params if id(p) not in covered]
-
+__all__ = ["SpectralEmbedding", "SpectralLinear", "SpectralModule", "check_rank", "spectral_linear"]
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
     """Validate ``rank`` for an ``in_features -> out_features`` layer and return it as an int."""
@@ -148,14 +107,15 @@ def _truncated_svd(weight: torch.Tensor, rank: Optional[int], energy: Optional[f
         raise ValueError("give exactly one of rank or energy")
     if weight.is_meta:
         raise ValueError(f"{what} needs a materialised weight; the module is on the meta device")
-    P, S, Qh = torch.linalg.svd(weight.detach().to(_compute_dtype(weight.dtype)), full_matrices=False)
+    P, S, Qh = torch.linalg.svd(weight.detach().to(compute_dtype(weight.dtype)), full_matrices=False)
     rows, cols = weight.shape
     k = check_rank(rank, rows, cols) if rank is not None else select_rank(S, energy)
     return P, S, Qh, k
 
 
-class _FactorModule(nn.Module):
-    """Base of the spectral layers: keeps ``U`` and ``V`` geoopt Stiefel parameters through ``_apply``."""
+class SpectralModule(nn.Module):
+    """Base of the spectral layers: holds ``U``, ``s``, ``V``, keeps ``U`` and ``V`` geoopt Stiefel
+    parameters through ``_apply`` and registers the triple (:mod:`stiefel_sct.triples`)."""
 
     _retraction: str = "qr"
 
@@ -167,17 +127,16 @@ class _FactorModule(nn.Module):
     def register_parameter(self, name: str, param: Optional[nn.Parameter]) -> None:
         super().register_parameter(name, param)
         if param is not None and name in ("U", "s", "V"):
-            _register_owner(param, self)
+            self.register_factors()
 
     def __setstate__(self, state) -> None:  # copy.deepcopy / pickle: the copy owns its factors
         super().__setstate__(state)
-        self._register_factors()
+        self.register_factors()
 
-    def _register_factors(self) -> None:
-        for name in ("U", "s", "V"):
-            p = self._parameters.get(name)
-            if p is not None:
-                _register_owner(p, self)
+    def register_factors(self) -> None:
+        """Record this layer as the owner of its current ``U``, ``s``, ``V``
+        (:mod:`stiefel_sct.triples`); call after rebinding them outside ``nn.Module``'s own paths."""
+        register_factors(self)
 
     def _make_factors(self, u_rows: int, v_rows: int, rank: int, retraction: str, factory: dict) -> None:
         self._retraction = retraction
@@ -192,7 +151,7 @@ class _FactorModule(nn.Module):
         if self.U.is_meta:
             return False
         for p in (self.U, self.V):
-            p.copy_(retract(torch.randn(p.shape, device=p.device, dtype=_compute_dtype(p.dtype))))
+            p.copy_(retract(torch.randn(p.shape, device=p.device, dtype=compute_dtype(p.dtype))))
         self.s.fill_(s_value)
         return True
 
@@ -206,11 +165,11 @@ class _FactorModule(nn.Module):
                 self._parameters[name] = geoopt.ManifoldParameter(
                     p.data, manifold=stiefel_manifold(self._retraction), requires_grad=p.requires_grad
                 )
-        self._register_factors()
+        self.register_factors()
         return out
 
 
-class SpectralLinear(_FactorModule):
+class SpectralLinear(SpectralModule):
     r"""Drop-in for :class:`torch.nn.Linear` whose weight is stored in spectral form.
 
     ``W = V diag(s) U^T`` (shape ``(out_features, in_features)``) with
@@ -343,7 +302,7 @@ class SpectralLinear(_FactorModule):
         )
 
 
-class SpectralEmbedding(_FactorModule):
+class SpectralEmbedding(SpectralModule):
     r"""Drop-in for :class:`torch.nn.Embedding` whose table is stored as ``W = U diag(s) V^T``.
 
     ``U``: ``(num_embeddings, rank)`` and ``V``: ``(embedding_dim, rank)`` are

@@ -22,23 +22,28 @@ Low-precision factors (bf16/fp16) are factorized in fp32 and cast back.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import geoopt
 import torch
+
+from .triples import spectral_triples
 
 __all__ = [
     "RETRACTIONS",
     "Stiefel",
     "cholqr2_retraction",
+    "cholqr_into",
+    "compute_dtype",
     "is_stiefel",
     "orthonormality_error",
+    "plain",
+    "preserving_retraction",
     "qr_retraction",
     "retract",
     "retract_",
+    "retract_all",
     "retract_into",
-    "cholqr_into",
-    "preserving_retraction",
     "retract_triples_",
     "stiefel_manifold",
 ]
@@ -62,12 +67,12 @@ def _check_matrix(x: torch.Tensor, name: str = "x") -> None:
         )
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Factorizations run in fp32 at least: LAPACK has no bf16/fp16 kernels and they would be too inexact."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _plain(x: torch.Tensor) -> torch.Tensor:
+def plain(x: torch.Tensor) -> torch.Tensor:
     """A plain-tensor view of ``x`` (drops ManifoldParameter/ManifoldTensor subclasses)."""
     return x.as_subclass(torch.Tensor) if type(x) is not torch.Tensor else x
 
@@ -86,8 +91,8 @@ def qr_retraction(x: torch.Tensor) -> torch.Tensor:
     its column's sign (``+1``), so every column of the result has unit norm.
     """
     _check_matrix(x)
-    x = _plain(x)
-    return _thin_qr(x.to(_compute_dtype(x.dtype)))[0].to(x.dtype)
+    x = plain(x)
+    return _thin_qr(x.to(compute_dtype(x.dtype)))[0].to(x.dtype)
 
 
 def _inverse_lower(chol: torch.Tensor) -> torch.Tensor:
@@ -95,15 +100,9 @@ def _inverse_lower(chol: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 
 
-def _cholqr_factors(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(L^-T, kappa_1(X^T X), ok)`` for a batch ``x`` (..., n, k): one CholeskyQR pass is
-    ``x @ L^-T``; ``ok`` is False where the Cholesky failed or produced non-finite values."""
-    return _gram_factors(x.mT @ x)
-
-
 def _gram_factors(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_cholqr_factors` from the Gram matrix ``X^T X`` (for a row-sharded ``X``: the sum of
-    the shards' Gram matrices)."""
+    """``(L^-T, kappa_1(X^T X), ok)`` from a batch of Gram matrices ``X^T X``: one CholeskyQR pass
+    is ``X @ L^-T``; ``ok`` is False where the Cholesky failed or produced non-finite values."""
     chol, info = torch.linalg.cholesky_ex(gram)
     inv = _inverse_lower(chol)  # L^-1; (X^T X)^-1 = L^-T L^-1
     gram_inv = inv.mT @ inv
@@ -118,37 +117,47 @@ def _gram_factors(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch
 # repairs anything up to kappa ~ 1/eps; beyond that Householder QR takes over.
 _ONE_PASS_KAPPA = 64.0
 
+GramSum = Callable[[torch.Tensor], torch.Tensor]
+Householder = Callable[[torch.Tensor], torch.Tensor]
 
-def _passes(kappa: torch.Tensor, ok: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Which matrices of a batch need a second CholeskyQR pass, and which need Householder QR
-    (``kappa``, ``ok`` from :func:`_gram_factors`); the rest are done after one pass."""
-    one = ok & (kappa <= _ONE_PASS_KAPPA)
-    two = ok & ~one & (kappa <= 1e-2 / torch.finfo(dtype).eps)
-    return two, ~(one | two)
+
+def _local_gram(gram: torch.Tensor) -> torch.Tensor:
+    return gram
 
 
 @torch.no_grad()
-def cholqr_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def cholqr_into(x: torch.Tensor, out: torch.Tensor, sum_gram: Optional[GramSum] = None,
+                householder: Optional[Householder] = None) -> torch.Tensor:
     """Adaptive CholeskyQR of a batch ``x`` (B, n, k) of fp32/fp64 matrices, written to ``out``.
 
-    One pass (``Q = X L^-T``, ``L = chol(X^T X)``) where the Gram matrix is well conditioned,
-    which it is right after an optimizer step; a second pass where it is not; Householder QR
-    (sign-fixed) where the Cholesky fails or the matrix is too ill-conditioned. ``x`` is left
-    unchanged; ``out`` must not overlap it. Returns ``out``.
+    The one CholeskyQR driver of the library (the factor banks, :func:`retract_` and the sharded
+    retraction all come here). One pass (``Q = X L^-T``, ``L = chol(X^T X)``) where the Gram
+    matrix is well conditioned, which it is right after an optimizer step; a second pass where it
+    is not; Householder QR (sign-fixed) where the Cholesky fails or the matrix is too
+    ill-conditioned. ``x`` is left unchanged; ``out`` must not overlap it. Returns ``out``.
+
+    Args:
+        sum_gram: how a batch of local ``k x k`` Gram matrices becomes the Gram matrices of the
+            whole factors (default: they already are). For row-sharded factors it is an
+            all-reduce: every process then takes the same pass decisions from the same numbers.
+        householder: Householder QR of the rows ``x[bad]`` of the matrices that need it
+            (default: :func:`qr_retraction`). A row-sharded caller gathers, factorizes and
+            returns its own rows. Called at most once, only if some matrix needs it.
     """
-    lit, kappa, ok = _cholqr_factors(x)
-    two, bad = _passes(kappa, ok, x.dtype)
+    sum_gram = sum_gram or _local_gram
+    householder = householder or qr_retraction
+    lit, kappa, ok = _gram_factors(sum_gram(x.mT @ x))
+    one = ok & (kappa <= _ONE_PASS_KAPPA)
+    two = ok & ~one & (kappa <= 1e-2 / torch.finfo(x.dtype).eps)
+    bad = ~(one | two)
     torch.matmul(x, lit, out=out)
     if bool(two.any()):
-        idx = two.nonzero(as_tuple=True)
-        y = out[idx]
-        lit2, _, ok2 = _cholqr_factors(y)
-        y = y @ lit2
-        if not bool(ok2.all()):
-            y[~ok2] = qr_retraction(x[idx][~ok2])
-        out[idx] = y
+        y = out[two]
+        lit2, _, ok2 = _gram_factors(sum_gram(y.mT @ y))
+        out[two] = y @ lit2
+        bad[two] = ~ok2
     if bool(bad.any()):
-        out[bad] = qr_retraction(x[bad])
+        out[bad] = householder(x[bad])
     return out
 
 
@@ -159,8 +168,8 @@ def cholqr2_retraction(x: torch.Tensor) -> torch.Tensor:
     badly conditioned matrices are handled by Householder QR.
     """
     _check_matrix(x)
-    x = _plain(x)
-    work = x.to(_compute_dtype(x.dtype)).reshape(-1, *x.shape[-2:])
+    x = plain(x)
+    work = x.to(compute_dtype(x.dtype)).reshape(-1, *x.shape[-2:])
     return cholqr_into(work, torch.empty_like(work)).view(x.shape).to(x.dtype)
 
 
@@ -216,10 +225,10 @@ def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
     for i, t in enumerate(tensors):
         _check_matrix(t, name=f"tensors[{i}]")
     for group in _group_by_layout(tensors).values():
-        plain = [_plain(t) for t in group]
-        stack = torch.stack(plain)
+        views = [plain(t) for t in group]
+        stack = torch.stack(views)
         q = retract_into(stack, torch.empty_like(stack), method)
-        torch._foreach_copy_(plain, list(q.unbind(0)))
+        torch._foreach_copy_(views, list(q.unbind(0)))
 
 
 def _align_to_identity(p: torch.Tensor, s: torch.Tensor, q: torch.Tensor):
@@ -264,9 +273,9 @@ def preserving_retraction(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor):
     if v.shape[-1] != k or s.shape[-1] != k or u.shape[:-2] != v.shape[:-2] or s.shape[:-1] != u.shape[:-2]:
         raise ValueError(f"u (..., m, k), s (..., k) and v (..., n, k) must agree; got "
                          f"{tuple(u.shape)}, {tuple(s.shape)}, {tuple(v.shape)}")
-    dtype = _compute_dtype(u.dtype)
-    qu, ru = _thin_qr(_plain(u).to(dtype))
-    qv, rv = _thin_qr(_plain(v).to(dtype))
+    dtype = compute_dtype(u.dtype)
+    qu, ru = _thin_qr(plain(u).to(dtype))
+    qv, rv = _thin_qr(plain(v).to(dtype))
     core = (ru.double() * s.double().unsqueeze(-2)) @ rv.double().mT
     p, sv, qh = torch.linalg.svd(core)
     p, sv, q = _align_to_identity(p, sv, qh.mT)
@@ -281,17 +290,54 @@ def retract_triples_(triples: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.T
     for u, s, v in triples:
         groups[(tuple(u.shape), tuple(v.shape), u.dtype, u.device)].append((u, s, v))
     for group in groups.values():
-        plain = [[_plain(t) for t in member] for member in zip(*group)]
-        new = preserving_retraction(*(torch.stack(ts) for ts in plain))
-        for ts, values in zip(plain, new):
+        views = [[plain(t) for t in member] for member in zip(*group)]
+        new = preserving_retraction(*(torch.stack(ts) for ts in views))
+        for ts, values in zip(views, new):
             torch._foreach_copy_(ts, list(values.unbind(0)))
+
+
+@torch.no_grad()
+def retract_all(module_or_params, method: str = "cholqr2", preserve_function: bool = False) -> int:
+    """Retract every geoopt Stiefel factor of a module (or an iterable of tensors) in place.
+
+    For users who keep their own optimizer: call it after ``optimizer.step()``. Factors are
+    batched by shape, one factorization call per shape. Returns the number of factors retracted.
+
+    ``preserve_function=True`` (a module only): each spectral layer's ``(U, s, V)`` is retracted
+    together so that its weight does not change (:func:`preserving_retraction`: the ``R`` factors
+    of the QRs are folded into a re-diagonalised ``s``); Stiefel factors outside spectral layers
+    get the plain retraction.
+    """
+    if isinstance(module_or_params, torch.nn.Module):
+        tensors = list(module_or_params.parameters())
+    elif preserve_function:
+        raise TypeError("preserve_function=True needs an nn.Module (to find each layer's U, s, V), "
+                        f"got {type(module_or_params).__name__}")
+    elif isinstance(module_or_params, torch.Tensor):
+        tensors = [module_or_params]
+    else:
+        try:
+            tensors = list(module_or_params)
+        except TypeError:
+            raise TypeError(
+                f"module_or_params must be an nn.Module or an iterable of tensors, got {type(module_or_params).__name__}"
+            ) from None
+    factors = [t for t in tensors if isinstance(t, torch.Tensor) and is_stiefel(t)]
+    if preserve_function:
+        triples, rest = spectral_triples(tensors)
+        retract_triples_(triples)
+        left = {id(t) for t in rest}
+        retract_([p for p in factors if id(p) in left], method)
+    else:
+        retract_(factors, method)
+    return len(factors)
 
 
 @torch.no_grad()
 def orthonormality_error(x: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
     """``max |X^T X - I|`` over all entries (and all matrices of a stack), computed in ``dtype``."""
     _check_matrix(x)
-    xd = _plain(x).to(dtype)
+    xd = plain(x).to(dtype)
     gram = xd.mT @ xd
     gram.diagonal(dim1=-2, dim2=-1).sub_(1.0)
     return float(gram.abs().max())

@@ -1,0 +1,79 @@
+"""FactorBank: same-shape Stiefel factors kept in contiguous chunk slots, so an optimizer
+retracts each chunk with one batched factorization, straight into spare memory, with no copies."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .manifold import plain, retract_into
+
+__all__ = ["FactorBank"]
+
+
+class FactorBank:
+    """Same-shape Stiefel factors kept in contiguous chunk slots, retracted without copies.
+
+    ``S = ceil(G / c) + 1`` slots of ``c`` matrices each (``c`` from ``chunk_bytes``): chunk ``j``
+    of the factors lives in one slot, one slot is spare. The retraction of chunk ``j`` reads its
+    slot and writes the result straight into the spare slot (one batched factorization,
+    :func:`~stiefel_sct.manifold.retract_into`), the chunk's parameters are re-pointed there
+    (``p.data``; values and identity unchanged) and the old slot becomes the spare. So the
+    factorization runs on the parameters' own memory: no ``torch.stack``, no copy back, one chunk
+    of extra memory. Slots are allocated one at a time when the bank is built, each right before
+    its factors move in and free their old storage, so building never holds a second copy of
+    the factors either.
+    """
+
+    def __init__(self, params: List[torch.Tensor], chunk_bytes: int = 32 << 20) -> None:
+        first = params[0]
+        per_matrix = first.numel() * first.element_size()
+        c = max(1, min(len(params), chunk_bytes // per_matrix))
+        n_chunks = -(-len(params) // c)
+        self.params = params
+        self.chunks = [params[j * c:(j + 1) * c] for j in range(n_chunks)]
+        self.slots: List[torch.Tensor] = []
+        with torch.no_grad():
+            for chunk in self.chunks:
+                slot = torch.empty((c,) + tuple(first.shape), dtype=first.dtype, device=first.device)
+                views = slot[: len(chunk)].unbind(0)
+                torch._foreach_copy_(list(views), [plain(p) for p in chunk])
+                for p, v in zip(chunk, views):
+                    p.data = v
+                self.slots.append(slot)
+        self.slots.append(torch.empty_like(self.slots[0]))  # the spare
+        self.slot_of = list(range(n_chunks))
+        self.spare = n_chunks
+        self.ids = {id(p) for p in params}
+        self._ptrs = [p.data_ptr() for p in params]
+        self._workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # fp32, low-precision banks
+
+    def intact(self) -> bool:
+        """False once something else re-homed a factor (``model.to(...)``, ``p.data = ...``)."""
+        first, slot = self.params[0], self.slots[0]
+        return (
+            first.device == slot.device and first.dtype == slot.dtype
+            and all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs))
+        )
+
+    @torch.no_grad()
+    def retract_chunk_(self, j: int, method: str) -> None:
+        """Retract chunk ``j`` into the spare slot and re-point its parameters there."""
+        chunk = self.chunks[j]
+        b = len(chunk)
+        dst = self.slots[self.spare][:b]
+        if dst.dtype not in (torch.float32, torch.float64) and self._workspace is None:
+            self._workspace = tuple(torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device)
+                                    for _ in range(2))
+        retract_into(self.slots[self.slot_of[j]][:b], dst, method, self._workspace)
+        for p, v in zip(chunk, dst.unbind(0)):
+            p.data = v
+        self.slot_of[j], self.spare = self.spare, self.slot_of[j]
+        start = j * len(self.chunks[0])  # every chunk but the last is full
+        self._ptrs[start:start + b] = [p.data_ptr() for p in chunk]
+
+    def retract_(self, method: str) -> None:
+        """Retract every factor of the bank."""
+        for j in range(len(self.chunks)):
+            self.retract_chunk_(j, method)
