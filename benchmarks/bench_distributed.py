@@ -13,7 +13,7 @@ For fsdp2 it also reports the bytes the retraction all-reduced per step (counted
 ``sharded_retract_``) against what an all-gather of the factors would move, and the same two
 figures computed for the 451M-parameter spectral set of LLaMA-70B shapes at rank 32.
 
-    python benchmarks/bench_distributed.py --layers 8 --width 2048 --rank 32
+    python -m benchmarks.bench_distributed --layers 8 --width 2048 --rank 32
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import os
 import pathlib
 import socket
 import statistics
-import sys
 import time
 
 import torch
@@ -34,8 +33,6 @@ import torch.multiprocessing as mp
 from torch import nn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def _model(args):

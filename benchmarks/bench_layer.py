@@ -7,9 +7,9 @@ the same run, and the peak of live tensor memory during the step (parameters, in
 gradient and every tensor created during it; gradients included). Also: two spectral layers that read the same
 input (gate/up of an MLP) computed separately vs through one shared ``x @ [U_1 U_2]`` product.
 
-    python benchmarks/bench_layer.py                     # all shapes, ranks 32/128, 256/2048 tokens
-    python benchmarks/bench_layer.py --shapes 2048x8192 --tokens 256
-    python benchmarks/bench_layer.py --malloc system     # glibc's defaults, see below
+    python -m benchmarks.bench_layer                     # all shapes, ranks 32/128, 256/2048 tokens
+    python -m benchmarks.bench_layer --shapes 2048x8192 --tokens 256
+    python -m benchmarks.bench_layer --malloc system     # glibc's defaults, see below
 
 On CPU the allocator matters: glibc hands every large block (> 32 MB) back to the kernel when it
 is freed, so each new activation of a (tokens x out) layer page-faults fresh memory; at 2048 x
@@ -27,19 +27,17 @@ import pathlib
 import sys
 import weakref
 
+import geoopt
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils import benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from experiments.common import atomic_write_json, environment, parse_dtype
+from stiefel_sct import SpectralLinear
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import geoopt  # noqa: E402
-
-from experiments.common import atomic_write_json, environment, parse_dtype  # noqa: E402
-from stiefel_sct import SpectralLinear  # noqa: E402
 
 
 class LiveMemory(TorchDispatchMode):
@@ -117,7 +115,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.malloc == "caching" and os.environ.get("MALLOC_MMAP_MAX_") != "0" and argv is None:
         env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)  # glibc reads these at start-up
+        # glibc reads these at start-up: run this module again in a fresh process image
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_layer", *sys.argv[1:]], env)
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)

@@ -19,7 +19,7 @@ every method's timed step starts from the same orthonormal snapshot of the param
 the same well-warmed Adam step (lr per element) and retracts factors that are exactly one step off
 the manifold, as in training. The error column of (a) is that one-step drift.
 
-    python benchmarks/bench_optimizer.py --layers 8 --rank 32
+    python -m benchmarks.bench_optimizer --layers 8 --rank 32
 """
 
 from __future__ import annotations
@@ -31,16 +31,14 @@ import statistics
 import sys
 import time
 
+import geoopt
 import torch
 from torch.utils import benchmark
 
+from experiments.common import atomic_write_json, environment, parse_dtype
+from stiefel_sct import RETRACTIONS, SpectralAdam, orthonormality_error, retract_
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import geoopt  # noqa: E402
-
-from experiments.common import atomic_write_json, environment, parse_dtype  # noqa: E402
-from stiefel_sct import RETRACTIONS, SpectralAdam, orthonormality_error, retract_  # noqa: E402
 
 D_MODEL, D_FFN = 8192, 28672
 
@@ -132,8 +130,11 @@ def main(argv=None) -> dict:
         ref_foreach = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, foreach=True)
         share_state(ref_fused, shared, True)
         share_state(ref_foreach, shared, True)
-        t_fused = min(benchmark.Timer("o.step()", globals={"o": ref_fused}, num_threads=torch.get_num_threads()).timeit(1).median for _ in range(2))
-        t_foreach = min(benchmark.Timer("o.step()", globals={"o": ref_foreach}, num_threads=torch.get_num_threads()).timeit(1).median for _ in range(2))
+        def once(o) -> float:
+            return benchmark.Timer("o.step()", globals={"o": o}, num_threads=torch.get_num_threads()).timeit(1).median
+
+        t_fused = min(once(ref_fused) for _ in range(2))
+        t_foreach = min(once(ref_foreach) for _ in range(2))
         ref = ref_fused if t_fused <= t_foreach else ref_foreach
         ref_kind = "fused" if ref is ref_fused else "foreach"
         print(f"reference AdamW: fused {t_fused * 1e3:.0f} ms, foreach {t_foreach * 1e3:.0f} ms -> using {ref_kind}")
@@ -165,7 +166,7 @@ def main(argv=None) -> dict:
         with torch.no_grad():
             torch._foreach_copy_([p.detach() for p in params], snapshot)
     # warm-up (state, buffers, allocator); then interleaved timed rounds
-    for name, fn in methods.items():
+    for fn in methods.values():
         fn()
     times = {name: [] for name in methods}
     ortho = {name: [] for name in methods}
@@ -219,7 +220,8 @@ def main(argv=None) -> dict:
           + ("   (c)/(d) = {:.2f}".format(summary["c_over_d"]) if "c_over_d" in summary else ""))
     print(f"  optimizer state: {state_bytes / 2**20:.0f} MiB (exp_avg + exp_avg_sq, same as Adam) for every method")
 
-    out = pathlib.Path(args.out) if args.out else ROOT / "results" / f"bench_optimizer_L{args.layers}_r{args.rank}_{args.dtype}.json"
+    default = ROOT / "results" / f"bench_optimizer_L{args.layers}_r{args.rank}_{args.dtype}.json"
+    out = pathlib.Path(args.out) if args.out else default
     payload = {"benchmark": "bench_optimizer", "config": vars(args), "environment": environment(device),
                "parameters": numel, "methods": rows, "summary": summary}
     atomic_write_json(out, payload)

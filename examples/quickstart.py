@@ -1,6 +1,7 @@
 """The README's quick start: an ordinary MLP, made spectral, trained with SpectralAdam."""
 import torch
 from torch import nn
+
 from stiefel_sct import SpectralAdam, orthonormality_error, spectralize
 
 torch.manual_seed(0)
@@ -9,7 +10,7 @@ y = torch.sin(3 * x)
 model = nn.Sequential(nn.Linear(1, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
 spectralize(model, rank=16)               # the 128x128 layer becomes U diag(s) V^T, rank 16
 opt = SpectralAdam(model.parameters(), lr=1e-2)  # was: torch.optim.Adam(model.parameters(), lr=1e-2)
-for step in range(2000):
+for _ in range(2000):
     opt.zero_grad()
     loss = nn.functional.mse_loss(model(x), y)
     loss.backward()

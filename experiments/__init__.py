@@ -1,1 +1,34 @@
-"""Paper-reproduction experiments; each module runs alone (``python experiments/NAME.py``)."""
+"""Paper-reproduction experiments; each module runs alone (``python -m experiments.NAME``, from the
+repository root).
+
+:data:`EXPERIMENTS` is the one registry: ``experiments/reproduce.py`` runs what it lists and
+``paper/build.py`` builds one report section per entry, so neither can forget an experiment.
+This module imports nothing heavy (the report builder reads it without torch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+__all__ = ["EXPERIMENTS", "Experiment"]
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment: its module ``experiments.<name>`` and the results files it may write
+    (``results/<file>.json``; the report needs at least one of them)."""
+
+    name: str
+    results: Tuple[str, ...]
+    what: str
+
+
+EXPERIMENTS: Tuple[Experiment, ...] = (
+    Experiment("mlp_proofs", ("mlp_proofs",), "sine regression and XOR: dense vs SCT vs SFT+DFA"),
+    Experiment("memory_70b", ("memory_70b", "memory_70b_paper"),
+               "a full training step of a LLaMA-3-70B-shaped network: peak memory per lever"),
+    Experiment("rank_sweep", ("rank_sweep",), "SmolLM2-shaped LMs from scratch, dense vs ranks"),
+    Experiment("compress_pretrained", ("compress_pretrained",),
+               "pretrained MiniLM and an LM trained here, compressed and healed"),
+)

@@ -1,8 +1,13 @@
-"""Shared plumbing for experiments and benchmarks: seeding, device choice, environment record,
-atomic results files and a progress bar. Experiments use only the public stiefel_sct API."""
+"""Shared plumbing for experiments and benchmarks: seeding, configuration from presets and the
+command line, environment record, peak memory, atomic files and progress reporting.
+Experiments use only the public stiefel_sct API.
+
+Run every script as a module from the repository root (``python -m experiments.NAME``): the
+``experiments`` package is then importable without any ``sys.path`` edit."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -10,8 +15,8 @@ import pathlib
 import platform
 import random
 import sys
-import tempfile
-from typing import Any, Iterable, Optional
+import time
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Type, TypeVar
 
 import numpy as np
 import torch
@@ -19,19 +24,14 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "results"
 
+C = TypeVar("C")
+
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def pick_device(name: Optional[str] = None) -> torch.device:
-    """``name`` if given, else CUDA when available, else CPU."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -42,6 +42,26 @@ def parse_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
+# ------------------------------------------------------------------------------ configuration
+def add_preset_argument(ap: argparse.ArgumentParser, presets: Dict[str, dict], default: str = "quick") -> None:
+    """``--preset`` with the experiment's presets as choices."""
+    ap.add_argument("--preset", default=default, choices=sorted(presets),
+                    help=f"named settings (default {default}): " + ", ".join(sorted(presets)))
+
+
+def config_from_args(cls: Type[C], presets: Dict[str, dict], args: argparse.Namespace,
+                     overrides: Sequence[str] = ()) -> C:
+    """``cls`` (a dataclass with a ``preset`` field) from ``args.preset``'s preset, then every
+    attribute of ``args`` named in ``overrides`` that was given (not ``None``) on the command line."""
+    cfg = cls(preset=args.preset, **presets[args.preset])  # type: ignore[call-arg]
+    for key in overrides:
+        value = getattr(args, key)
+        if value is not None:
+            setattr(cfg, key, value)
+    return cfg
+
+
+# ------------------------------------------------------------------------------ environment
 def _cpu_model() -> str:
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -87,29 +107,63 @@ def environment(device: Optional[torch.device] = None) -> dict:
     return env
 
 
-def atomic_write_json(path: os.PathLike, payload: Any) -> pathlib.Path:
-    """Write ``payload`` as JSON to ``path`` via a temporary file and a rename.
+# ------------------------------------------------------------------------------ peak memory
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux; elsewhere a no-op)."""
+    try:  # writing 5 to clear_refs resets VmHWM
+        pathlib.Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
-    Either the new file is complete or the old one is untouched (serialisation happens before
-    anything is written; the rename is atomic on POSIX).
+
+def peak_rss_mib() -> Optional[float]:
+    """This process's peak resident set size (``VmHWM``) in MiB; ``None`` where /proc has none."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------ atomic files
+def atomic_write(path: os.PathLike, write: Callable[[pathlib.Path], None]) -> pathlib.Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it over ``path``.
+
+    Either the new file is complete or the old one is untouched (the rename is atomic on POSIX);
+    a failed ``write`` leaves no temporary file behind. Every file the experiments and the
+    report write goes through here.
     """
     path = pathlib.Path(path)
-    text = json.dumps(payload, indent=2, sort_keys=False, allow_nan=True) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # one fixed name per target (each file has one writer): a process killed mid-write leaves
+    # ``.NAME.tmp`` beside an intact ``NAME``, and the next write simply replaces it
+    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: os.PathLike, text: str) -> pathlib.Path:
+    """``text`` to ``path``, atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: os.PathLike, payload: Any) -> pathlib.Path:
+    """``payload`` as JSON to ``path``, atomically; serialised before anything is written."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False, allow_nan=True) + "\n")
+
+
+def atomic_torch_save(path: os.PathLike, payload: Any) -> pathlib.Path:
+    """``torch.save(payload)`` to ``path``, atomically: a checkpoint is complete or absent."""
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def write_results(name: str, config: dict, metrics: dict, device: Optional[torch.device] = None,
@@ -119,10 +173,34 @@ def write_results(name: str, config: dict, metrics: dict, device: Optional[torch
     return atomic_write_json(pathlib.Path(results_dir or RESULTS_DIR) / f"{name}.json", payload)
 
 
-def progress(iterable: Iterable, **kwargs):
-    """A tqdm progress bar on stderr (disabled when stderr is not a terminal unless forced)."""
-    from tqdm.auto import tqdm
+# ------------------------------------------------------------------------------ progress
+def _progress_lines(iterable: Iterable, desc: str = "", total: Optional[int] = None, initial: int = 0,
+                    every: Optional[int] = None) -> Iterator:
+    """Yield from ``iterable``, printing ``desc: i/total done, elapsed, eta`` to stderr after each
+    item (or each ``every`` items): what a log file shows instead of a progress bar."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    t0, done = time.time(), initial
+    for item in iterable:
+        yield item
+        done += 1
+        if every is None or done % every == 0 or done == total:
+            elapsed = time.time() - t0
+            eta = elapsed / (done - initial) * (total - done) if total else None
+            of = f"/{total}" if total else ""
+            tail = f", ~{eta:.0f} s left" if eta is not None else ""
+            print(f"{desc}: {done}{of} done, {elapsed:.0f} s{tail}", file=sys.stderr, flush=True)
 
-    kwargs.setdefault("disable", None if sys.stderr.isatty() else True)
-    kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, **kwargs)
+
+def progress(iterable: Iterable, desc: str = "", lines_every: Optional[int] = None, **kwargs):
+    """A tqdm progress bar when stderr is a terminal; otherwise a line per finished item (or per
+    ``lines_every`` items) on stderr, so a run piped to a log file still shows its progress."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        kwargs.setdefault("dynamic_ncols", True)
+        return tqdm(iterable, desc=desc, **kwargs)
+    return _progress_lines(iterable, desc=desc, total=kwargs.get("total"), initial=kwargs.get("initial", 0),
+                           every=lines_every)
+
+

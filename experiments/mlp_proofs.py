@@ -20,7 +20,7 @@ Choices where the reference is silent, and why:
     SCT 3.9e-6 with it vs 7.7e-7 without; dense 1.4e-6 vs 4.8e-7). ``Config.weight_decay``
     sets it for all methods alike.
 
-Run alone: ``python experiments/mlp_proofs.py --preset quick`` (writes results/mlp_proofs.json).
+Run alone: ``python -m experiments.mlp_proofs --preset quick`` (writes results/mlp_proofs.json).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import dataclasses
 import math
 import pathlib
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -39,12 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from experiments.common import add_preset_argument, config_from_args, progress, seed_everything, write_results
+from stiefel_sct import SpectralAdam, SpectralLinear, orthonormality_error, spectralize
 
-from experiments.common import progress, seed_everything, write_results  # noqa: E402
-from stiefel_sct import SpectralAdam, SpectralLinear, orthonormality_error, spectralize  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 METHODS = ("dense", "sct", "sft_dfa")
 TASKS = ("sine", "xor")
@@ -75,6 +72,8 @@ class Config:
 PRESETS = {
     # the reference's full setup is cheap: quick differs only in the sweep's seeds
     "quick": dict(sweep_seeds=2),
+    # first contact (the README's main command, ~20 min for everything): 3 seeds, one sweep seed
+    "fast": dict(seeds=3, sweep_seeds=1),
     "paper": dict(sweep_seeds=5),
     "smoke": dict(steps=30, seeds=2, sweep_seeds=1, sweep_lrs=[0.01, 0.03], curve_every=5),
 }
@@ -243,20 +242,14 @@ def sweep_best(runs: List[Dict]) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    add_preset_argument(ap, PRESETS)
     ap.add_argument("--seeds", type=int, help="override the preset's seed count")
     ap.add_argument("--steps", type=int, help="override the number of training steps")
     ap.add_argument("--results-dir", default=None, help="where mlp_proofs.json goes (default results/)")
     args = ap.parse_args(argv)
-    cfg = Config(preset=args.preset, **PRESETS[args.preset])
-    if args.seeds is not None:
-        if args.seeds < 1:
-            ap.error("--seeds must be >= 1")
-        cfg.seeds = args.seeds
-    if args.steps is not None:
-        if args.steps < 1:
-            ap.error("--steps must be >= 1")
-        cfg.steps = args.steps
+    cfg = config_from_args(Config, PRESETS, args, ("seeds", "steps"))
+    if min(cfg.seeds, cfg.steps) < 1:
+        ap.error("--seeds and --steps must be >= 1")
     torch.set_num_threads(1)  # tiny problems: threads only add overhead
 
     jobs = [(t, m, s, cfg.lr, sched) for t in cfg.tasks for sched in cfg.schedules for m in cfg.methods

@@ -19,9 +19,9 @@ loss on held-out plays. Read top to bottom:
    compared at one rank and dense), stage ``ablation`` (function-preserving retraction; a 10x
    learning rate for ``s``). Each finished run is appended atomically to ``results/rank_sweep.json``.
 
-    python experiments/rank_sweep.py --preset quick            # tiny model, CPU, ~10 min
-    python experiments/rank_sweep.py --preset paper            # SmolLM2-1.7B, ranks 32-256 (a GPU)
-    python experiments/rank_sweep.py --preset quick --resume   # pick up where a killed run stopped
+    python -m experiments.rank_sweep --preset quick            # tiny model, CPU, ~10 min
+    python -m experiments.rank_sweep --preset paper            # SmolLM2-1.7B, ranks 32-256 (a GPU)
+    python -m experiments.rank_sweep --preset quick --resume   # pick up where a killed run stopped
     torchrun --nproc-per-node 2 experiments/rank_sweep.py ...  # data-parallel (gloo on CPU)
 """
 
@@ -34,19 +34,26 @@ import math
 import os
 import pathlib
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from experiments import data as data_lib
+from experiments.common import (
+    RESULTS_DIR,
+    add_preset_argument,
+    atomic_torch_save,
+    config_from_args,
+    peak_rss_mib,
+    progress,
+    reset_peak_rss,
+    seed_everything,
+    write_results,
+)
 
-from experiments import data as data_lib  # noqa: E402
-from experiments.common import RESULTS_DIR, atomic_write_json, environment, progress, seed_everything  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # SmolLM2 shapes, from the published config.json of each model (vocabulary replaced by the local tokenizer's)
 SHAPES = {
@@ -102,6 +109,8 @@ class Config:
 
 PRESETS = {
     "quick": {},
+    # first contact (the README's main command): half the steps, two learning rates
+    "fast": dict(steps=150, warmup=15, lr_sweep=[1e-3, 3e-3], sweep_steps=60, eval_every=50, ckpt_every=50),
     "paper": dict(shape="1.7B", layers=None, ranks=[32, 64, 128, 256], steps=2000, batch=16, seq=512,
                   vocab=49152, warmup=100, sweep_steps=400, lr_sweep=[3e-4, 1e-3, 3e-3], schedule_rank=128,
                   eval_every=200, eval_batches=32, ckpt_every=200),
@@ -188,23 +197,6 @@ def make_optimizer(model, run: Run):
 
 
 # ------------------------------------------------------------------------------- measurement
-def _reset_peak_rss() -> None:
-    try:  # Linux: writing 5 resets VmHWM to the current RSS
-        pathlib.Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> Optional[float]:
-    try:
-        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def lm_loss(model, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy of windows of ``seq + 1`` tokens: every position predicts the next."""
     logits = model(input_ids=batch[:, :-1]).logits
@@ -247,14 +239,6 @@ def init_distributed() -> None:
 
 
 # --------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: pathlib.Path, payload: dict) -> None:
-    """``torch.save`` to a temporary file, then rename: a checkpoint is complete or absent."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: pathlib.Path, run: Run) -> Optional[dict]:
     if not path.exists():
         return None
@@ -298,9 +282,10 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
         history["eval_step"].append(0)
         history["val_loss"].append(evaluate(model, val))
         history["train_loss"].append(None)
-    _reset_peak_rss()
+    reset_peak_rss()
     window: List[float] = []
-    bar = progress(range(start, run.steps), desc=run.name, initial=start, total=run.steps, leave=False)
+    bar = progress(range(start, run.steps), desc=run.name, initial=start, total=run.steps, leave=False,
+                   lines_every=cfg.eval_every)
     per = cfg.batch // world
     for step in bar:
         # every process draws the same global batch and trains on its rows: DDP's averaged
@@ -329,7 +314,7 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
                 bar.set_postfix(val=f"{history['val_loss'][-1]:.3f}")
         if done % cfg.ckpt_every == 0 or done == run.steps or done == stop_after:
             if rank == 0:  # every process holds the same state: one writes it
-                save_checkpoint(ckpt, {"format": CKPT_FORMAT, "run": dataclasses.asdict(run), "step": done,
+                atomic_torch_save(ckpt, {"format": CKPT_FORMAT, "run": dataclasses.asdict(run), "step": done,
                                        "model": model.state_dict(), "optimizer": opt.state_dict(),
                                        "generator": gen.get_state(), "history": history})
             if dist is not None:
@@ -345,7 +330,7 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
         "converted": converted,
         "compression": converted["dense_params"] / converted["spectral_params"] if converted["layers"] else 1.0,
         "step_s": step_s, "tokens_per_s": cfg.batch * cfg.seq / step_s,
-        "peak_rss_mb": _peak_rss_mb(), "orthonormality_error": orthonormality(model),
+        "peak_rss_mb": peak_rss_mib(), "orthonormality_error": orthonormality(model),
         "curve": {k: history[k] for k in ("eval_step", "val_loss", "train_loss")},
         "wall_s": sum(history["step_s"]),
     }
@@ -421,7 +406,7 @@ def load_results(path: pathlib.Path, cfg: Config, resume: bool) -> Dict[str, Dic
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    add_preset_argument(ap, PRESETS)
     ap.add_argument("--shape", choices=sorted(SHAPES))
     ap.add_argument("--layers", type=int, help="depth (default: the preset's; 0 = the shape's own)")
     ap.add_argument("--targets", choices=sorted(TARGETS), help="which linear layers become spectral")
@@ -442,11 +427,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--ckpt-dir", default=None, help="default: <results-dir>/../runs/rank_sweep")
     args = ap.parse_args(argv)
 
-    cfg = Config(preset=args.preset, **PRESETS[args.preset])
-    for key in ("shape", "targets", "ranks", "steps", "batch", "seq", "vocab", "schedule", "stages", "dataset",
-                "dtype", "seed"):
-        if getattr(args, key) is not None:
-            setattr(cfg, key, getattr(args, key))
+    cfg = config_from_args(Config, PRESETS, args, ("shape", "targets", "ranks", "steps", "batch", "seq", "vocab",
+                                                   "schedule", "stages", "dataset", "dtype", "seed"))
     if args.layers is not None:
         cfg.layers = args.layers or None
     if args.lr is not None:
@@ -503,9 +485,7 @@ def write(path: pathlib.Path, cfg: Config, runs: Dict[str, Dict], data: data_lib
           best_lr: Dict[str, float], sweep: Dict, t0: float) -> Dict:
     metrics = {"runs": runs, "table": summarise(runs, cfg), "best_lr": best_lr, "lr_sweep": sweep,
                "data": data.info, "paper": PAPER, "total_wall_s": time.time() - t0}
-    payload = {"experiment": "rank_sweep", "config": dataclasses.asdict(cfg), "environment": environment(),
-               "metrics": metrics}
-    atomic_write_json(path, payload)
+    write_results("rank_sweep", dataclasses.asdict(cfg), metrics, results_dir=path.parent)
     return metrics
 
 

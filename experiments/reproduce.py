@@ -1,55 +1,55 @@
-"""Reproduce the paper's tables: run the experiments, then rebuild the report in paper/.
+"""Reproduce the paper's tables: run every registered experiment, then rebuild the report in paper/.
 
-    python experiments/reproduce.py --preset quick          # CPU scale, minutes
-    python experiments/reproduce.py --preset paper          # the paper's settings
-    python experiments/reproduce.py --only mlp_proofs       # a subset
+    python -m experiments.reproduce --preset fast           # first contact: every table, ~15 min on 2 cores
+    python -m experiments.reproduce --preset quick          # the full CPU-scale tables, ~30 min
+    python -m experiments.reproduce --preset paper          # the paper's settings (a big machine or a GPU)
+    python -m experiments.reproduce --only mlp_proofs       # a subset
 
 Each experiment runs in its own process (a clean interpreter, as when run alone) and writes
-results/<name>.json; the report is then rebuilt from those files by paper/build.py.
+results/<name>.json; the report is then rebuilt from those files by paper/build.py. The list of
+experiments is :data:`experiments.EXPERIMENTS`, the one the report is built from.
 """
 
 from __future__ import annotations
 
 import argparse
-import pathlib
 import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from experiments import EXPERIMENTS
+from experiments.common import ROOT
 
-# name -> script; later experiments register here
-EXPERIMENTS = {
-    "mlp_proofs": "experiments/mlp_proofs.py",
-    "memory_70b": "experiments/memory_70b.py",
-    "rank_sweep": "experiments/rank_sweep.py",
-}
+PRESETS = ("fast", "quick", "paper")
 
 
 def main(argv=None) -> int:
+    names = [e.name for e in EXPERIMENTS]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                    help="quick: CPU scale, minutes; paper: the paper's settings")
-    ap.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), metavar="NAME",
-                    help=f"run only these experiments (of {', '.join(EXPERIMENTS)})")
+    ap.add_argument("--preset", default="quick", choices=PRESETS,
+                    help="fast: every table with smaller runs (~15 min here); quick: the full CPU-scale "
+                         "tables (~30 min); paper: the paper's settings")
+    ap.add_argument("--only", nargs="+", choices=names, metavar="NAME",
+                    help=f"run only these experiments (of {', '.join(names)})")
     ap.add_argument("--no-report", action="store_true", help="skip rebuilding paper/")
     args = ap.parse_args(argv)
-    names = args.only or list(EXPERIMENTS)
+    chosen = args.only or names
     t_all = time.time()
-    for name in names:
-        print(f"== {name} (preset {args.preset})", flush=True)
+    for i, name in enumerate(chosen, 1):
+        print(f"== [{i}/{len(chosen)}] {name} (preset {args.preset})", flush=True)
         t0 = time.time()
-        proc = subprocess.run([sys.executable, str(ROOT / EXPERIMENTS[name]), "--preset", args.preset], cwd=ROOT)
+        proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--preset", args.preset], cwd=ROOT)
         if proc.returncode != 0:
             print(f"reproduce: {name} failed with exit code {proc.returncode}", file=sys.stderr)
             return proc.returncode
-        print(f"== {name} done in {time.time() - t0:.0f} s", flush=True)
+        print(f"== [{i}/{len(chosen)}] {name} done in {time.time() - t0:.0f} s "
+              f"({time.time() - t_all:.0f} s so far)", flush=True)
     if not args.no_report:
-        proc = subprocess.run([sys.executable, str(ROOT / "paper" / "build.py")], cwd=ROOT)
+        proc = subprocess.run([sys.executable, "-m", "paper.build"], cwd=ROOT)
         if proc.returncode != 0:
             return proc.returncode
         print("report: paper/README.md (figures in paper/figures/)")
-    print(f"reproduce: {len(names)} experiment(s) in {time.time() - t_all:.0f} s")
+    print(f"reproduce: {len(chosen)} experiment(s) in {time.time() - t_all:.0f} s")
     return 0
 
 

@@ -103,7 +103,8 @@ class ConversionReport(list):
         for r in self:
             energy = f"{r.kept_energy:.4f}" if r.kept_energy is not None else "-"
             rows.append(f"{r.name or '<model>':40s} {str(r.shape[0]) + 'x' + str(r.shape[1]):>13s} "
-                        f"{r.rank if r.rank is not None else '-':>5} {energy:>7s} {r.params:>11,d} {r.dense_params:>11,d}  {r.note}")
+                        f"{r.rank if r.rank is not None else '-':>5} {energy:>7s} {r.params:>11,d} "
+                        f"{r.dense_params:>11,d}  {r.note}")
         ratio = self.dense_params / self.params if self.params else float("nan")
         rows.append(f"{len([r for r in self if r.converted])} of {len(self)} candidate layers converted: "
                     f"{self.dense_params:,d} -> {self.params:,d} parameters ({ratio:.2f}x smaller)")
@@ -242,7 +243,7 @@ def spectralize(
         if exclude is not None and match_module(name, exclude):
             continue
         if id(module.weight) in tied and include is None:
-            warnings.warn(f"spectralize: leaving {name or 'model'!r} dense, its weight is tied to another module")
+            warnings.warn(f"spectralize: leaving {name or 'model'!r} dense, its weight is tied to another module", stacklevel=2)
             records.append(_record(name, module, None, "left dense: weight tied to another module"))
             continue
         plan.append((name, module))
@@ -295,7 +296,8 @@ def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], co
             return cls(rows, cols, k, device=device or "meta", dtype=w.dtype, retraction=retraction, **extra)
         return factor(rank=k)
     if w.is_meta:
-        raise ValueError("energy-based rank selection needs materialised weights; this model is on the meta device (use rank=...)")
+        raise ValueError("energy-based rank selection needs materialised weights; "
+                         "this model is on the meta device (use rank=...)")
     layer = factor(energy=energy)
     if not convert_small and not _profitable(layer.rank, rows, cols):
         return None

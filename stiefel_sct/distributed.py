@@ -16,7 +16,7 @@ Communication per group of same-shape factors and pass: one all-reduce of ``B k^
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist

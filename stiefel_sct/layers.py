@@ -245,7 +245,7 @@ class SpectralLinear(SpectralModule):
         rank: Optional[int] = None,
         energy: Optional[float] = None,
         retraction: str = "qr",
-    ) -> "SpectralLinear":
+    ) -> SpectralLinear:
         """Factor a (trained) dense layer by truncated SVD.
 
         Give exactly one of ``rank`` (number of singular values kept) or ``energy`` (fraction of
@@ -349,7 +349,7 @@ class SpectralEmbedding(SpectralModule):
     @classmethod
     @torch.no_grad()
     def from_embedding(cls, embedding: nn.Embedding, rank: Optional[int] = None,
-                       energy: Optional[float] = None, retraction: str = "qr") -> "SpectralEmbedding":
+                       energy: Optional[float] = None, retraction: str = "qr") -> SpectralEmbedding:
         """Factor a (trained) ``nn.Embedding`` by truncated SVD (exactly one of rank/energy)."""
         if not isinstance(embedding, nn.Embedding):
             raise TypeError(f"embedding must be an nn.Embedding, got {type(embedding).__name__}")

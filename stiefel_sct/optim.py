@@ -45,7 +45,7 @@ MODES: Tuple[str, ...] = ("sct", "riemannian")
 TensorList = List[torch.Tensor]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dtensor_type() -> tuple:
     """``(DTensor,)``, or ``()`` for a torch without distributed; imported once, on first use."""
     try:
@@ -170,7 +170,10 @@ def _check_float(value, name: str, low: float, high: Optional[float] = None, *, 
     value = float(value)
     ok = math.isfinite(value) and value >= low and (high is None or (value < high if high_open else value <= high))
     if not ok:
-        rng = f"[{low}, {high})" if high is not None and high_open else f"[{low}, {high}]" if high is not None else f"[{low}, inf)"
+        if high is None:
+            rng = f"[{low}, inf)"
+        else:
+            rng = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
         raise ValueError(f"{name} must be in {rng}, got {value}")
     return value
 

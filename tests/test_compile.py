@@ -1,6 +1,5 @@
 """torch.compile and mixed precision with spectral layers."""
 
-import pytest
 import torch
 from torch import nn
 

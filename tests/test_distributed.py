@@ -12,7 +12,7 @@ from torch import nn
 
 from stiefel_sct import SpectralAdam, SpectralLinear
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 20
 TIMEOUT = datetime.timedelta(seconds=120)  # a stuck collective fails the test instead of hanging CI

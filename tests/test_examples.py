@@ -25,5 +25,5 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("```bash", 1)[1].split("```", 1)[0]
     commands = [line for line in block.splitlines() if line and not line.startswith("#")]
-    assert len(commands) == 2 and "reproduce.py --preset quick" in commands[0]
+    assert len(commands) == 2 and "python -m experiments.reproduce --preset fast" in commands[0]
     assert commands[1] in (ROOT / ".ci" / "run").read_text()

@@ -2,16 +2,14 @@ import json
 import math
 import os
 import pathlib
-import sys
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from experiments import common, memory_70b, mlp_proofs, reproduce
+from paper import build as report
 
-from experiments import common, memory_70b, mlp_proofs  # noqa: E402
-from paper import build as report  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
@@ -90,6 +88,7 @@ def memory_results(tmp_path_factory):
     return results, metrics
 
 
+@pytest.mark.slow
 def test_memory_script_end_to_end(memory_results):
     _, metrics = memory_results
     ref, sib = metrics["summary"]["reference"], metrics["summary"]["ckpt_sib"]
@@ -114,6 +113,7 @@ def test_extrapolation_is_linear():
     assert memory_70b.extrapolate(runs, "x", 80) == pytest.approx(162.0)
 
 
+@pytest.mark.slow
 def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_results, tiny_data, monkeypatch):
     from experiments import data as data_lib
     from experiments import rank_sweep
@@ -166,3 +166,25 @@ def test_chunked_and_nested_loss_equal_the_models_loss(segments):
     assert torch.allclose(ours, ref, rtol=1e-6)
     for g, r in zip(torch.autograd.grad(ours, params), ref_grads):
         assert torch.allclose(g, r, atol=1e-7)
+
+
+def test_reproduce_runs_what_the_report_reports():
+    # one registry: reproduce.py cannot forget an experiment that paper/build.py needs
+    assert reproduce.EXPERIMENTS is report.EXPERIMENTS
+    names = [e.name for e in reproduce.EXPERIMENTS]
+    assert "compress_pretrained" in names and len(set(names)) == len(names)
+    for e in reproduce.EXPERIMENTS:
+        assert (ROOT / "experiments" / f"{e.name}.py").is_file()
+        assert all((ROOT / "results" / f"{r}.json").is_file() for r in e.results[:1])
+
+
+@pytest.mark.parametrize("name", ["mlp_proofs", "memory_70b", "rank_sweep", "compress_pretrained"])
+def test_every_experiment_has_the_reproduce_presets(name):
+    module = __import__(f"experiments.{name}", fromlist=["PRESETS"])
+    assert set(reproduce.PRESETS) <= set(module.PRESETS)
+
+
+def test_progress_prints_a_line_per_item_when_stderr_is_not_a_terminal(capsys):
+    assert list(common.progress(range(3), desc="demo")) == [0, 1, 2]
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(",")[0] for line in lines] == ["demo: 1/3 done", "demo: 2/3 done", "demo: 3/3 done"]

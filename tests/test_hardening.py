@@ -15,6 +15,7 @@ from stiefel_sct import SpectralAdam, SpectralLinear, is_stiefel, orthonormality
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_ten_thousand_steps_keep_orthonormality_fp32():
     torch.manual_seed(0)
     model = nn.Sequential(SpectralLinear(16, 12, 4), nn.Tanh(), SpectralLinear(12, 4, 3))
@@ -60,6 +61,7 @@ KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_save_resumes_from_the_last_good_checkpoint(tmp_path, tiny_data):
     from experiments import rank_sweep
 

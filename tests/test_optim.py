@@ -439,7 +439,7 @@ def test_step_in_backward_equals_a_normal_step(retraction):
 
 def test_step_in_backward_rejects_bad_gradients_and_modes():
     layer = SpectralLinear(6, 5, 2)
-    opt = SpectralAdam(layer.parameters(), step_in_backward=True)
+    _opt = SpectralAdam(layer.parameters(), step_in_backward=True)  # its hooks update during backward
     before = layer.s.detach().clone()
     layer.s.register_hook(lambda g: torch.full_like(g, float("nan")))
     with pytest.raises(FloatingPointError, match="param_groups\\[0\\]\\['params'\\]\\[1\\]"):

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 EXPERIMENT_ONLY = ["transformers", "tokenizers", "datasets", "matplotlib", "tqdm", "safetensors"]
 
 
@@ -10,6 +12,7 @@ def _imported_after(code):
     return set(filter(None, out.stdout.strip().split(",")))
 
 
+@pytest.mark.slow
 def test_import_does_not_pull_experiment_packages():
     # geoopt itself imports tqdm; anything beyond what torch + geoopt bring in would be ours
     baseline = _imported_after("import torch, geoopt")

@@ -88,7 +88,7 @@ def test_retract_all_preserves_every_layer_and_retracts_loose_factors():
     m = Stiefel()
     model.loose = geoopt.ManifoldParameter(m.random(15, 3, dtype=torch.float64), manifold=m)
     _perturb(model)
-    before = {n: l.dense_weight().clone() for n, l in model.items() if hasattr(l, "dense_weight")}
+    before = {n: m.dense_weight().clone() for n, m in model.items() if hasattr(m, "dense_weight")}
     assert retract_all(model, preserve_function=True) == 9
     for name, w in before.items():
         layer = model[name]

@@ -9,8 +9,9 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from experiments import data as data_lib  # noqa: E402
-from experiments import rank_sweep  # noqa: E402
+from experiments import data as data_lib
+from experiments import rank_sweep
+
 
 def _documents(n_docs=6):
     from conftest import synthetic_documents
@@ -31,7 +32,7 @@ def test_split_holds_out_whole_documents_or_the_tail():
     train, val = data_lib.split_documents(docs)
     assert [n for n, _ in val] == ["d0", "d10", "d20"] and len(train) == 22
     assert not {n for n, _ in train} & {n for n, _ in val}
-    (tn, tt), (vn, vt) = *data_lib.split_documents([("one", "x" * 100)])[0], *data_lib.split_documents([("one", "x" * 100)])[1]
+    (_, tt), (vn, vt) = *data_lib.split_documents([("one", "x" * 100)])[0], *data_lib.split_documents([("one", "x" * 100)])[1]
     assert len(tt) == 90 and len(vt) == 10 and vn == "one[val]"
     with pytest.raises(ValueError, match="every"):
         data_lib.split_documents(docs, every=1)

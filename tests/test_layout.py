@@ -1,0 +1,44 @@
+"""Facts about the package's shape that a reader relies on (checked on the source, by ``ast``)."""
+
+import ast
+import pathlib
+
+PKG = pathlib.Path(__file__).resolve().parents[1] / "stiefel_sct"
+
+
+def _imports(path):
+    """``(module, names)`` of every ``from X import ...`` in a file (relative imports as ``.X``)."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            yield "." * node.level + (node.module or ""), [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                yield a.name, []
+
+
+def test_the_optimizer_imports_no_layer():
+    for name in ("optim.py", "adam.py", "bank.py", "triples.py", "manifold.py"):
+        for module, _ in _imports(PKG / name):
+            assert "layers" not in module and "convert" not in module, (name, module)
+
+
+def test_the_adam_kernels_know_no_manifold_and_no_bank():
+    for module, _ in _imports(PKG / "adam.py"):
+        assert not module.startswith("."), module  # only torch and the standard library
+        assert "geoopt" not in module
+
+
+def test_no_module_imports_another_modules_private_names():
+    for path in PKG.glob("*.py"):
+        for module, names in _imports(path):
+            if module.startswith(".") or module.startswith("stiefel_sct"):
+                private = [n for n in names if n.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {module}"
+
+
+def test_one_place_decides_the_cholesky_qr_passes():
+    users = [p.name for p in PKG.glob("*.py") if "cholesky_ex" in p.read_text()]
+    assert users == ["manifold.py"]
+    text = (PKG / "manifold.py").read_text()
+    assert text.count("_ONE_PASS_KAPPA") == 2  # defined once, read once (in cholqr_into)
