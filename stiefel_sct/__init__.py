@@ -4,6 +4,7 @@ Weights are stored as ``W = V diag(s) U^T`` with ``U``, ``V`` on the Stiefel man
 never built densely; :class:`SpectralAdam` trains them and retracts the factors after each step.
 """
 
+from .checkpoint import load_optimizer_state, load_spectral, save_spectral
 from .convert import ConversionReport, LayerConversion, budget_ranks, densify, match_module, spectralize
 from .layers import SpectralEmbedding, SpectralLinear, spectral_linear
 from .manifold import (
@@ -37,6 +38,8 @@ __all__ = [
     "densify",
     "is_stiefel",
     "kept_energy",
+    "load_optimizer_state",
+    "load_spectral",
     "match_module",
     "orthonormality_error",
     "preserving_retraction",
@@ -44,6 +47,7 @@ __all__ = [
     "retract",
     "retract_",
     "retract_all",
+    "save_spectral",
     "select_rank",
     "spectral_adam",
     "spectral_linear",

@@ -170,7 +170,7 @@ def test_state_dict_round_trip_continues_bitwise(mode):
     buf = io.BytesIO()
     torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buf)
     buf.seek(0)
-    ckpt = torch.load(buf)
+    ckpt = torch.load(buf, weights_only=True)
     model_b = _mlp(123)
     opt_b = SpectralAdam(model_b.parameters(), lr=1e-2, weight_decay=0.01, mode=mode)
     model_b.load_state_dict(ckpt["model"])

@@ -1,0 +1,453 @@
+"""Spectral checkpoints: ``safetensors`` weights beside a small JSON that says which layers are
+spectral and at which rank, so a model of the same architecture, dense or on ``meta``, can be
+turned back into exactly the saved spectral model (the way PEFT keeps ``adapter_config.json``
+beside its weights).
+
+A checkpoint directory holds
+
+* ``spectral_config.json``: format and version, the library version, one entry per spectral layer
+  (kind, shapes, rank, bias / padding index, retraction backend, dtype), the name, shape and
+  dtype of every saved tensor, and which state-dict names are tied to which;
+* ``model.safetensors``: every tensor of ``model.state_dict()`` once (tied names are saved once);
+* with an optimizer, ``optimizer.safetensors`` (its state tensors, keyed by parameter *name*)
+  and an ``optimizer`` entry in the JSON (class, param groups by parameter name, scalar state).
+
+No pickle anywhere. A directory is written whole or not at all: into a temporary sibling that
+replaces the old directory only once every file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import geoopt
+import torch
+from torch import nn
+
+from .layers import SpectralEmbedding, SpectralLinear, SpectralModule
+
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "load_optimizer_state",
+           "load_spectral", "save_spectral"]
+
+FORMAT = "stiefel-sct"
+FORMAT_VERSION = 1
+CONFIG_NAME = "spectral_config.json"
+WEIGHTS_NAME = "model.safetensors"
+OPTIMIZER_NAME = "optimizer.safetensors"
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16,
+                                                       torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+                                                       torch.bool)}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not fit the model (or is not a spectral checkpoint)."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _layer_entry(module: SpectralModule) -> Dict[str, Any]:
+    common = {"rank": module.rank, "retraction": module.manifold.method, "dtype": _dtype_name(module.U.dtype)}
+    if isinstance(module, SpectralLinear):
+        return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None, **common}
+    if isinstance(module, SpectralEmbedding):
+        return {"kind": "embedding", "num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+                "padding_idx": module.padding_idx, **common}
+    raise TypeError(f"unknown spectral module {type(module).__name__}")
+
+
+def _unique_state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """``model.state_dict()`` with each tensor once: ``(tensors, tied)`` where ``tied`` maps a
+    dropped name to the kept name holding the same tensor (e.g. a tied LM head)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    tied: Dict[str, str] = {}
+    seen: Dict[Tuple[int, int, tuple, tuple], str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        t = t.detach()
+        if t.is_meta:
+            raise CheckpointError(f"cannot save {name!r}: it is on the meta device (nothing to save)")
+        key = (t.data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride())) if t.numel() else (id(t), 0, (), ())
+        if key in seen:
+            tied[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t
+    return tensors, tied
+
+
+def _contiguous_copies(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Own, contiguous CPU memory for each tensor. ``safetensors`` refuses tensors that share
+    storage, and after a ``SpectralAdam`` step the factors are views into its factor banks."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+class _AtomicDirectory:
+    """A temporary sibling of ``target`` to write into; :meth:`commit` puts it in ``target``'s place."""
+
+    def __init__(self, target: pathlib.Path) -> None:
+        self.target = target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.path = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+    def commit(self) -> None:
+        old = None
+        if self.target.exists():
+            if not self.target.is_dir():
+                raise NotADirectoryError(f"directory {self.target} exists and is not a directory")
+            old = self.target.with_name(f".{self.target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.target, old)
+        os.replace(self.path, self.target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _param_names(model: nn.Module) -> Dict[int, str]:
+    """``id(parameter) -> name`` (the first name of a shared parameter)."""
+    names: Dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), name)
+    return names
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise CheckpointError(f"{what}: a tensor of shape {tuple(value.shape)} cannot go in the JSON")
+        value = value.item()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, what) for v in value]
+    if isinstance(value, torch.dtype):
+        return {"dtype": _dtype_name(value)}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    raise CheckpointError(f"{what}: cannot save a {type(value).__name__} in the JSON")
+
+
+def _optimizer_payload(optimizer: torch.optim.Optimizer, model: nn.Module):
+    names = _param_names(model)
+    groups: List[Dict[str, Any]] = []
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, Dict[str, Any]] = {}
+    for gi, group in enumerate(optimizer.param_groups):
+        entry: Dict[str, Any] = {}
+        for key, value in group.items():
+            if key == "params":
+                missing = [i for i, p in enumerate(value) if id(p) not in names]
+                if missing:
+                    raise CheckpointError(f"optimizer param_groups[{gi}]['params'][{missing[0]}] is not a parameter of the model")
+                entry["params"] = [names[id(p)] for p in value]
+            elif key != "param_names":
+                entry[key] = _jsonable(value, f"optimizer param_groups[{gi}][{key!r}]")
+        groups.append(entry)
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{names[id(p)]}::{key}"] = value
+                else:
+                    scalars.setdefault(names[id(p)], {})[key] = _jsonable(value, f"optimizer state {key!r}")
+    return {"class": type(optimizer).__name__, "param_groups": groups, "scalar_state": scalars}, tensors
+
+
+@torch.no_grad()
+def save_spectral(model: nn.Module, directory: os.PathLike | str,
+                  optimizer: Optional[torch.optim.Optimizer] = None) -> pathlib.Path:
+    """Save a (spectral) model, and optionally its optimizer, to ``directory``.
+
+    Args:
+        model: any module; its :class:`~stiefel_sct.SpectralLinear` / :class:`~stiefel_sct.SpectralEmbedding`
+            layers are recorded with their ranks so :func:`load_spectral` can rebuild them.
+        directory: created if missing, replaced whole if it exists (written into a temporary
+            sibling first, so a failure leaves the old checkpoint as it was).
+        optimizer: also save its param groups (by parameter name) and state
+            (:func:`load_optimizer_state` restores them into a new optimizer).
+
+    Returns the directory's path.
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, SpectralModule)}
+    tensors, tied = _unique_state(model)
+    config: Dict[str, Any] = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
+        "model_class": type(model).__name__, "layers": layers, "tied": tied,
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+        "optimizer": None,
+    }
+    opt_tensors: Dict[str, torch.Tensor] = {}
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        config["optimizer"], opt_tensors = _optimizer_payload(optimizer, model)
+    text = json.dumps(config, indent=2) + "\n"  # fails here, before anything is written, if not serialisable
+    out = _AtomicDirectory(pathlib.Path(directory))
+    try:
+        save_file(_contiguous_copies(tensors), str(out.path / WEIGHTS_NAME), metadata={"format": "pt"})
+        if optimizer is not None:
+            save_file(_contiguous_copies(opt_tensors), str(out.path / OPTIMIZER_NAME), metadata={"format": "pt"})
+        (out.path / CONFIG_NAME).write_text(text)
+        out.commit()
+    except BaseException:
+        out.discard()
+        raise
+    return pathlib.Path(directory)
+
+
+def _library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def read_config(directory: os.PathLike | str) -> Dict[str, Any]:
+    """The checkpoint's ``spectral_config.json``, checked for format and version."""
+    path = pathlib.Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: {directory} is not a spectral checkpoint (save_spectral writes one)")
+    config = json.loads(path.read_text())
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {config.get('format')!r} is not {FORMAT!r}")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION})")
+    return config
+
+
+def _expected_shapes(entry: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
+    k = entry["rank"]
+    if entry["kind"] == "linear":
+        shapes = {"U": (entry["in_features"], k), "s": (k,), "V": (entry["out_features"], k)}
+        if entry["bias"]:
+            shapes["bias"] = (entry["out_features"],)
+        return shapes
+    return {"U": (entry["num_embeddings"], k), "s": (k,), "V": (entry["embedding_dim"], k)}
+
+
+def _dense_shape(module: nn.Module) -> Optional[Tuple[str, Tuple[int, int]]]:
+    if isinstance(module, nn.Linear):
+        return "linear", (module.in_features, module.out_features)
+    if isinstance(module, nn.Embedding):
+        return "embedding", (module.num_embeddings, module.embedding_dim)
+    if isinstance(module, SpectralLinear):
+        return "linear", (module.in_features, module.out_features)
+    if isinstance(module, SpectralEmbedding):
+        return "embedding", (module.num_embeddings, module.embedding_dim)
+    return None
+
+
+def _plan(model: nn.Module, config: Dict[str, Any]) -> Dict[str, nn.Module]:
+    """Check every saved layer against ``model`` before anything changes; the modules to replace."""
+    modules = dict(model.named_modules())
+    plan: Dict[str, nn.Module] = {}
+    for name, entry in config["layers"].items():
+        if name not in modules:
+            raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in this {type(model).__name__} "
+                                  "(a checkpoint of another architecture?)")
+        module = modules[name]
+        found = _dense_shape(module)
+        saved = ((entry["in_features"], entry["out_features"]) if entry["kind"] == "linear"
+                 else (entry["num_embeddings"], entry["embedding_dim"]))
+        if found is None or found[0] != entry["kind"]:
+            raise CheckpointError(f"layer {name!r}: the checkpoint has a spectral {entry['kind']}, the model a "
+                                  f"{type(module).__name__}")
+        if found[1] != saved:
+            raise CheckpointError(f"layer {name!r}: the checkpoint's {entry['kind']} is {saved[0]} -> {saved[1]}, "
+                                  f"the model's {found[1][0]} -> {found[1][1]}")
+        if entry["kind"] == "linear" and isinstance(module, (nn.Linear, SpectralLinear)):
+            has_bias = module.bias is not None
+            if has_bias != entry["bias"]:
+                raise CheckpointError(f"layer {name!r}: bias={entry['bias']} in the checkpoint, bias={has_bias} in the model")
+        plan[name] = module
+    return plan
+
+
+def _build(entry: Dict[str, Any]) -> SpectralModule:
+    dtype = _DTYPES[entry["dtype"]]
+    if entry["kind"] == "linear":
+        return SpectralLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"],
+                              device="meta", dtype=dtype, retraction=entry["retraction"])
+    return SpectralEmbedding(entry["num_embeddings"], entry["embedding_dim"], entry["rank"],
+                             padding_idx=entry["padding_idx"], device="meta", dtype=dtype, retraction=entry["retraction"])
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _named_tensors(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, torch.Tensor, bool]]:
+    """``(module, local name, qualified name, tensor, is_parameter)`` of every parameter and buffer,
+    shared ones included (so a tied parameter shows up under each name)."""
+    for mname, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{mname}." if mname else ""
+        for key, p in module._parameters.items():
+            if p is not None:
+                yield module, key, prefix + key, p, True
+        for key, b in module._buffers.items():
+            if b is not None:
+                yield module, key, prefix + key, b, False
+
+
+@torch.no_grad()
+def load_spectral(model: nn.Module, directory: os.PathLike | str,
+                  device: Optional[torch.device | str] = None) -> nn.Module:
+    """Rebuild the checkpoint's spectral model inside ``model`` and load every tensor; returns ``model``.
+
+    ``model`` has the checkpoint's architecture in its dense form (or already spectral at the
+    saved ranks), with real parameters or on the ``meta`` device (e.g. built under
+    ``accelerate.init_empty_weights()``; real buffers such as rotary frequencies are left as they
+    are). Exactly the saved layers are converted, at exactly the saved ranks; parameters on
+    ``meta`` are materialised on ``device`` (default: CPU) and every tensor of the checkpoint is
+    loaded. Everything is checked first (the format, every layer, every tensor's name and shape):
+    a checkpoint that does not fit raises :class:`CheckpointError` naming the layer or tensor and
+    both shapes, and leaves ``model`` untouched.
+    """
+    from safetensors import safe_open
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    directory = pathlib.Path(directory)
+    config = read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{weights} not found")
+    plan = _plan(model, config)
+    with safe_open(str(weights), framework="pt") as f:
+        stored = set(f.keys())
+    listed = set(config["tensors"])
+    if stored != listed:
+        diff = sorted(listed ^ stored)
+        raise CheckpointError(f"{weights} does not hold the tensors {CONFIG_NAME} lists (e.g. {diff[0]!r})")
+
+    # the state-dict names and shapes the converted model will have, checked against the file
+    expected: Dict[str, Tuple[int, ...]] = {}
+    for qname, t in model.state_dict(keep_vars=True).items():
+        owner, _, _ = qname.rpartition(".")
+        if owner in plan:
+            continue  # a tensor of a layer that is replaced by its spectral form below
+        expected[qname] = tuple(t.shape)
+    for name, entry in config["layers"].items():
+        prefix = f"{name}." if name else ""
+        for key, shape in _expected_shapes(entry).items():
+            expected[prefix + key] = shape
+    for qname, shape in expected.items():
+        source = config["tied"].get(qname, qname)
+        if source not in config["tensors"]:
+            raise CheckpointError(f"tensor {qname!r} of the model is missing from {weights}")
+        saved = tuple(config["tensors"][source]["shape"])
+        if saved != shape:
+            raise CheckpointError(f"tensor {qname!r}: shape {saved} in the checkpoint, {shape} in the model")
+    for qname in list(config["tensors"]) + list(config["tied"]):
+        if qname not in expected:
+            raise CheckpointError(f"tensor {qname!r} of the checkpoint has no place in this {type(model).__name__}")
+
+    # everything fits: convert, materialise, load
+    result = model
+    for name, entry in config["layers"].items():
+        module = plan[name]
+        if isinstance(module, SpectralModule) and module.rank == entry["rank"]:
+            continue
+        new = _build(entry)
+        if name == "":
+            result = new
+        else:
+            _set_submodule(model, name, new)
+    # the saved ties come back (a model built under init_empty_weights is not tied yet)
+    params = dict(result.named_parameters(remove_duplicate=False))
+    for alias, source in config["tied"].items():
+        if alias in params and source in params and params[alias] is not params[source]:
+            owner, _, key = alias.rpartition(".")
+            result.get_submodule(owner)._parameters[key] = params[source]
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    fresh: Dict[int, torch.Tensor] = {}
+    for module, key, qname, t, is_param in list(_named_tensors(result)):
+        if not t.is_meta:
+            continue
+        if not is_param and key in getattr(module, "_non_persistent_buffers_set", ()):
+            raise CheckpointError(f"buffer {qname!r} is on the meta device and is not saved in checkpoints: "
+                                  "build the model with real buffers (init_empty_weights(include_buffers=False))")
+        if id(t) not in fresh:  # a tied parameter stays one tensor
+            data = torch.empty(t.shape, dtype=t.dtype, device=target)
+            if isinstance(t, geoopt.ManifoldParameter):
+                fresh[id(t)] = geoopt.ManifoldParameter(data, manifold=t.manifold, requires_grad=t.requires_grad)
+            elif isinstance(t, nn.Parameter):
+                fresh[id(t)] = nn.Parameter(data, requires_grad=t.requires_grad)
+            else:
+                fresh[id(t)] = data
+        (module._parameters if is_param else module._buffers)[key] = fresh[id(t)]
+    for module in result.modules():
+        if isinstance(module, SpectralModule):
+            module.register_factors()
+    state: Dict[str, torch.Tensor] = {}
+    with safe_open(str(weights), framework="pt", device="cpu") as f:
+        for name in config["tensors"]:
+            state[name] = f.get_tensor(name)
+    for alias, source in config["tied"].items():
+        state[alias] = state[source]
+    result.load_state_dict(state, strict=True)
+    return result
+
+
+@torch.no_grad()
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, directory: os.PathLike | str) -> None:
+    """Restore the optimizer saved by ``save_spectral(model, directory, optimizer)`` into
+    ``optimizer``, a new optimizer of the same class over the loaded ``model``'s parameters in
+    the same groups. Parameters are matched by name, so the order in which the new optimizer was
+    given them does not matter. Checked first: a mismatch raises :class:`CheckpointError` and
+    leaves the optimizer untouched."""
+    from safetensors.torch import load_file
+
+    config = read_config(directory)
+    saved = config.get("optimizer")
+    if not saved:
+        raise CheckpointError(f"{directory} holds no optimizer state (save_spectral(..., optimizer=...) writes it)")
+    if saved["class"] != type(optimizer).__name__:
+        raise CheckpointError(f"the checkpoint holds a {saved['class']} state, the optimizer is a {type(optimizer).__name__}")
+    names = _param_names(model)
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint has {len(saved['param_groups'])} param groups, "
+                              f"the optimizer {len(optimizer.param_groups)}")
+    index: Dict[str, int] = {}
+    i = 0
+    for gi, (group, entry) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+        mine = []
+        for p in group["params"]:
+            if id(p) not in names:
+                raise CheckpointError(f"optimizer param_groups[{gi}] holds a tensor that is not a parameter of the model")
+            mine.append(names[id(p)])
+        if sorted(mine) != sorted(entry["params"]):
+            raise CheckpointError(f"param group {gi}: the checkpoint's parameters {sorted(set(entry['params']) ^ set(mine))[:3]} "
+                                  "do not match the optimizer's")
+        for name in mine:
+            index[name] = i
+            i += 1
+    opt_file = pathlib.Path(directory) / OPTIMIZER_NAME
+    tensors = load_file(str(opt_file)) if opt_file.is_file() else {}
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("::")
+        state.setdefault(index[name], {})[field] = value
+    for name, fields in saved["scalar_state"].items():
+        state.setdefault(index[name], {}).update(fields)
+    groups = []
+    for group, entry in zip(optimizer.param_groups, saved["param_groups"]):
+        g = {k: (tuple(v) if isinstance(v, list) else v) for k, v in entry.items() if k != "params"}
+        g = {k: (_DTYPES[v["dtype"]] if isinstance(v, dict) and "dtype" in v else v) for k, v in g.items()}
+        g["params"] = [index[names[id(p)]] for p in group["params"]]
+        groups.append(g)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})

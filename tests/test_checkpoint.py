@@ -1,0 +1,273 @@
+"""save_spectral / load_spectral: a spectral model (and its optimizer) saved, then rebuilt in a
+dense or meta-device model of the same architecture, in a fresh process."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import geoopt
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stiefel_sct import (
+    SpectralAdam,
+    SpectralEmbedding,
+    SpectralLinear,
+    Stiefel,
+    load_optimizer_state,
+    load_spectral,
+    orthonormality_error,
+    save_spectral,
+    spectralize,
+)
+from stiefel_sct.checkpoint import CONFIG_NAME, CheckpointError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_llama_config(bias=False, tied=False, hidden=32):
+    return transformers.LlamaConfig(vocab_size=96, hidden_size=hidden, intermediate_size=2 * hidden,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=64, attention_bias=bias, mlp_bias=bias,
+                                    tie_word_embeddings=tied)
+
+
+def tiny_llama(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(tiny_llama_config(**kw))
+    return model.eval()
+
+
+def _train(model, opt, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        ids = torch.randint(0, 96, (2, 12), generator=gen)
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+IDS = torch.arange(24).view(2, 12) % 96
+
+CASES = {
+    "rank": dict(policy=dict(rank=4), embeddings=False, bias=False, tied=False),
+    "energy-emb-bias": dict(policy=dict(energy=0.8), embeddings=True, bias=True, tied=False),
+    "budget-emb": dict(policy="budget", embeddings=True, bias=False, tied=False),
+    "rank-tied": dict(policy=dict(rank=4), embeddings=False, bias=True, tied=True),
+}
+
+RELOAD = textwrap.dedent("""
+    import json, sys, torch, transformers
+    from accelerate import init_empty_weights
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import tiny_llama_config, IDS
+    from stiefel_sct import load_spectral, is_stiefel
+    out = {{}}
+    for name, case in json.loads({cases!r}).items():
+        with init_empty_weights():  # parameters on meta, buffers (rotary frequencies) real
+            model = transformers.LlamaForCausalLM(tiny_llama_config(bias=case["bias"], tied=case["tied"]))
+        assert all(p.is_meta for p in model.parameters())
+        model = load_spectral(model, {root!r} + "/" + name).eval()
+        with torch.no_grad():
+            torch.save(model(input_ids=IDS).logits, {root!r} + "/" + name + ".logits.pt")
+        out[name] = dict(factors=sum(is_stiefel(p) for p in model.parameters()),
+                         tied=getattr(model.lm_head, "weight", None) is getattr(model.model.embed_tokens, "weight", 0))
+    print(json.dumps(out))
+""")
+
+
+def _spectral(case):
+    model = tiny_llama(bias=case["bias"], tied=case["tied"])
+    policy = case["policy"]
+    if policy == "budget":
+        dense = sum(p.numel() for p in model.parameters())
+        policy = dict(budget=int(0.7 * dense))
+    spectralize(model, embeddings=case["embeddings"], convert_small=False, **policy)
+    return model
+
+
+def test_reload_in_a_fresh_process_on_meta_gives_bitwise_equal_logits(tmp_path):
+    pytest.importorskip("accelerate")
+    expected = {}
+    for name, case in CASES.items():
+        model = _spectral(case)
+        opt = SpectralAdam(model.parameters(), lr=1e-2)
+        _train(model, opt, 2)  # after a step the factors are views into the optimizer's factor banks
+        save_spectral(model, tmp_path / name)
+        with torch.no_grad():
+            expected[name] = model(input_ids=IDS).logits
+        config = json.loads((tmp_path / name / CONFIG_NAME).read_text())
+        assert config["layers"] and all(e["rank"] >= 1 for e in config["layers"].values())
+        if case["embeddings"]:
+            assert config["layers"]["model.embed_tokens"]["kind"] == "embedding"
+        if case["tied"]:
+            assert config["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    script = RELOAD.format(tests=os.path.join(ROOT, "tests"), root=str(tmp_path), cases=json.dumps(CASES))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, case in CASES.items():
+        got = torch.load(tmp_path / f"{name}.logits.pt", weights_only=True)
+        assert torch.equal(got, expected[name]), name
+        assert info[name]["factors"] > 0
+        assert info[name]["tied"] == case["tied"]
+
+
+def test_round_trip_into_a_dense_model_keeps_manifold_factors_and_ranks(tmp_path):
+    model = _spectral(CASES["energy-emb-bias"])
+    save_spectral(model, tmp_path / "ck")
+    fresh = load_spectral(tiny_llama(seed=5, bias=True), tmp_path / "ck")
+    for (na, a), (nb, b) in zip(model.named_modules(), fresh.named_modules()):
+        assert na == nb and type(a) is type(b)
+        if isinstance(a, (SpectralLinear, SpectralEmbedding)):
+            assert a.rank == b.rank
+            for p in (b.U, b.V):
+                assert isinstance(p, geoopt.ManifoldParameter) and isinstance(p.manifold, Stiefel)
+                assert orthonormality_error(p) < 1e-5
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_optimizer_state_round_trip_resumes_bitwise(tmp_path):
+    model = _spectral(CASES["rank"])
+    opt = SpectralAdam(model.parameters(), lr=1e-2, weight_decay=0.01)
+    _train(model, opt, 3)
+    save_spectral(model, tmp_path / "ck", optimizer=opt)
+    _train(model, opt, 3, seed=2)  # the uninterrupted run
+
+    fresh = load_spectral(tiny_llama(seed=9), tmp_path / "ck")
+    params = list(fresh.parameters())
+    new_opt = SpectralAdam(params[::-1], lr=1.0)  # another order and lr: both come from the checkpoint
+    load_optimizer_state(new_opt, fresh, tmp_path / "ck")
+    assert new_opt.param_groups[0]["lr"] == 1e-2 and new_opt.param_groups[0]["weight_decay"] == 0.01
+    _train(fresh, new_opt, 3, seed=2)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def _snapshot(model):
+    return [(n, type(m)) for n, m in model.named_modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_untouched(model, snap):
+    modules, state = snap
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], v) for k, v in state.items())
+
+
+def test_a_checkpoint_that_does_not_fit_is_rejected_and_the_model_untouched(tmp_path):
+    save_spectral(_spectral(CASES["rank"]), tmp_path / "ck")
+    wider = tiny_llama(hidden=48)
+    snap = _snapshot(wider)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.self_attn\.q_proj.*32 -> 32.*48 -> 48"):
+        load_spectral(wider, tmp_path / "ck")
+    _assert_untouched(wider, snap)
+
+    biased = tiny_llama(bias=True)
+    snap = _snapshot(biased)
+    with pytest.raises(CheckpointError, match="bias=False in the checkpoint, bias=True in the model"):
+        load_spectral(biased, tmp_path / "ck")
+    _assert_untouched(biased, snap)
+
+    other = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(CheckpointError, match="does not exist in this Sequential"):
+        load_spectral(other, tmp_path / "ck")
+
+    config_path = tmp_path / "ck" / CONFIG_NAME
+    config = json.loads(config_path.read_text())
+    model = tiny_llama()
+    snap = _snapshot(model)
+    bad = dict(config, format_version=99)
+    config_path.write_text(json.dumps(bad))
+    with pytest.raises(CheckpointError, match="format_version 99"):
+        load_spectral(model, tmp_path / "ck")
+    listed = dict(config, tensors={k: v for k, v in config["tensors"].items() if k != "model.norm.weight"})
+    config_path.write_text(json.dumps(listed))
+    with pytest.raises(CheckpointError, match="does not hold the tensors"):
+        load_spectral(model, tmp_path / "ck")
+    shape = json.loads(json.dumps(config))
+    shape["tensors"]["model.norm.weight"]["shape"] = [31]
+    config_path.write_text(json.dumps(shape))
+    with pytest.raises(CheckpointError, match=r"'model.norm.weight': shape \(31,\) in the checkpoint, \(32,\) in the model"):
+        load_spectral(model, tmp_path / "ck")
+    _assert_untouched(model, snap)
+    with pytest.raises(CheckpointError, match="not a spectral checkpoint"):
+        load_spectral(model, tmp_path / "nothing")
+
+
+def test_save_replaces_a_directory_whole_or_not_at_all(tmp_path, monkeypatch):
+    model = _spectral(CASES["rank"])
+    save_spectral(model, tmp_path / "ck")
+    before = sorted(p.name for p in (tmp_path / "ck").iterdir())
+    weights = (tmp_path / "ck" / "model.safetensors").read_bytes()
+
+    import safetensors.torch
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_spectral(model, tmp_path / "ck")
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == before
+    assert (tmp_path / "ck" / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary directory left
+
+
+def test_optimizer_state_mismatch_is_rejected(tmp_path):
+    model = _spectral(CASES["rank"])
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    _train(model, opt, 1)
+    save_spectral(model, tmp_path / "ck", optimizer=opt)
+    fresh = load_spectral(tiny_llama(), tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="holds a SpectralAdam state, the optimizer is a SGD"):
+        load_optimizer_state(torch.optim.SGD(fresh.parameters(), lr=0.1), fresh, tmp_path / "ck")
+    half = list(fresh.parameters())[:3]
+    with pytest.raises(CheckpointError, match="param group 0"):
+        load_optimizer_state(SpectralAdam(half), fresh, tmp_path / "ck")
+    save_spectral(model, tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="holds no optimizer state"):
+        load_optimizer_state(SpectralAdam(fresh.parameters()), fresh, tmp_path / "plain")
+
+
+def test_plain_modules_round_trip(tmp_path):
+    model = nn.Sequential(SpectralLinear(10, 8, 3), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(4, 10)
+    save_spectral(model, tmp_path / "ck")
+    fresh = load_spectral(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 2)), tmp_path / "ck")
+    assert isinstance(fresh[0], SpectralLinear) and fresh[0].rank == 3
+    assert torch.equal(fresh(x), model(x))
+    F.mse_loss(fresh(x), torch.zeros(4, 2)).backward()  # trains
+    assert fresh[0].U.grad is not None
+
+
+EXPORTED = textwrap.dedent("""
+    import json, sys, torch, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained({path!r}).eval()
+    out = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=8, do_sample=False)
+    print(json.dumps({{"tokens": out[0].tolist(), "stiefel_sct": "stiefel_sct" in sys.modules,
+                       "classes": sorted({{type(m).__name__ for m in model.modules()}})}}))
+""")
+
+
+def test_dense_export_loads_and_generates_without_the_library(tmp_path):
+    from stiefel_sct import densify
+
+    model = _spectral(CASES["energy-emb-bias"])
+    with torch.no_grad():
+        spectral_tokens = model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=8, do_sample=False)[0].tolist()
+    densify(model).save_pretrained(tmp_path / "dense")
+    proc = subprocess.run([sys.executable, "-c", EXPORTED.format(path=str(tmp_path / "dense"))],
+                          capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not got["stiefel_sct"] and not any("Spectral" in c for c in got["classes"])
+    assert got["tokens"] == spectral_tokens
