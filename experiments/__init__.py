@@ -31,4 +31,6 @@ EXPERIMENTS: Tuple[Experiment, ...] = (
     Experiment("rank_sweep", ("rank_sweep",), "SmolLM2-shaped LMs from scratch, dense vs ranks"),
     Experiment("compress_pretrained", ("compress_pretrained",),
                "pretrained MiniLM and an LM trained here, compressed and healed"),
+    Experiment("finetune_smollm2", ("finetune_smollm2",),
+               "SmolLM2-135M fine-tuned: the reference recipe, then SCT vs dense, LoRA, GaLore, low rank"),
 )

