@@ -406,6 +406,7 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
                          f"{r['val_ppl_after']:.1f} | {r['train_peak_mb']:.0f} | {r['load_convert_peak_mb']:.0f} | "
                          f"{r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | {saved} |")
         lines += [""] + [f"- `{n}`: {m['descriptions'][n]}" for n, _ in rows]
+        lines += finetune_verdict(rows)
         gens = [(k.split("/")[1], r) for k, r in m["runs"].items() if k.startswith("compare/") and k.endswith("/main")
                 and r.get("generations_after")]
         if gens:
@@ -420,6 +421,28 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
         if fig:
             lines += ["", f"![held-out loss against peak training memory and saved size]({rel}/{fig.name})"]
     return lines + [""]
+
+
+def finetune_verdict(rows) -> List[str]:
+    """Where each SCT arm wins, ties or loses against each other method: held-out loss (a tie is
+    within 0.02 nats), peak training memory and saved size, as measured in this run."""
+    sct = [(n, r) for n, r in rows if n.startswith("sct")]
+    others = [(n, r) for n, r in rows if not n.startswith("sct")]
+    if not sct or not others:
+        return []
+    lines = ["", "Where SCT wins, ties and loses (held-out loss after fine-tuning; a tie is within 0.02 nats; a LoRA "
+             "checkpoint is its adapters alone, the base model is needed beside them):", ""]
+    for name, r in sct:
+        parts = []
+        for other, o in others:
+            diff = r["val_loss_after"] - o["val_loss_after"]
+            verdict = "ties" if abs(diff) <= 0.02 else ("wins" if diff < 0 else "loses")
+            mem = (r["train_peak_mb"] - o["train_peak_mb"]) / o["train_peak_mb"]
+            size = o["saved_bytes"] / r["saved_bytes"] if r.get("saved_bytes") and o.get("saved_bytes") else None
+            parts.append(f"{verdict} against `{other}` ({diff:+.3f} nats; peak memory {mem:+.0%}"
+                         + (f"; saved size {1 / size:.2f}x theirs" if size else "") + ")")
+        lines.append(f"- `{name}` " + "; ".join(parts) + ".")
+    return lines
 
 
 def plot_finetune(rows, figures: pathlib.Path) -> Optional[pathlib.Path]:

@@ -32,8 +32,8 @@ from torch import nn
 
 from .layers import SpectralEmbedding, SpectralLinear, SpectralModule
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "load_optimizer_state",
-           "load_spectral", "save_spectral"]
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "CheckpointError", "load_optimizer_state",
+           "load_spectral", "read_config", "save_spectral"]
 
 FORMAT = "stiefel-sct"
 FORMAT_VERSION = 1
