@@ -126,6 +126,11 @@ def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_resu
     from experiments import compress_pretrained
 
     compress_pretrained.main(["--preset", "smoke", "--parts", "lm", "--results-dir", str(results)])
+    pytest.importorskip("peft")
+    from experiments import finetune_smollm2  # every registered experiment has a section: give it results
+
+    finetune_smollm2.main(["--preset", "smoke", "--stages", "compare", "--methods", "dense", "sct_b50",
+                           "--results-dir", str(results)])
     out = tmp_path / "paper"
     path = report.build(results, out)
     text = path.read_text()
