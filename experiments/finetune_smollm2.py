@@ -161,23 +161,24 @@ def prepare_tokens(cfg: Config, tokenizer, path: pathlib.Path) -> Dict:
     val = torch.tensor([i for _, t in val_docs[:4] for i in enc(t)], dtype=torch.long)
     samples = reference_samples(train_docs, cfg.ref_samples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(samples), 128), pad, dtype=torch.long)
-    mask = torch.zeros((len(samples), 128), dtype=torch.bool)
-    for i, text in enumerate(samples):
-        t = enc(text)[:128]
-        ids[i, : len(t)] = torch.tensor(t)
-        mask[i, : len(t)] = True
-    val_samples = reference_samples(val_docs, 64)
-    vids = torch.full((len(val_samples), 128), pad, dtype=torch.long)
-    vmask = torch.zeros((len(val_samples), 128), dtype=torch.bool)
-    for i, text in enumerate(val_samples):
-        t = enc(text)[:128]
-        vids[i, : len(t)] = torch.tensor(t)
-        vmask[i, : len(t)] = True
+    ids, mask = _padded(samples, enc, pad)
+    vids, vmask = _padded(reference_samples(val_docs, 64), enc, pad)
     blob = {"train": train, "val": val, "ref_ids": ids, "ref_mask": mask, "ref_val_ids": vids, "ref_val_mask": vmask}
     atomic_torch_save(path, blob)
     return {"train_tokens": int(train.numel()), "val_tokens": int(val.numel()), "train_documents": len(train_docs),
             "val_documents": [n for n, _ in val_docs[:4]], "reference_samples": len(samples)}
+
+
+def _padded(samples: List[str], enc, pad: int, length: int = 128):
+    """``(ids, mask)``: each sample's tokens cut to ``length`` and right-padded with ``pad``;
+    ``mask`` marks the real tokens (the reference masks padding only)."""
+    ids = torch.full((len(samples), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.bool)
+    for i, text in enumerate(samples):
+        t = enc(text)[:length]
+        ids[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, : len(t)] = True
+    return ids, mask
 
 
 def reference_samples(docs, n: int) -> List[str]:
