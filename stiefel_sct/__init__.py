@@ -6,6 +6,7 @@ never built densely; :class:`SpectralAdam` trains them and retracts the factors 
 
 from .checkpoint import load_optimizer_state, load_spectral, save_spectral
 from .convert import ConversionReport, LayerConversion, budget_ranks, densify, match_module, spectralize
+from .hook import RetractionHandle, stiefel_retraction
 from .layers import SpectralEmbedding, SpectralLinear, spectral_linear
 from .manifold import (
     RETRACTIONS,
@@ -19,7 +20,7 @@ from .manifold import (
     retract_,
     retract_all,
 )
-from .optim import SpectralAdam, spectral_adam
+from .optim import SpectralAdam, SpectralAdamW, spectral_adam
 from .rank import kept_energy, select_rank
 
 __version__ = "0.1.0"
@@ -28,7 +29,9 @@ __all__ = [
     "ConversionReport",
     "LayerConversion",
     "RETRACTIONS",
+    "RetractionHandle",
     "SpectralAdam",
+    "SpectralAdamW",
     "SpectralEmbedding",
     "SpectralLinear",
     "Stiefel",
@@ -52,4 +55,5 @@ __all__ = [
     "spectral_adam",
     "spectral_linear",
     "spectralize",
+    "stiefel_retraction",
 ]

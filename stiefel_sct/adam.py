@@ -1,15 +1,18 @@
 """Adam arithmetic: tensors and scalars in, updated tensors out. No manifold, no factor bank.
 
 Four implementations with one signature, as in ``torch/optim/adam.py``:
-``(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled)``
+``(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, amsgrad, lr, beta1, beta2, eps,
+weight_decay, decoupled, maximize, moment_scales=None)`` (``max_exp_avg_sqs`` is read only with
+``amsgrad``; ``maximize`` ascends; ``moment_scales``: the block scales of 8-bit moments)
 
 * :func:`adam_fused`: torch's fused Adam/AdamW kernels (one launch per device and dtype);
 * :func:`adam_foreach`: the multi-tensor ``torch._foreach_*`` ops;
 * :func:`adam_single`: one tensor at a time; also the path for moments kept in another dtype
-  than their parameter (``state_dtype``), which it upcasts;
-* :func:`riemannian_adam`: geoopt ``RiemannianAdam``'s update for matrices on a manifold given as
-  an object with batched ``proju(x, u)`` and ``retr(x, u)`` (the caller's manifold; this module
-  knows none).
+  than their parameter (``state_dtype``: bf16, which it upcasts; uint8, blockwise 8-bit codes of
+  :mod:`stiefel_sct.quant`, which it decodes and re-encodes);
+* :func:`riemannian_adam`: geoopt ``RiemannianAdam``'s update for matrices on manifolds given as
+  objects with geoopt's batched ``egrad2rgrad``, ``component_inner`` and ``retr_transp`` (the
+  caller's manifolds; this module knows none).
 
 ``steps`` are float32 scalar tensors, incremented here.
 """
@@ -21,6 +24,8 @@ from collections import defaultdict
 from typing import Callable, Dict, List, Tuple
 
 import torch
+
+from .quant import dequantize, quantize_
 
 __all__ = ["ADAM_IMPLS", "adam_foreach", "adam_fused", "adam_kernel", "adam_single", "fused_supported",
            "riemannian_adam"]
@@ -77,29 +82,40 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
-def adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+def _negated(grads: TensorList, maximize: bool) -> TensorList:
+    return torch._foreach_neg(grads) if maximize and grads else grads
+
+
+def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, amsgrad, lr, beta1, beta2, eps,
+               weight_decay, decoupled, maximize, moment_scales=None):
     """Adam/AdamW through torch's fused kernels (``torch._fused_adam(w)_``)."""
     # torch's fused kernels walk the storages of p, g, m, v in lockstep, so they silently pair the
     # wrong elements when strides differ (e.g. a column-major factor with a row-major gradient):
     # such tensors take the foreach path instead.
-    lists = (params, grads, exp_avgs, exp_avg_sqs, steps)
+    hp = dict(amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+              decoupled=decoupled, maximize=maximize)
+    maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
+    lists = (params, grads, exp_avgs, exp_avg_sqs, maxes, steps)
     odd = [i for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)) if not _same_layout(p, g, m, v)]
     if odd:
         keep = sorted(set(range(len(params))) - set(odd))
-        adam_foreach(*([x[i] for i in odd] for x in lists), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                     weight_decay=weight_decay, decoupled=decoupled)
+        p, g, m, v, mx, st = ([x[i] for i in odd] for x in lists)
+        adam_foreach(p, g, m, v, mx if amsgrad else [], st, **hp)
         lists = tuple([x[i] for i in keep] for x in lists)
-    for (p, g, m, v, st) in _group_tensors(*lists).values():
+    for (p, g, m, v, mx, st) in _group_tensors(*lists).values():
         torch._foreach_add_(st, 1)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        kernel(p, g, m, v, [], st, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
-               weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+        kernel(p, g, m, v, mx if amsgrad else [], st, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,
+               weight_decay=weight_decay, eps=eps, maximize=maximize, grad_scale=None, found_inf=None)
 
 
-def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
+def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, amsgrad, lr, beta1, beta2, eps,
+                 weight_decay, decoupled, maximize, moment_scales=None):
     """Adam/AdamW with the multi-tensor ``torch._foreach_*`` ops, per (device, dtype)."""
-    for (p, g, m, v, st) in _group_tensors(params, grads, exp_avgs, exp_avg_sqs, steps).values():
+    maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
+    for (p, g, m, v, mx, st) in _group_tensors(params, grads, exp_avgs, exp_avg_sqs, maxes, steps).values():
         torch._foreach_add_(st, 1)
+        g = _negated(g, maximize)
         if weight_decay != 0:
             if decoupled:
                 torch._foreach_mul_(p, 1 - lr * weight_decay)
@@ -108,34 +124,62 @@ def adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta
         torch._foreach_lerp_(m, g, 1 - beta1)
         torch._foreach_mul_(v, beta2)
         torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        if amsgrad:
+            torch._foreach_maximum_(mx, v)
         bc1, bc2 = _bias_corrections(st, beta1, beta2)
         step_size = [-lr / b for b in bc1]
-        denom = torch._foreach_sqrt(v)
+        denom = torch._foreach_sqrt(mx if amsgrad else v)
         torch._foreach_div_(denom, [math.sqrt(b) for b in bc2])
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(p, m, denom, step_size)
 
 
-def adam_single(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, weight_decay, decoupled):
-    """Adam/AdamW one tensor at a time; moments in a lower precision than their parameter are
-    computed in the parameter's dtype and rounded to nearest on store."""
-    for p, g, m, v, st in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+def adam_single(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, amsgrad, lr, beta1, beta2, eps,
+                weight_decay, decoupled, maximize, moment_scales=None):
+    """Adam/AdamW one tensor at a time.
+
+    Moments in a lower precision than their parameter are computed in the parameter's dtype and
+    rounded to nearest on store; uint8 moments are blockwise 8-bit codes (:mod:`stiefel_sct.quant`)
+    whose scales come in ``moment_scales`` = ``(exp_avg scales, exp_avg_sq scales, max_exp_avg_sq
+    scales)``, parallel to ``params``.
+    """
+    n = len(params)
+    maxes = max_exp_avg_sqs if amsgrad else [None] * n
+    scales = moment_scales if moment_scales is not None else ([None] * n, [None] * n, [None] * n)
+    for i, (p, g, m, v, mx, st) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, maxes, steps)):
         st += 1
+        if maximize:
+            g = -g
         if weight_decay != 0:
             if decoupled:
                 p.mul_(1 - lr * weight_decay)
             else:
                 g = g.add(p, alpha=weight_decay)
-        low = m.dtype != p.dtype
-        mc, vc = (m.to(p.dtype), v.to(p.dtype)) if low else (m, v)
+        stored = [(m, scales[0][i], True), (v, scales[1][i], False)] + ([(mx, scales[2][i], False)] if amsgrad else [])
+        mc, vc, *mxc = (_load(t, sc, signed, p.dtype) for t, sc, signed in stored)
         mc.lerp_(g, 1 - beta1)
         vc.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if amsgrad:
+            torch.maximum(mxc[0], vc, out=mxc[0])
         (bc1,), (bc2,) = _bias_corrections([st], beta1, beta2)
-        denom = (vc.sqrt() / math.sqrt(bc2)).add_(eps)
+        denom = ((mxc[0] if amsgrad else vc).sqrt() / math.sqrt(bc2)).add_(eps)
         p.addcdiv_(mc, denom, value=-lr / bc1)
-        if low:
-            m.copy_(mc)
-            v.copy_(vc)
+        for (t, sc, signed), value in zip(stored, [mc, vc, *mxc]):
+            _store(t, sc, signed, value)
+
+
+def _load(t: torch.Tensor, scales, signed: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A moment in the compute dtype ``dtype``: itself, an upcast copy, or its 8-bit codes decoded."""
+    if t.dtype == torch.uint8:
+        return dequantize(t, scales, signed, dtype)
+    return t.to(dtype) if t.dtype != dtype else t
+
+
+def _store(t: torch.Tensor, scales, signed: bool, value: torch.Tensor) -> None:
+    if t.dtype == torch.uint8:
+        quantize_(value, t, scales, signed)
+    elif value is not t:
+        t.copy_(value)
 
 
 ADAM_IMPLS: Dict[str, AdamKernel] = {"fused": adam_fused, "foreach": adam_foreach, "single": adam_single}
@@ -143,40 +187,48 @@ ADAM_IMPLS: Dict[str, AdamKernel] = {"fused": adam_fused, "foreach": adam_foreac
 
 def adam_kernel(impl: str, params: TensorList, exp_avgs: TensorList) -> AdamKernel:
     """The Adam implementation to run for ``impl`` (``"fused"``, ``"foreach"`` or ``"single"``);
-    moments stored in another dtype than their parameter need the per-tensor path."""
+    moments stored in another dtype than their parameter (bf16, 8-bit) need the per-tensor path."""
     if any(m.dtype != p.dtype for m, p in zip(exp_avgs, params)):
         impl = "single"
     return ADAM_IMPLS[impl]
 
 
-def riemannian_adam(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, beta1, beta2, eps, manifold) -> None:
-    """geoopt ``RiemannianAdam`` on matrices, batched per (shape, dtype, device).
+def riemannian_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, amsgrad, lr, beta1, beta2,
+                    eps, maximize, manifolds) -> None:
+    """geoopt ``RiemannianAdam`` on matrices, batched per (manifold, shape, dtype, device).
 
-    Per matrix: ``g = proju(X, grad)``, ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) <g, g>``
-    (a scalar per matrix, as geoopt), ``X' = retr(X, -lr m_hat / (sqrt(v_hat) + eps))``,
-    ``m = proju(X', m)``. ``params`` must be plain tensors (their storage is written).
+    ``manifolds[i]`` is the manifold object of ``params[i]`` (anything with geoopt's batched
+    ``egrad2rgrad(x, u)``, ``component_inner(x, u)`` and ``retr_transp(x, u, v)``; this module
+    knows none). Per matrix: ``g = egrad2rgrad(X, +-grad)``, ``m = b1 m + (1 - b1) g``,
+    ``v = b2 v + (1 - b2) <g, g>_X`` (one inner product per matrix, as geoopt, broadcast over the
+    state), ``amsgrad``: the running maximum of ``v`` normalises, ``X', m' = retr_transp(X,
+    -lr m_hat / (sqrt(v_hat) + eps), m)``. ``params`` must be plain tensors (their storage is
+    written). Moments kept in a lower precision are computed in the parameter's dtype.
     """
     groups: Dict[tuple, List[int]] = defaultdict(list)
     for i, p in enumerate(params):
-        groups[(tuple(p.shape), p.dtype, p.device)].append(i)
+        groups[(id(manifolds[i]), tuple(p.shape), p.dtype, p.device)].append(i)
     for idx in groups.values():
+        manifold = manifolds[idx[0]]
         P = torch.stack([params[i] for i in idx])
-        G = torch.stack([grads[i] for i in idx])
-        M = torch.stack([exp_avgs[i] for i in idx])
-        V = torch.stack([exp_avg_sqs[i] for i in idx])
+        G = torch.stack([grads[i] for i in idx]).to(P.dtype)
+        M = torch.stack([exp_avgs[i] for i in idx]).to(P.dtype)
+        V = torch.stack([exp_avg_sqs[i] for i in idx]).to(P.dtype)
         st = [steps[i] for i in idx]
         torch._foreach_add_(st, 1)
         bc1, bc2 = _bias_corrections(st, beta1, beta2)
         bc1 = torch.tensor(bc1, dtype=P.dtype, device=P.device).view(-1, 1, 1)
         bc2 = torch.tensor(bc2, dtype=P.dtype, device=P.device).view(-1, 1, 1)
-        rgrad = manifold.proju(P, G)
+        rgrad = manifold.egrad2rgrad(P, G.neg_() if maximize else G)
         M.mul_(beta1).add_(rgrad, alpha=1 - beta1)
-        # geoopt's second moment is the manifold inner product <g, g>: one squared Frobenius norm
-        # per matrix, broadcast over the (n, k) state (so the step is rotation-equivariant).
-        V.mul_(beta2).add_(rgrad.square().sum(dim=(-2, -1), keepdim=True), alpha=1 - beta2)
-        direction = (M / bc1) / (V / bc2).sqrt_().add_(eps)
-        P_new = manifold.retr(P, -lr * direction)
-        M = manifold.proju(P_new, M)
+        # geoopt's second moment is the manifold inner product <g, g>: one number per matrix,
+        # broadcast over the (n, k) state (so the step is rotation-equivariant).
+        V.mul_(beta2).add_(manifold.component_inner(P, rgrad), alpha=1 - beta2)
+        if amsgrad:
+            MX = torch.maximum(torch.stack([max_exp_avg_sqs[i] for i in idx]).to(P.dtype), V)
+            torch._foreach_copy_([max_exp_avg_sqs[i] for i in idx], list(MX.unbind(0)))
+        direction = (M / bc1) / ((MX if amsgrad else V) / bc2).sqrt_().add_(eps)
+        P_new, M = manifold.retr_transp(P, -lr * direction, M)
         torch._foreach_copy_([params[i] for i in idx], list(P_new.unbind(0)))
         torch._foreach_copy_([exp_avgs[i] for i in idx], list(M.unbind(0)))
         torch._foreach_copy_([exp_avg_sqs[i] for i in idx], list(V.unbind(0)))

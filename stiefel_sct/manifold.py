@@ -351,26 +351,54 @@ def is_stiefel(p: torch.Tensor) -> bool:
 class Stiefel(geoopt.EuclideanStiefel):
     """Stiefel manifold with the Euclidean metric and a QR (or CholeskyQR2) retraction.
 
-    A drop-in for :class:`geoopt.EuclideanStiefel`: ``proju``/``egrad2rgrad`` project onto the
-    tangent space ``G - X sym(X^T G)``, ``transp`` projects onto the new tangent space, and
-    ``retr(x, u)`` is the Q factor of ``x + u`` with a sign fix that never zeroes a column.
-    geoopt's optimizers (``RiemannianAdam``, ``RiemannianSGD``) therefore work on it unchanged.
+    A drop-in for :class:`geoopt.EuclideanStiefel` (``geoopt.Stiefel(canonical=False)``):
+    ``proju``/``egrad2rgrad`` project onto the tangent space ``G - X sym(X^T G)``, ``transp``
+    projects onto the new tangent space, ``projx`` is the closest point (the polar factor
+    ``U V^T`` of the SVD ``X = U S V^T``, as geoopt's), and ``retr(x, u)`` is the Q factor of
+    ``x + u`` with a sign fix that never zeroes a column. Every result is a contiguous tensor.
+    geoopt's optimizers (``RiemannianAdam``, ``RiemannianSGD``) and ``ProductManifold`` work on it
+    unchanged.
 
     Args:
-        method: retraction backend, ``"qr"`` (Householder) or ``"cholqr2"`` (CholeskyQR2).
+        method: retraction backend, ``"qr"`` (Householder) or ``"cholqr2"`` (CholeskyQR2);
+            positional or keyword.
+        canonical: accepted for geoopt's ``Stiefel(canonical=...)`` signature; only ``False`` (the
+            Euclidean metric) is this class. For the canonical metric use ``geoopt.Stiefel()``,
+            which :class:`~stiefel_sct.SpectralAdam` also handles (``mode="riemannian"`` follows
+            the tensor's own metric and Cayley retraction).
     """
 
-    name = "Stiefel(euclidean, qr)"
+    # geoopt's Stiefel.__new__(cls, canonical=True) picks a subclass and takes no other argument;
+    # this one accepts ours, so Stiefel(method="cholqr2") works as documented.
+    def __new__(cls, method: str = "qr", canonical: bool = False):
+        return super().__new__(cls)
 
-    def __init__(self, method: str = "qr") -> None:
+    def __init__(self, method: str = "qr", canonical: bool = False) -> None:
+        if canonical is not False:
+            raise ValueError("canonical must be False: stiefel_sct.Stiefel has the Euclidean metric; "
+                             "use geoopt.Stiefel(canonical=True) for the canonical one")
         super().__init__()
         self.method = _check_method(method)
 
+    @property
+    def name(self) -> str:  # geoopt reads ``manifold.name`` in reprs and error messages
+        return f"Stiefel(euclidean, {self.method})"
+
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return retract(x + u, self.method)
+        return retract(x + u, self.method).contiguous()
+
+    def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        y = self.retr(x, u)
+        return y, self.transp(x, y, v)
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
-        return retract(x, self.method)
+        """The closest point of the manifold to ``x`` in the Frobenius norm: ``U V^T`` of the thin
+        SVD (computed in fp32 at least). Unlike the retraction it does not depend on the column
+        order, which is what ``proj_()`` of a pretrained matrix should give."""
+        _check_matrix(x)
+        work = plain(x).to(compute_dtype(x.dtype))
+        u, _, vh = torch.linalg.svd(work, full_matrices=False)
+        return (u @ vh).to(x.dtype).contiguous()
 
     def random_naive(self, *size, dtype=None, device=None) -> geoopt.ManifoldTensor:
         """A random point: QR retraction of a standard Gaussian matrix (Haar-distributed)."""
@@ -382,7 +410,7 @@ class Stiefel(geoopt.EuclideanStiefel):
     random = random_naive
 
     def extra_repr(self) -> str:
-        return f"method={self.method!r}"
+        return ""  # the name already says the method: "Stiefel(euclidean, cholqr2) manifold"
 
 
 _SHARED: Dict[str, Stiefel] = {}

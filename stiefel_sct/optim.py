@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import geoopt
 import torch
@@ -36,9 +36,11 @@ from .adam import adam_kernel, fused_supported, riemannian_adam
 from .bank import FactorBank
 from .distributed import is_sharded_factor, sharded_retract_
 from .manifold import RETRACTIONS, is_stiefel, plain, retract_, retract_triples_, stiefel_manifold
+from .quant import dequantize, quantize_, quantized_zeros
 from .triples import spectral_triples
 
-__all__ = ["MODES", "SpectralAdam", "first_nonfinite", "spectral_adam"]
+__all__ = ["ADAM_KEYS", "MODES", "SCT_KEYS", "SpectralAdam", "SpectralAdamW", "first_nonfinite",
+           "riemannian_manifold", "spectral_adam"]
 
 MODES: Tuple[str, ...] = ("sct", "riemannian")
 
@@ -72,48 +74,73 @@ def spectral_adam(
     grads: TensorList,
     exp_avgs: TensorList,
     exp_avg_sqs: TensorList,
+    max_exp_avg_sqs: TensorList,
     steps: TensorList,
     stiefel: List[bool],
     *,
+    amsgrad: bool,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
     decoupled_weight_decay: bool,
+    maximize: bool,
     mode: str,
     retraction: str,
     impl: str,
+    moment_scales: Optional[Tuple[list, list, list]] = None,
     retract_factors: bool = True,
 ) -> None:
     """Functional SpectralAdam step over parallel lists; ``stiefel[i]`` marks manifold factors.
 
-    Only tensors and scalars: ``steps`` are float32 scalar tensors, incremented here; ``impl`` is
-    ``"fused"``, ``"foreach"`` or ``"single"`` (the Adam update's implementation, see
-    :mod:`stiefel_sct.adam`). Euclidean parameters get Adam/AdamW with ``weight_decay``; factors
-    get, in ``"sct"`` mode, Adam without weight decay and then one batched retraction per shape
+    Only tensors and scalars: ``steps`` are float32 scalar tensors, incremented here;
+    ``max_exp_avg_sqs`` is read only with ``amsgrad``; ``impl`` is ``"fused"``, ``"foreach"`` or
+    ``"single"`` (the Adam update's implementation, see :mod:`stiefel_sct.adam`);
+    ``moment_scales``: the block scales of 8-bit moments (``(exp_avg, exp_avg_sq,
+    max_exp_avg_sq)`` lists parallel to ``params``, entries ``None`` for unquantised moments).
+    Euclidean parameters get Adam/AdamW with ``weight_decay``; factors get, in ``"sct"`` mode,
+    Adam without weight decay and then one batched retraction per shape
     (:func:`~stiefel_sct.manifold.retract_`; ``retract_factors=False``: Adam only, the caller
-    retracts), in ``"riemannian"`` mode geoopt's ``RiemannianAdam`` update.
+    retracts), in ``"riemannian"`` mode geoopt's ``RiemannianAdam`` update in the factor's own
+    metric (:func:`riemannian_manifold`).
     """
     adam = adam_kernel(impl, params, exp_avgs)
-    hp = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps)
+    hp = dict(amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     euc = [i for i, s in enumerate(stiefel) if not s]
     man = [i for i, s in enumerate(stiefel) if s]
+    maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
 
     def pick(idx: List[int]) -> Tuple[TensorList, ...]:
-        return tuple([seq[i] for i in idx] for seq in (params, grads, exp_avgs, exp_avg_sqs, steps))
+        lists = tuple([seq[i] for i in idx] for seq in (params, grads, exp_avgs, exp_avg_sqs, maxes, steps))
+        return lists[:4] + ((lists[4] if amsgrad else []), lists[5])
+
+    def scales(idx: List[int]):
+        return None if moment_scales is None else tuple([seq[i] for i in idx] for seq in moment_scales)
 
     if euc:
-        adam(*pick(euc), weight_decay=weight_decay, decoupled=decoupled_weight_decay, **hp)
+        adam(*pick(euc), weight_decay=weight_decay, decoupled=decoupled_weight_decay, maximize=maximize,
+             moment_scales=scales(euc), **hp)
     if not man:
         return
     if mode == "riemannian":
-        p, g, m, v, st = pick(man)
-        riemannian_adam([plain(x) for x in p], g, m, v, st, manifold=stiefel_manifold(retraction), **hp)
+        p, g, m, v, mx, st = pick(man)
+        riemannian_adam([plain(x) for x in p], g, m, v, mx, st, maximize=maximize,
+                        manifolds=[riemannian_manifold(x, retraction) for x in p], **hp)
         return
-    adam(*pick(man), weight_decay=0.0, decoupled=True, **hp)
+    adam(*pick(man), weight_decay=0.0, decoupled=True, maximize=maximize, moment_scales=scales(man), **hp)
     if retract_factors:
         retract_([params[i] for i in man], retraction)
+
+
+def riemannian_manifold(p: torch.Tensor, retraction: str):
+    """The manifold whose geometry ``mode="riemannian"`` follows for factor ``p``: its own when it
+    has the canonical metric (``geoopt.Stiefel()``: canonical gradient, Cayley retraction), else
+    the Euclidean-metric :class:`~stiefel_sct.manifold.Stiefel` with the group's ``retraction``."""
+    manifold = getattr(p, "manifold", None)
+    if isinstance(manifold, geoopt.CanonicalStiefel):
+        return manifold
+    return stiefel_manifold(retraction)
 
 
 def _nonfinite_candidates(grads: TensorList) -> List[int]:
@@ -163,7 +190,7 @@ def first_nonfinite(grads: TensorList) -> Optional[int]:
 def _check_float(value, name: str, low: float, high: Optional[float] = None, *, high_open: bool = True) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element, got a tensor of shape {tuple(value.shape)}")
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
@@ -178,30 +205,96 @@ def _check_float(value, name: str, low: float, high: Optional[float] = None, *, 
     return value
 
 
-def _group_hyperparameters(group: dict) -> dict:
-    """A param group's settings as :func:`spectral_adam` keywords (all but ``mode``/``impl``)."""
-    beta1, beta2 = group["betas"]
-    return dict(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
-                decoupled_weight_decay=group["decoupled_weight_decay"], retraction=group["retraction"])
+def _check_bool(group: dict, key: str, *, optional: bool = False) -> None:
+    value = group[key]
+    if not (isinstance(value, bool) or (optional and value is None)):
+        allowed = "a bool or None" if optional else "a bool"
+        raise TypeError(f"{key} must be {allowed}, got {value!r}")
 
 
-def _check_group(group: dict) -> None:
-    group["lr"] = _check_float(group["lr"], "lr", 0.0)
-    group["eps"] = _check_float(group["eps"], "eps", 0.0)
-    group["weight_decay"] = _check_float(group["weight_decay"], "weight_decay", 0.0)
+# Keys a param group may hold: torch.optim.Adam's (so Adam/AdamW state dicts load), ours, the ones
+# torch's LR schedulers and SWA write into groups, and torch's own bookkeeping. Any other key is an
+# error: a setting that does nothing must never pass silently.
+ADAM_KEYS: Tuple[str, ...] = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "foreach", "capturable",
+                              "differentiable", "fused", "decoupled_weight_decay")
+SCT_KEYS: Tuple[str, ...] = ("mode", "retraction", "preserve_function", "stabilize", "state_dtype")
+_SCHEDULER_KEYS = ("initial_lr", "max_lr", "min_lr", "base_lr", "base_momentum", "max_momentum", "swa_lr")
+_GROUP_KEYS = frozenset(ADAM_KEYS + SCT_KEYS + _SCHEDULER_KEYS + ("params", "param_names"))
+
+
+def _check_lr(group: dict) -> None:
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        if group["foreach"] and not group["capturable"]:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+    _check_float(lr, "lr", 0.0)  # a tensor lr stays a tensor: changing it in place changes the step
+
+
+def _check_betas(group: dict) -> None:
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    group["betas"] = (_check_float(betas[0], "betas[0]", 0.0, 1.0), _check_float(betas[1], "betas[1]", 0.0, 1.0))
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if tensors[0] != tensors[1]:
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, b in enumerate(betas):
+        _check_float(b, f"betas[{i}]", 0.0, 1.0)
+        if tensors[i] and group["foreach"] and not group["capturable"]:
+            raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+    group["betas"] = tuple(b.squeeze() if isinstance(b, torch.Tensor) else float(b) for b in betas)
+
+
+def _check_state_dtype(group: dict) -> None:
+    dtype = group["state_dtype"]
+    if dtype is None:
+        return
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype == torch.uint8):
+        raise TypeError(f"state_dtype must be None, a floating-point torch.dtype or torch.uint8 (8-bit moments), "
+                        f"got {dtype!r}")
+    if dtype == torch.uint8 and group["mode"] != "sct":
+        raise ValueError("state_dtype=torch.uint8 (8-bit moments) needs mode='sct'")
+
+
+def _check_group(group: dict) -> None:
+    """Validate one param group in place (normalising ``betas`` to a tuple); raise on the first
+    bad or unknown setting, naming it and its allowed values."""
+    unknown = sorted(set(group) - _GROUP_KEYS)
+    if unknown:
+        raise ValueError(f"unknown param-group key(s) {unknown}; SpectralAdam's keys are "
+                         f"{sorted(ADAM_KEYS + SCT_KEYS)} (plus 'params', 'param_names' and LR-scheduler keys)")
+    for key in ("amsgrad", "maximize", "decoupled_weight_decay", "preserve_function", "capturable", "differentiable"):
+        _check_bool(group, key)
+    for key in ("foreach", "fused"):
+        _check_bool(group, key, optional=True)
+    if group["fused"] and group["foreach"]:
+        raise ValueError("fused and foreach cannot both be True")
+    if group["capturable"]:
+        raise NotImplementedError(
+            "capturable=True (a step that CUDA graphs can capture) is not supported: the retraction decides "
+            "between one and two CholeskyQR passes from each factor's condition number, read on the host")
+    if group["differentiable"]:
+        raise NotImplementedError(
+            "differentiable=True (autograd through the step) is not supported: the retraction writes the "
+            "factors in place and the factor banks re-point their storage")
+    _check_lr(group)
+    _check_betas(group)
+    _check_float(group["eps"], "eps", 0.0)
+    _check_float(group["weight_decay"], "weight_decay", 0.0)
     if group["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
     if group["retraction"] not in RETRACTIONS:
         raise ValueError(f"retraction must be one of {RETRACTIONS}, got {group['retraction']!r}")
-    if group["preserve_function"] is True and group["mode"] != "sct":
+    if group["preserve_function"] and group["mode"] != "sct":
         raise ValueError("preserve_function=True needs mode='sct'")
-    for flag in ("decoupled_weight_decay", "preserve_function"):
-        if not isinstance(group[flag], bool):
-            raise TypeError(f"{flag} must be a bool, got {type(group[flag]).__name__}")
+    stabilize = group["stabilize"]
+    if stabilize is not None:
+        if isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1:
+            raise ValueError(f"stabilize must be None or an int >= 1, got {stabilize!r}")
+        if group["mode"] != "riemannian":
+            raise ValueError("stabilize applies to mode='riemannian' (mode='sct' retracts at every step)")
+    _check_state_dtype(group)
     for i, p in enumerate(group["params"]):
         if isinstance(p, geoopt.ManifoldTensor) and not is_stiefel(p) and not isinstance(p.manifold, geoopt.Euclidean):
             raise TypeError(
@@ -209,21 +302,49 @@ def _check_group(group: dict) -> None:
                 f"param {i} of a group lies on {p.manifold!r}. Use geoopt.optim.RiemannianAdam for other manifolds."
             )
         if p.is_complex():
-            raise TypeError(f"SpectralAdam does not support complex parameters (param {i} of a group)")
+            raise TypeError(f"SpectralAdam does not support complex parameters (param {i} of a group): a complex "
+                            "parameter can be optimized as torch.view_as_real(p) by torch.optim.Adam")
         if is_stiefel(p) and (p.dim() != 2 or p.shape[-1] > p.shape[-2]):
             raise ValueError(f"Stiefel factor {i} of a group must be a tall matrix (n, k) with k <= n, got {tuple(p.shape)}")
+
+
+def _group_hyperparameters(group: dict) -> dict:
+    """A param group's settings as :func:`spectral_adam` keywords (all but ``mode``/``impl``).
+
+    A tensor ``lr`` or ``betas`` is read here, at every step, so changing it in place takes effect."""
+    beta1, beta2 = (float(b) for b in group["betas"])
+    return dict(amsgrad=group["amsgrad"], lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+                maximize=group["maximize"], retraction=group["retraction"])
+
+
+_MOMENTS = (("exp_avg", True), ("exp_avg_sq", False), ("max_exp_avg_sq", False))  # (key, signed)
+_OPTIONS = ("check_finite", "contiguous_factors", "step_in_backward")  # optimizer-wide, not per group
 
 
 class SpectralAdam(Optimizer):
     """Adam(W) that keeps geoopt Stiefel factors on their manifold; a drop-in for torch's Adam.
 
+    Takes every argument of :class:`torch.optim.Adam` with its meaning and default (so
+    ``SpectralAdam(params, **adam_kwargs)`` is the same step as ``Adam(params, **adam_kwargs)`` on
+    Euclidean parameters, and loads ``Adam``/``AdamW`` state dicts), plus the SCT settings.
+
     Args:
         params: iterable of parameters, ``(name, parameter)`` pairs or param-group dicts.
-        lr: learning rate, ``>= 0`` (default ``1e-3``).
-        betas: moment coefficients, each in ``[0, 1)`` (default ``(0.9, 0.999)``).
+        lr: learning rate, ``>= 0``, a float or a 1-element tensor (default ``1e-3``).
+        betas: moment coefficients, each in ``[0, 1)``, both floats or both 1-element tensors.
         eps: denominator term, ``>= 0`` (default ``1e-8``).
         weight_decay: ``>= 0``; applied to Euclidean parameters only (default ``0``).
-        decoupled_weight_decay: ``True`` = AdamW's decoupled decay, ``False`` = Adam's L2 penalty.
+        amsgrad: use the running maximum of the second moment (AMSGrad), as torch's Adam; in
+            ``"riemannian"`` mode, as geoopt's ``RiemannianAdam``.
+        foreach: use the multi-tensor implementation (``None``: choose the fastest available).
+        maximize: maximize the objective (ascend the gradient).
+        capturable: only ``False``; ``True`` raises ``NotImplementedError`` (see below).
+        differentiable: only ``False``; ``True`` raises ``NotImplementedError`` (see below).
+        fused: use torch's fused Adam kernel (``None``: where the device supports it). Checked at
+            ``step()``, as torch does, so the optimizer can be built on ``meta`` parameters.
+        decoupled_weight_decay: ``True`` = AdamW's decoupled decay, ``False`` (default, as
+            ``torch.optim.Adam``) = Adam's L2 penalty. :class:`SpectralAdamW` defaults to ``True``.
         mode: ``"sct"`` (Adam step, then retraction; the paper's method) or ``"riemannian"``
             (geoopt ``RiemannianAdam`` semantics) for Stiefel factors.
         retraction: ``"cholqr2"`` (default: adaptive CholeskyQR, one GEMM pass when the factor is
@@ -231,25 +352,6 @@ class SpectralAdam(Optimizer):
             ``"qr"`` (Householder, sign-fixed). Both give the same Q (the thin QR with positive
             ``diag(R)`` is unique); CholeskyQR runs at GEMM speed: ~5x faster here, and as
             accurate (orthonormality error 4.7e-7 vs 6.2e-7 in fp32).
-        foreach: use the multi-tensor implementation (``None``: choose the fastest available).
-        fused: use torch's fused Adam kernel (``None``: where the device supports it).
-        check_finite: before touching anything, check every gradient is finite and raise a
-            ``FloatingPointError`` naming the offending parameter (one fused reduction per step).
-        contiguous_factors: in ``"sct"`` groups, keep the Stiefel factors of each shape in one
-            buffer (:class:`~stiefel_sct.bank.FactorBank`; the parameters become views of it and are re-pointed
-            within it at each step; their values, identity and ``state_dict`` are unchanged) so
-            the retraction runs batched on the buffer, without stacking or copying. Disable if
-            something else owns the parameters' storage.
-        state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` (default: the parameter's). ``torch.bfloat16``
-            halves optimizer memory; the update is computed in the parameter's dtype and the moments
-            are rounded to nearest on store.
-        step_in_backward: apply each parameter's Adam update inside ``backward()``, as soon as its
-            gradient is accumulated (``register_post_accumulate_grad_hook``), then free the
-            gradient: no gradient of the whole model is ever held. ``step()`` then only retracts
-            the factors updated during backward (batched, as usual). The NaN/Inf check is per
-            parameter in this mode: a bad gradient raises inside ``backward()`` before *that*
-            parameter changes, but parameters updated earlier in the same backward stay updated.
-
         preserve_function: retract each spectral layer's ``(U, s, V)`` together so that its
             weight ``U diag(s) V^T`` is kept to rounding (the ``R`` factors of the QRs are folded
             into a re-diagonalised ``s``: :func:`~stiefel_sct.manifold.preserving_retraction`)
@@ -257,48 +359,84 @@ class SpectralAdam(Optimizer):
             of such a group must belong to a ``SpectralLinear``/``SpectralEmbedding`` whose
             ``U``, ``s`` and ``V`` are all given to this optimizer. Costs a Householder QR per
             factor and a ``k x k`` SVD per layer (batched by layer shape).
+        stabilize: ``"riemannian"`` mode only, as geoopt: every ``stabilize`` steps, project the
+            factors onto the manifold (``projx``) and their first moments onto the tangent space.
+        state_dtype: dtype of the moments (default: the parameter's). ``torch.bfloat16`` halves
+            optimizer memory; ``torch.uint8`` keeps them as blockwise 8-bit codes
+            (:mod:`stiefel_sct.quant`: ~1.02 bytes per element, ``mode="sct"``). The update is
+            computed in the parameter's dtype; moments are rounded to nearest on store.
+        check_finite: before touching anything, check every gradient is finite and raise a
+            ``FloatingPointError`` naming the offending parameter (one fused reduction per step).
+        contiguous_factors: in ``"sct"`` groups, keep the Stiefel factors of each shape in one
+            buffer (:class:`~stiefel_sct.bank.FactorBank`; the parameters become views of it and are re-pointed
+            within it at each step; their values, identity and ``state_dict`` are unchanged) so
+            the retraction runs batched on the buffer, without stacking or copying. Disable if
+            something else owns the parameters' storage.
+        step_in_backward: apply each parameter's Adam update inside ``backward()``, as soon as its
+            gradient is accumulated (``register_post_accumulate_grad_hook``), then free the
+            gradient: no gradient of the whole model is ever held. ``step()`` then only retracts
+            the factors updated during backward (batched, as usual). The NaN/Inf check is per
+            parameter in this mode: a bad gradient raises inside ``backward()`` before *that*
+            parameter changes, but parameters updated earlier in the same backward stay updated.
 
-    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (the same as ``torch.optim.Adam``).
+    ``lr``, ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``, ``foreach``, ``fused``,
+    ``decoupled_weight_decay``, ``mode``, ``retraction``, ``preserve_function``, ``stabilize`` and
+    ``state_dtype`` may differ per param group; ``check_finite``, ``contiguous_factors`` and
+    ``step_in_backward`` are optimizer-wide. A param group with any other key is refused
+    (``ValueError``), except the keys torch's LR schedulers add.
+
+    Not supported, with a clear error: ``capturable=True`` (the retraction's adaptive pass choice
+    reads each factor's condition number on the host, so the step cannot be captured in a CUDA
+    graph), ``differentiable=True`` (the retraction and the factor banks write the factors in
+    place), complex parameters, sparse gradients.
+
+    State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` and, with ``amsgrad``,
+    ``max_exp_avg_sq`` (the same as ``torch.optim.Adam``); 8-bit moments add a ``<key>_scale``
+    (fp32, one per 256-element block) beside each. ``load_state_dict`` restores every moment in
+    this optimizer's ``state_dtype`` (a bf16 or 8-bit state survives a save/load round trip
+    bitwise) and accepts ``torch.optim.Adam``/``AdamW`` state dicts: settings a saved group lacks
+    take this optimizer's defaults.
     """
 
     def __init__(
         self,
         params: Iterable,
-        lr: float = 1e-3,
-        betas: Tuple[float, float] = (0.9, 0.999),
+        lr: Union[float, torch.Tensor] = 1e-3,
+        betas: Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = True,
+        amsgrad: bool = False,
+        *,
+        foreach: Optional[bool] = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: Optional[bool] = None,
+        decoupled_weight_decay: bool = False,
         mode: str = "sct",
         retraction: str = "cholqr2",
-        foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
+        preserve_function: bool = False,
+        stabilize: Optional[int] = None,
+        state_dtype: Optional[torch.dtype] = None,
         check_finite: bool = True,
         contiguous_factors: bool = True,
-        state_dtype: Optional[torch.dtype] = None,
         step_in_backward: bool = False,
-        preserve_function: bool = False,
     ) -> None:
-        if fused and foreach:
-            raise ValueError("fused and foreach cannot both be True")
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+            foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay, mode=mode, retraction=retraction,
-            preserve_function=preserve_function,
+            preserve_function=preserve_function, stabilize=stabilize, state_dtype=state_dtype,
         )
         _check_group(dict(defaults, params=[]))
-        self.foreach = foreach
-        self.fused = fused
-        self.check_finite = bool(check_finite)
-        self.contiguous_factors = bool(contiguous_factors)
-        if state_dtype is not None and (not isinstance(state_dtype, torch.dtype) or not state_dtype.is_floating_point):
-            raise TypeError(f"state_dtype must be a floating-point torch.dtype or None, got {state_dtype!r}")
-        self.state_dtype = state_dtype
-        self.step_in_backward = bool(step_in_backward)
-        self._pending: Dict[int, List[torch.Tensor]] = defaultdict(list)
-        self._hooks: list = []
-        self._banks: Dict[int, Tuple[tuple, List[FactorBank]]] = {}
-        self._triples: Optional[Tuple[tuple, list]] = None
+        for name, value in (("check_finite", check_finite), ("contiguous_factors", contiguous_factors),
+                            ("step_in_backward", step_in_backward)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        self.check_finite = check_finite
+        self.contiguous_factors = contiguous_factors
+        self.step_in_backward = step_in_backward
+        self._reset_transient()
         super().__init__(params, defaults)
         self._check_triples()
         self._ready = True
@@ -306,16 +444,98 @@ class SpectralAdam(Optimizer):
             if any(g["mode"] != "sct" for g in self.param_groups):
                 raise ValueError("step_in_backward supports mode='sct' only")
             self._register_hooks()
-        if fused:
-            every = [p for g in self.param_groups for p in g["params"]]
-            if not fused_supported(every):
-                raise RuntimeError("fused=True needs floating-point parameters on a device with fused Adam kernels")
+
+    def _reset_transient(self) -> None:
+        """Caches and hooks that a copy or a reload must rebuild, not inherit."""
+        self._pending: Dict[int, List[torch.Tensor]] = defaultdict(list)
+        self._hooks: list = []
+        self._banks: Dict[int, Tuple[tuple, List[FactorBank]]] = {}
+        self._triples: Optional[Tuple[tuple, list]] = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
-        if getattr(self, "_ready", False):  # __init__ checks once, after every group is in
-            self._check_triples()
+        try:
+            _check_group(self.param_groups[-1])
+            if getattr(self, "_ready", False):  # __init__ checks once, after every group is in
+                self._check_triples()
+                if self.step_in_backward:
+                    if self.param_groups[-1]["mode"] != "sct":
+                        raise ValueError("step_in_backward supports mode='sct' only")
+                    self._register_hooks(len(self.param_groups) - 1)
+        except Exception:
+            self.param_groups.pop()  # nothing half-added
+            self._triples = None
+            raise
+
+    # ---------------------------------------------------------------- copy, pickle, state dicts
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_options"] = {k: getattr(self, k) for k in _OPTIONS}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        options = state.pop("_options", None)
+        super().__setstate__(state)
+        for group in self.param_groups:  # an Adam/AdamW state dict lacks our settings: take the defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            if isinstance(group["betas"], list):
+                group["betas"] = tuple(group["betas"])
+        for st in self.state.values():  # old or foreign checkpoints may hold plain-number steps
+            if "step" in st and not torch.is_tensor(st["step"]):
+                st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32)
+        if options is not None:  # a copy or an unpickled optimizer: rebuild what was not copied
+            for key, value in options.items():
+                setattr(self, key, value)
+            self._reset_transient()
+            self._ready = True
+            if self.step_in_backward:
+                self._register_hooks()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state dict of this optimizer, or of ``torch.optim.Adam``/``AdamW``.
+
+        Saved settings win (as in torch); settings a saved group lacks take this optimizer's
+        defaults. Every moment is restored in the group's ``state_dtype`` straight from the saved
+        tensor (torch's loader casts moments to the parameter's dtype, which would undo a bf16
+        or 8-bit state). On any error nothing changes."""
+        saved_groups = state_dict["param_groups"]
+        id_map = {pid: p for sg, g in zip(saved_groups, self.param_groups) for pid, p in zip(sg["params"], g["params"])}
+        before = (self.state, self.param_groups)
+        super().load_state_dict(state_dict)
+        try:
+            for group in self.param_groups:
+                _check_group(group)
+            owner = {id(p): g for g in self.param_groups for p in g["params"]}
+            for pid, saved in state_dict["state"].items():
+                if pid in id_map:
+                    p = id_map[pid]
+                    self._restore_moments(p, owner[id(p)], saved)
+        except Exception:
+            self.__dict__["state"], self.__dict__["param_groups"] = before
+            raise
+        self._banks, self._triples = {}, None
+
+    def _restore_moments(self, p: torch.Tensor, group: dict, saved: dict) -> None:
+        state = self.state[p]
+        dtype = group["state_dtype"] or p.dtype
+        for key, signed in _MOMENTS:
+            value = saved.get(key)
+            if not isinstance(value, torch.Tensor):
+                continue
+            if value.dtype == torch.uint8:
+                value = dequantize(value, saved[key + "_scale"], signed, torch.float32) if dtype != torch.uint8 else value
+            state.pop(key + "_scale", None)
+            if dtype == torch.uint8:
+                if value.dtype == torch.uint8:
+                    codes, scales = value.to(p.device), saved[key + "_scale"].to(p.device, torch.float32)
+                else:
+                    codes, scales = quantized_zeros(value)
+                    codes, scales = codes.to(p.device), scales.to(p.device)
+                    quantize_(value.to(p.device), codes, scales, signed)
+                state[key], state[key + "_scale"] = codes, scales
+            else:
+                state[key] = value.to(device=p.device, dtype=dtype)
 
     # ---------------------------------------------------------------- per-group collection
     @staticmethod
@@ -324,36 +544,63 @@ class SpectralAdam(Optimizer):
         :func:`~stiefel_sct.distributed.shard_model` sharded (``fully_shard`` drops the subclass)."""
         return is_stiefel(p) or is_sharded_factor(p)
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _init_state(self, p: torch.Tensor, group: dict) -> dict:
+        """``p``'s state, created on first use: moments in the group's ``state_dtype``
+        (8-bit: codes and block scales), ``max_exp_avg_sq`` once the group uses ``amsgrad``."""
         state = self.state[p]
+        dtype = group["state_dtype"] or p.dtype
+        like = p.detach() if _is_dtensor(p) else plain(p)  # sharded moments for sharded parameters
+        keys = [key for key, _ in _MOMENTS if key != "max_exp_avg_sq" or group["amsgrad"]]
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            dtype = self.state_dtype or p.dtype
-            like = p.detach() if _is_dtensor(p) else plain(p)  # sharded moments for sharded parameters
-            state["exp_avg"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
+        for key in keys:
+            if key in state:
+                continue
+            if dtype == torch.uint8:
+                state[key], state[key + "_scale"] = quantized_zeros(like)
+            else:
+                state[key] = torch.zeros_like(like, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
-    def _init_group(self, group: dict) -> Tuple[TensorList, TensorList, TensorList, TensorList, TensorList, List[bool]]:
-        """The group's parameters that have a gradient, with their gradients, moments, step counts
-        and whether each is a Stiefel factor (decided here, once per step); creates missing state."""
-        params, grads, exp_avgs, exp_avg_sqs, steps, factors = [], [], [], [], [], []
-        for p in group["params"]:
+    def _init_group(self, group: dict) -> tuple:
+        """:meth:`_collect` over the whole group (once per step)."""
+        return self._collect(group, group["params"])
+
+    def _collect(self, group: dict, candidates: Iterable[torch.Tensor]) -> tuple:
+        """The group's parameters that have a gradient, with their gradients, moments (and
+        ``max_exp_avg_sq`` with ``amsgrad``), step counts, whether each is a Stiefel factor (decided
+        here, once per step) and the 8-bit moments' block scales (``None`` if not 8-bit); creates
+        missing state."""
+        params, grads, exp_avgs, exp_avg_sqs, maxes, steps, factors = [], [], [], [], [], [], []
+        scales: Tuple[list, list, list] = ([], [], [])
+        for p in candidates:
             if p.grad is None:
                 continue
-            state = self._init_state(p)
+            state = self._init_state(p, group)
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
+            maxes.append(state["max_exp_avg_sq"] if group["amsgrad"] else None)
             steps.append(state["step"])
             factors.append(self._is_factor(p))
-        return params, grads, exp_avgs, exp_avg_sqs, steps, factors
+            for seq, (key, _) in zip(scales, _MOMENTS):
+                seq.append(state.get(key + "_scale"))
+        quantized = group["state_dtype"] == torch.uint8
+        return params, grads, exp_avgs, exp_avg_sqs, maxes, steps, factors, (scales if quantized else None)
 
-    def _impl(self, tensors: TensorList) -> str:
-        if self.fused or (self.fused is None and self.foreach is None and fused_supported(tensors)):
+    @staticmethod
+    def _impl(group: dict, tensors: TensorList) -> str:
+        fused, foreach = group["fused"], group["foreach"]
+        if fused:
+            if not fused_supported(tensors):  # at step(), as torch: building on meta parameters works
+                kinds = sorted({f"{t.device.type}/{t.dtype}" for t in tensors})
+                raise RuntimeError(f"fused=True needs floating-point parameters on a device with fused Adam kernels; "
+                                   f"got {kinds}")
             return "fused"
-        if self.foreach is False:
+        if fused is None and foreach is None and fused_supported(tensors):
+            return "fused"
+        if foreach is False:
             return "single"
         return "foreach"
 
@@ -447,8 +694,10 @@ class SpectralAdam(Optimizer):
         retract_triples_([t for t in self._layer_triples() if id(t[0]) in updated or id(t[2]) in updated])
 
     # ---------------------------------------------------------------- step in backward
-    def _register_hooks(self) -> None:
+    def _register_hooks(self, only_group: Optional[int] = None) -> None:
         for gi, group in enumerate(self.param_groups):
+            if only_group is not None and gi != only_group:
+                continue
             for pi, p in enumerate(group["params"]):
                 if p.requires_grad:
                     self._hooks.append(p.register_post_accumulate_grad_hook(self._make_hook(gi, pi)))
@@ -469,12 +718,11 @@ class SpectralAdam(Optimizer):
                 "this parameter was not changed"
             )
         group = self.param_groups[gi]
-        state = self._init_state(p)
-        factor = self._is_factor(p)
-        spectral_adam([p], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]], [factor],
-                      **_group_hyperparameters(group), mode="sct", impl=self._impl([p]), retract_factors=False)
+        params, grads, m, v, mx, steps, factors, scales = self._collect(group, [p])
+        spectral_adam(params, grads, m, v, mx, steps, factors, **_group_hyperparameters(group), mode="sct",
+                      impl=self._impl(group, params), moment_scales=scales, retract_factors=False)
         p.grad = None
-        if factor:
+        if factors[0]:
             self._pending[gi].append(p)
 
     def _retract_pending(self) -> None:
@@ -512,50 +760,92 @@ class SpectralAdam(Optimizer):
         if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
             self._step_sharded()
             return loss
+        for group in self.param_groups:  # fused=True is checked here, as torch does, before anything reads a value
+            if group["fused"]:
+                self._impl(group, [p for p in group["params"] if p.grad is not None])
         self._check_gradients()
         preserved: Set[int] = set()
         for gi, group in enumerate(self.param_groups):
             banks = self._banks_of(gi, group)  # before the state exists, so it takes their layout
-            params, grads, exp_avgs, exp_avg_sqs, steps, factors = self._init_group(group)
+            lists = self._init_group(group)
+            params, factors = lists[0], lists[6]
             if not params:
                 continue
-            lists = (params, grads, exp_avgs, exp_avg_sqs, steps, factors)
-            hp = dict(_group_hyperparameters(group), mode=group["mode"], impl=self._impl(params))
+            hp = dict(_group_hyperparameters(group), mode=group["mode"], impl=self._impl(group, params))
             live, covered = self._live_banks(banks, [p for p, f in zip(params, factors) if f])
             rest = [i for i, p in enumerate(params) if id(p) not in covered]
-            spectral_adam(*([x[i] for i in rest] for x in lists), retract_factors=not group["preserve_function"], **hp)
+            self._adam(lists, rest, hp, retract_factors=not group["preserve_function"])
             position = {id(p): i for i, p in enumerate(params)}
             for bank in live:
                 # chunk by chunk: the Adam update leaves the chunk in cache for the retraction's GEMMs
                 for j, chunk in enumerate(bank.chunks):
-                    idx = [position[id(p)] for p in chunk]
-                    spectral_adam(*([x[i] for i in idx] for x in lists), retract_factors=False, **hp)
+                    self._adam(lists, [position[id(p)] for p in chunk], hp, retract_factors=False)
                     bank.retract_chunk_(j, group["retraction"])
             if group["preserve_function"]:
                 preserved.update(id(p) for p, f in zip(params, factors) if f)
+            if group["stabilize"] is not None:
+                self._stabilize(group, lists)
         if preserved:  # after every group's update: a layer's s may sit in another group
             self._retract_triples(preserved)
         return loss
+
+    @staticmethod
+    def _adam(lists: tuple, idx: List[int], hp: dict, retract_factors: bool) -> None:
+        """:func:`spectral_adam` on the entries ``idx`` of :meth:`_init_group`'s lists."""
+        *seqs, scales = lists
+        picked = [[seq[i] for i in idx] for seq in seqs]
+        scales = None if scales is None else tuple([seq[i] for i in idx] for seq in scales)
+        spectral_adam(*picked, moment_scales=scales, retract_factors=retract_factors, **hp)
+
+    @staticmethod
+    def _stabilize(group: dict, lists: tuple) -> None:
+        """geoopt's ``stabilize``: when a factor's step count reaches a multiple of ``stabilize``,
+        project the group's factors onto the manifold and their first moments onto the tangent space."""
+        params, _, exp_avgs, _, _, steps, factors, _ = lists
+        if not any(f and int(st) % group["stabilize"] == 0 for f, st in zip(factors, steps)):
+            return
+        for p, m, f in zip(params, exp_avgs, factors):
+            if f:
+                manifold = riemannian_manifold(p, group["retraction"])
+                x = plain(p)
+                x.copy_(manifold.projx(x))
+                m.copy_(manifold.proju(x, m.to(x.dtype)))
 
     def _step_sharded(self) -> None:
         """FSDP2 (parameters are sharded ``DTensor``s, see :func:`~stiefel_sct.distributed.shard_model`):
         the Adam update runs on each process's shards (it is elementwise, so it is the unsharded
         update), then the factors are retracted by :func:`~stiefel_sct.distributed.sharded_retract_`
         (CholeskyQR2 with all-reduced Gram matrices; no factor is gathered)."""
-        if self.step_in_backward or any(g["mode"] != "sct" or g["preserve_function"] for g in self.param_groups):
-            raise NotImplementedError("sharded (FSDP2) parameters support mode='sct' without preserve_function "
-                                      "or step_in_backward")
+        if self.step_in_backward or any(g["mode"] != "sct" or g["preserve_function"] or g["state_dtype"] == torch.uint8
+                                        for g in self.param_groups):
+            raise NotImplementedError("sharded (FSDP2) parameters support mode='sct' without preserve_function, "
+                                      "step_in_backward or 8-bit state")
         mesh = next(p.device_mesh for g in self.param_groups for p in g["params"] if _is_dtensor(p))
         process_group = mesh.get_group()
         self._check_gradients(process_group)
         shards = []
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps, factors = self._init_group(group)
+            params, grads, exp_avgs, exp_avg_sqs, maxes, steps, factors, _ = self._init_group(group)
             if not params:
                 continue
             local = [_local(p) for p in params]
             spectral_adam(local, [_local(g) for g in grads], [_local(m) for m in exp_avgs],
-                          [_local(v) for v in exp_avg_sqs], steps, factors, **_group_hyperparameters(group),
-                          mode="sct", impl=self._impl(local), retract_factors=False)
+                          [_local(v) for v in exp_avg_sqs], [None if m is None else _local(m) for m in maxes], steps,
+                          factors, **_group_hyperparameters(group), mode="sct", impl=self._impl(group, local),
+                          retract_factors=False)
             shards += [(x, tuple(p.shape)) for x, p, f in zip(local, params, factors) if f]
         sharded_retract_(shards, group=process_group)
+
+
+class SpectralAdamW(SpectralAdam):
+    """:class:`SpectralAdam` with ``torch.optim.AdamW``'s defaults: decoupled weight decay, 1e-2.
+
+    A drop-in for ``torch.optim.AdamW``; every argument of :class:`SpectralAdam` is accepted."""
+
+    def __init__(self, params: Iterable, lr: Union[float, torch.Tensor] = 1e-3,
+                 betas: Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 decoupled_weight_decay: bool = True, **kwargs) -> None:
+        if decoupled_weight_decay is not True:
+            raise ValueError("SpectralAdamW always decouples weight decay; use SpectralAdam for Adam's L2 penalty")
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, **kwargs)

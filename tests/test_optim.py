@@ -9,6 +9,7 @@ from torch import nn
 
 from stiefel_sct import (
     SpectralAdam,
+    SpectralAdamW,
     SpectralLinear,
     Stiefel,
     orthonormality_error,
@@ -62,7 +63,7 @@ def test_sct_mode_matches_adam_plus_per_matrix_qr(impl):
     factors, s = _factor_set()
     ref_factors = [p.detach().clone().requires_grad_() for p in factors]
     ref_s = s.detach().clone().requires_grad_()
-    opt = SpectralAdam(factors + [s], lr=1e-2, weight_decay=0.05, **impl)
+    opt = SpectralAdamW(factors + [s], lr=1e-2, weight_decay=0.05, **impl)
     ref_opt = torch.optim.AdamW([{"params": ref_factors, "weight_decay": 0.0}, {"params": [ref_s]}], lr=1e-2, weight_decay=0.05)
     gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     for _ in range(20):
