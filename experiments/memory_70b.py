@@ -21,6 +21,7 @@ of what holds memory (parameters, gradients, optimizer state; activations are th
               inputs are kept (18 hidden states at 80 layers instead of 80: -250 MB) for one more
               forward pass of compute
   ckpt2_sib_bf16  + Adam moments stored in bf16
+  ckpt2_sib_8bit  + Adam moments stored as blockwise 8-bit codes (SpectralAdam(state_dtype=torch.uint8))
 
 Every configuration runs with glibc told to keep few arenas and to return freed memory
 (``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=131072``; ``--malloc system`` for the defaults):
@@ -68,13 +69,16 @@ CONFIGS = {  # checkpointing: None, "layer" (each decoder layer) or "nested" (la
     "ckpt_sib": dict(checkpointing="layer", step_in_backward=True, state_dtype=None),
     "ckpt2_sib": dict(checkpointing="nested", step_in_backward=True, state_dtype=None),
     "ckpt2_sib_bf16": dict(checkpointing="nested", step_in_backward=True, state_dtype="bf16"),
+    "ckpt2_sib_8bit": dict(checkpointing="nested", step_in_backward=True, state_dtype="8bit"),
 }
+STATE_DTYPES = {None: None, "bf16": torch.bfloat16, "8bit": torch.uint8}  # SpectralAdam(state_dtype=...)
 DESCRIPTIONS = {
     "reference": "gradients held, no checkpointing (the paper's recipe)",
     "ckpt": "+ activation checkpointing per decoder layer, LM head + loss in checkpointed chunks",
     "ckpt_sib": "+ step in backward (no gradient held)",
     "ckpt2_sib": "+ nested checkpointing (layers in ~sqrt(L) checkpointed segments)",
     "ckpt2_sib_bf16": "+ Adam moments in bf16",
+    "ckpt2_sib_8bit": "+ Adam moments as blockwise 8-bit codes (instead of bf16)",
 }
 LOSS_CHUNK = 32  # positions per cross-entropy chunk where checkpointing is on
 LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
@@ -231,8 +235,8 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
         enable_layer_checkpointing(model)
     # nested: ~sqrt(L) segments of ~sqrt(L) layers keep the fewest hidden states
     segments = max(1, round(math.sqrt(layers))) if opts["checkpointing"] == "nested" else None
-    state_dtype = torch.bfloat16 if opts["state_dtype"] == "bf16" else None
-    opt = SpectralAdam(model.parameters(), lr=cfg.lr, state_dtype=state_dtype, step_in_backward=opts["step_in_backward"])
+    opt = SpectralAdam(model.parameters(), lr=cfg.lr, state_dtype=STATE_DTYPES[opts["state_dtype"]],
+                       step_in_backward=opts["step_in_backward"])
     params = list(model.parameters())
     out = {"config": name, "layers": layers, "build_s": time.perf_counter() - t0,
            "params": sum(p.numel() for p in params), "param_bytes": _bytes(params),
@@ -317,12 +321,13 @@ def compression_table(rank: int) -> List[Dict]:
     return rows
 
 
-def bf16_state_effect(seeds: int = 3) -> Dict:
-    """What bf16 Adam moments cost in loss: SCT on the sine MLP proof (cosine lr), fp32 vs bf16 moments."""
+def state_dtype_effect(seeds: int = 3) -> Dict:
+    """What low-precision Adam moments cost in loss: SCT on the sine MLP proof (cosine lr), fp32
+    vs bf16 vs blockwise 8-bit moments."""
     from experiments import mlp_proofs
 
     out = {}
-    for name, dtype in (("fp32", None), ("bf16", "bf16")):
+    for name, dtype in (("fp32", None), ("bf16", "bf16"), ("8bit", "8bit")):
         cfg = mlp_proofs.Config(state_dtype=dtype)
         vals = [mlp_proofs.run_one("sine", "sct", s, cfg.lr, "cosine", cfg)["metric"] for s in range(seeds)]
         out[name] = {"mse_mean": sum(vals) / len(vals), "mse": vals}
@@ -388,10 +393,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if ref:
         for row in summary.values():
             row["peak_vs_reference"] = row["peak_mb"] / ref["peak_mb"]
-    effect = bf16_state_effect(seeds=1 if cfg.preset == "smoke" else 3)
+    effect = state_dtype_effect(seeds=1 if cfg.preset == "smoke" else 3)
     metrics = {"summary": summary, "descriptions": {c: DESCRIPTIONS[c] for c in cfg.configs}, "runs": runs,
                "compression": compression_table(cfg.rank), "paper": PAPER,
-               "bf16_state_effect_sine_mse": effect,
+               "state_dtype_effect_sine_mse": effect,
                "malloc_env": MALLOC_ENV if cfg.malloc == "tuned" else {}, "total_wall_s": time.time() - t0}
     name = "memory_70b_paper" if cfg.preset == "paper" else "memory_70b"  # both feed the report
     path = write_results(name, dataclasses.asdict(cfg), metrics, results_dir=args.results_dir)

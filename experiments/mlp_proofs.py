@@ -64,7 +64,7 @@ class Config:
     sweep_seeds: int = 2
     sweep_schedule: str = "cosine"
     curve_every: int = 10
-    state_dtype: Optional[str] = None  # "bf16": SpectralAdam keeps its moments in bf16
+    state_dtype: Optional[str] = None  # "bf16" or "8bit": SpectralAdam keeps its moments in bf16 / blockwise 8-bit
     tasks: List[str] = field(default_factory=lambda: list(TASKS))
     methods: List[str] = field(default_factory=lambda: list(METHODS))
 
@@ -159,7 +159,7 @@ def run_one(task: str, method: str, seed: int, lr: float, schedule: str, cfg: Co
     else:
         spectralize(model, rank=cfg.rank, convert_small=True)
         opt = SpectralAdam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
-                           state_dtype=torch.bfloat16 if cfg.state_dtype == "bf16" else None)
+                           state_dtype={"bf16": torch.bfloat16, "8bit": torch.uint8}.get(cfg.state_dtype))
     feedback = make_feedback(sizes, torch.Generator().manual_seed(10_000 + seed)) if method == "sft_dfa" else None
     sched = None
     if schedule == "cosine":

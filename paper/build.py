@@ -160,11 +160,12 @@ def memory_section(res: Dict, figures: pathlib.Path, rel: str, title: str) -> Li
             lines.append(f"| {r['shape']} | {r['paper_mb']} | {r['sct_mb']:.2f} | {r['measured_mb']:.2f} | "
                          f"{r['dense_mb']:,.0f} | {r['paper_ratio']}x | {r['ratio']:.1f}x |")
         lines.append("")
-    eff = m.get("bf16_state_effect_sine_mse")
+    eff = m.get("state_dtype_effect_sine_mse") or m.get("bf16_state_effect_sine_mse")  # older results: bf16 only
     if eff:
-        lines += [f"Loss effect of bf16 Adam moments (SCT on the sine MLP proof, cosine lr, {len(eff['fp32']['mse'])} "
-                  f"seeds): final MSE {eff['fp32']['mse_mean']:.2e} with fp32 moments, {eff['bf16']['mse_mean']:.2e} "
-                  "with bf16 moments.", ""]
+        labels = {"fp32": "fp32", "bf16": "bf16", "8bit": "blockwise 8-bit"}
+        parts = [f"{eff[k]['mse_mean']:.2e} with {labels[k]} moments" for k in labels if k in eff]
+        lines += [f"Loss effect of low-precision Adam moments (SCT on the sine MLP proof, cosine lr, "
+                  f"{len(eff['fp32']['mse'])} seeds): final MSE " + ", ".join(parts) + ".", ""]
     fig = plot_memory(rows, figures, f"{res['experiment']}.png")
     if fig:
         lines += [f"![peak memory by configuration]({rel}/{fig.name})", ""]

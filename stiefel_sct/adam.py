@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from .quant import dequantize, quantize_
+from .quant import BLOCK, dequantize, quantize_
 
 __all__ = ["ADAM_IMPLS", "adam_foreach", "adam_fused", "adam_kernel", "adam_single", "fused_supported",
            "riemannian_adam"]
@@ -155,17 +155,40 @@ def adam_single(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
                 p.mul_(1 - lr * weight_decay)
             else:
                 g = g.add(p, alpha=weight_decay)
-        stored = [(m, scales[0][i], True), (v, scales[1][i], False)] + ([(mx, scales[2][i], False)] if amsgrad else [])
-        mc, vc, *mxc = (_load(t, sc, signed, p.dtype) for t, sc, signed in stored)
-        mc.lerp_(g, 1 - beta1)
-        vc.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if amsgrad:
-            torch.maximum(mxc[0], vc, out=mxc[0])
         (bc1,), (bc2,) = _bias_corrections([st], beta1, beta2)
-        denom = ((mxc[0] if amsgrad else vc).sqrt() / math.sqrt(bc2)).add_(eps)
-        p.addcdiv_(mc, denom, value=-lr / bc1)
-        for (t, sc, signed), value in zip(stored, [mc, vc, *mxc]):
-            _store(t, sc, signed, value)
+        if m.dtype == torch.uint8 and p.is_contiguous():
+            # 8-bit moments: a pass per chunk of the flattened tensor, so the decoded fp32 copies
+            # are a few hundred KB, not several of the parameter's size (the 70B-shaped step's
+            # embedding factor is 4.1M elements: ~16 MB per temporary without chunks)
+            flat = [p.view(-1), g.reshape(-1), m.view(-1), v.view(-1), mx.view(-1) if amsgrad else None]
+            for a in range(0, p.numel(), _CHUNK_8BIT):
+                sl, bl = slice(a, a + _CHUNK_8BIT), slice(a // BLOCK, (a + _CHUNK_8BIT) // BLOCK)
+                codes = [(flat[2][sl], scales[0][i][bl], True), (flat[3][sl], scales[1][i][bl], False)]
+                if amsgrad:
+                    codes.append((flat[4][sl], scales[2][i][bl], False))
+                _adam_update(flat[0][sl], flat[1][sl], codes, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,
+                             eps=eps, bc1=bc1, bc2=bc2)
+            continue
+        stored = [(m, scales[0][i], True), (v, scales[1][i], False)] + ([(mx, scales[2][i], False)] if amsgrad else [])
+        _adam_update(p, g, stored, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2, eps=eps, bc1=bc1, bc2=bc2)
+
+
+_CHUNK_8BIT = 1 << 16  # elements per pass over 8-bit moments (a multiple of quant.BLOCK)
+
+
+def _adam_update(p, g, stored, *, amsgrad, lr, beta1, beta2, eps, bc1, bc2) -> None:
+    """One Adam update of ``p`` from ``g`` (weight decay and ``maximize`` already applied);
+    ``stored`` = ``[(moment, scales, signed)]`` for ``exp_avg``, ``exp_avg_sq`` (and
+    ``max_exp_avg_sq``), read in ``p``'s dtype and written back in their own."""
+    mc, vc, *mxc = (_load(t, sc, signed, p.dtype) for t, sc, signed in stored)
+    mc.lerp_(g, 1 - beta1)
+    vc.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if amsgrad:
+        torch.maximum(mxc[0], vc, out=mxc[0])
+    denom = ((mxc[0] if amsgrad else vc).sqrt() / math.sqrt(bc2)).add_(eps)
+    p.addcdiv_(mc, denom, value=-lr / bc1)
+    for (t, sc, signed), value in zip(stored, [mc, vc, *mxc]):
+        _store(t, sc, signed, value)
 
 
 def _load(t: torch.Tensor, scales, signed: bool, dtype: torch.dtype) -> torch.Tensor:

@@ -9,7 +9,14 @@ import torch
 
 from .manifold import plain, retract_into
 
-__all__ = ["FactorBank"]
+__all__ = ["CHUNK_BYTES", "FactorBank"]
+
+# Bytes per chunk slot. Each bank keeps one spare slot, so this is also the bank's extra memory:
+# 8 MB instead of 32 MB cut the spares of the 8-layer 70B-shaped set (rank 32) from 63.5 to
+# 15.0 MB (at 80 layers ~113 -> ~39 MB) for a SpectralAdam step of 94.2 vs 90.4 ms (median of 12,
+# interleaved; within this machine's run-to-run noise): 8 matrices of 8192 x 32 per batched
+# factorization are already at GEMM speed.
+CHUNK_BYTES = 8 << 20
 
 
 class FactorBank:
@@ -26,7 +33,8 @@ class FactorBank:
     the factors either.
     """
 
-    def __init__(self, params: List[torch.Tensor], chunk_bytes: int = 32 << 20) -> None:
+    def __init__(self, params: List[torch.Tensor], chunk_bytes: Optional[int] = None) -> None:
+        chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         first = params[0]
         per_matrix = first.numel() * first.element_size()
         c = max(1, min(len(params), chunk_bytes // per_matrix))
