@@ -24,10 +24,6 @@ from .optim import SpectralAdam
 
 __all__ = ["RetractionHandle", "stiefel_retraction"]
 
-# The group keys under which torch's and the common third-party optimizers keep weight decay.
-_DECAY_KEYS = ("weight_decay",)
-
-
 class RetractionHandle:
     """What :func:`stiefel_retraction` returns: ``remove()`` stops the retraction; ``factors``
     lists the parameters it retracts; ``split_groups`` says how many param groups it split to
@@ -63,15 +59,15 @@ def _exclude_from_weight_decay(optimizer: torch.optim.Optimizer) -> int:
     """Move the Stiefel factors of every group with a nonzero weight decay into a copy of the
     group without it; returns how many groups were split. A group holding only factors has its
     decay set to 0 in place. Warns (and changes nothing) where it cannot."""
-    plans = []
+    plans = []  # (group index, indices of its factors): groups whose factors feel a weight decay
     for gi, group in enumerate(optimizer.param_groups):
-        keys = [k for k in _DECAY_KEYS if isinstance(group.get(k), (int, float)) and group[k] != 0]
+        decay = group.get("weight_decay")  # torch's, bitsandbytes', torchao's and GaLore's key
         factors = [i for i, p in enumerate(group["params"]) if is_stiefel(p)]
-        if keys and factors:
-            plans.append((gi, keys, factors))
+        if isinstance(decay, (int, float)) and decay != 0 and factors:
+            plans.append((gi, factors))
     if not plans:
         return 0
-    mixed = [plan for plan in plans if len(plan[2]) != len(optimizer.param_groups[plan[0]]["params"])]
+    mixed = [plan for plan in plans if len(plan[1]) != len(optimizer.param_groups[plan[0]]["params"])]
     if mixed and any("initial_lr" in g for g in optimizer.param_groups):
         warnings.warn(
             "stiefel_retraction: an LR scheduler is already attached to this optimizer, so its param groups "
@@ -82,15 +78,14 @@ def _exclude_from_weight_decay(optimizer: torch.optim.Optimizer) -> int:
         )
         plans = [plan for plan in plans if plan not in mixed]
     split = 0
-    for gi, keys, factors in plans:
+    for gi, factors in plans:
         group = optimizer.param_groups[gi]
         if len(factors) == len(group["params"]):
-            for k in keys:
-                group[k] = 0.0
+            group["weight_decay"] = 0.0
             continue
         chosen = set(factors)
         new_group: Dict = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-        new_group.update({k: 0.0 for k in keys})
+        new_group["weight_decay"] = 0.0
         new_group["params"] = [group["params"][i] for i in factors]
         if "param_names" in group:
             new_group["param_names"] = [group["param_names"][i] for i in factors]

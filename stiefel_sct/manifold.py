@@ -387,10 +387,6 @@ class Stiefel(geoopt.EuclideanStiefel):
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return retract(x + u, self.method).contiguous()
 
-    def retr_transp(self, x: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        y = self.retr(x, u)
-        return y, self.transp(x, y, v)
-
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         """The closest point of the manifold to ``x`` in the Frobenius norm: ``U V^T`` of the thin
         SVD (computed in fp32 at least). Unlike the retraction it does not depend on the column

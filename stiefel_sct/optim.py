@@ -109,11 +109,10 @@ def spectral_adam(
     hp = dict(amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2, eps=eps)
     euc = [i for i, s in enumerate(stiefel) if not s]
     man = [i for i, s in enumerate(stiefel) if s]
-    maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
+    maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)  # the kernels read it only with amsgrad
 
     def pick(idx: List[int]) -> Tuple[TensorList, ...]:
-        lists = tuple([seq[i] for i in idx] for seq in (params, grads, exp_avgs, exp_avg_sqs, maxes, steps))
-        return lists[:4] + ((lists[4] if amsgrad else []), lists[5])
+        return tuple([seq[i] for i in idx] for seq in (params, grads, exp_avgs, exp_avg_sqs, maxes, steps))
 
     def scales(idx: List[int]):
         return None if moment_scales is None else tuple([seq[i] for i in idx] for seq in moment_scales)
@@ -224,12 +223,9 @@ _GROUP_KEYS = frozenset(ADAM_KEYS + SCT_KEYS + _SCHEDULER_KEYS + ("params", "par
 
 def _check_lr(group: dict) -> None:
     lr = group["lr"]
-    if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
-        if group["foreach"] and not group["capturable"]:
-            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
     _check_float(lr, "lr", 0.0)  # a tensor lr stays a tensor: changing it in place changes the step
+    if isinstance(lr, torch.Tensor) and group["foreach"] and not group["capturable"]:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
 
 
 def _check_betas(group: dict) -> None:
@@ -512,7 +508,7 @@ class SpectralAdam(Optimizer):
                     p = id_map[pid]
                     self._restore_moments(p, owner[id(p)], saved)
         except Exception:
-            self.__dict__["state"], self.__dict__["param_groups"] = before
+            self.state, self.param_groups = before
             raise
         self._banks, self._triples = {}, None
 
@@ -523,19 +519,19 @@ class SpectralAdam(Optimizer):
             value = saved.get(key)
             if not isinstance(value, torch.Tensor):
                 continue
-            if value.dtype == torch.uint8:
-                value = dequantize(value, saved[key + "_scale"], signed, torch.float32) if dtype != torch.uint8 else value
-            state.pop(key + "_scale", None)
+            state.pop(key + "_scale", None)  # torch's loader copied it, cast to the parameter's dtype
+            value = value.to(p.device)
+            saved_scales = saved[key + "_scale"].to(p.device, torch.float32) if value.dtype == torch.uint8 else None
+            if dtype == torch.uint8 and saved_scales is not None:  # 8-bit into 8-bit: the codes as saved
+                state[key], state[key + "_scale"] = value, saved_scales
+                continue
+            if saved_scales is not None:
+                value = dequantize(value, saved_scales, signed)
             if dtype == torch.uint8:
-                if value.dtype == torch.uint8:
-                    codes, scales = value.to(p.device), saved[key + "_scale"].to(p.device, torch.float32)
-                else:
-                    codes, scales = quantized_zeros(value)
-                    codes, scales = codes.to(p.device), scales.to(p.device)
-                    quantize_(value.to(p.device), codes, scales, signed)
-                state[key], state[key + "_scale"] = codes, scales
+                state[key], state[key + "_scale"] = quantized_zeros(value)
+                quantize_(value, state[key], state[key + "_scale"], signed)
             else:
-                state[key] = value.to(device=p.device, dtype=dtype)
+                state[key] = value.to(dtype)
 
     # ---------------------------------------------------------------- per-group collection
     @staticmethod
@@ -548,13 +544,15 @@ class SpectralAdam(Optimizer):
         """``p``'s state, created on first use: moments in the group's ``state_dtype``
         (8-bit: codes and block scales), ``max_exp_avg_sq`` once the group uses ``amsgrad``."""
         state = self.state[p]
+        amsgrad = group["amsgrad"]
+        if state and (not amsgrad or "max_exp_avg_sq" in state):  # every step after the first
+            return state
         dtype = group["state_dtype"] or p.dtype
         like = p.detach() if _is_dtensor(p) else plain(p)  # sharded moments for sharded parameters
-        keys = [key for key, _ in _MOMENTS if key != "max_exp_avg_sq" or group["amsgrad"]]
         if len(state) == 0:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        for key in keys:
-            if key in state:
+        for key, _ in _MOMENTS:
+            if key in state or (key == "max_exp_avg_sq" and not amsgrad):
                 continue
             if dtype == torch.uint8:
                 state[key], state[key + "_scale"] = quantized_zeros(like)
@@ -572,6 +570,7 @@ class SpectralAdam(Optimizer):
         here, once per step) and the 8-bit moments' block scales (``None`` if not 8-bit); creates
         missing state."""
         params, grads, exp_avgs, exp_avg_sqs, maxes, steps, factors = [], [], [], [], [], [], []
+        quantized = group["state_dtype"] == torch.uint8
         scales: Tuple[list, list, list] = ([], [], [])
         for p in candidates:
             if p.grad is None:
@@ -584,9 +583,9 @@ class SpectralAdam(Optimizer):
             maxes.append(state["max_exp_avg_sq"] if group["amsgrad"] else None)
             steps.append(state["step"])
             factors.append(self._is_factor(p))
-            for seq, (key, _) in zip(scales, _MOMENTS):
-                seq.append(state.get(key + "_scale"))
-        quantized = group["state_dtype"] == torch.uint8
+            if quantized:
+                for seq, (key, _) in zip(scales, _MOMENTS):
+                    seq.append(state.get(key + "_scale"))
         return params, grads, exp_avgs, exp_avg_sqs, maxes, steps, factors, (scales if quantized else None)
 
     @staticmethod
@@ -760,9 +759,8 @@ class SpectralAdam(Optimizer):
         if any(_is_dtensor(p) for g in self.param_groups for p in g["params"]):
             self._step_sharded()
             return loss
-        for group in self.param_groups:  # fused=True is checked here, as torch does, before anything reads a value
-            if group["fused"]:
-                self._impl(group, [p for p in group["params"] if p.grad is not None])
+        # chosen here, before anything reads a value: fused=True on an unsupported device raises at step(), as in torch
+        impls = [self._impl(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         self._check_gradients()
         preserved: Set[int] = set()
         for gi, group in enumerate(self.param_groups):
@@ -771,7 +769,7 @@ class SpectralAdam(Optimizer):
             params, factors = lists[0], lists[6]
             if not params:
                 continue
-            hp = dict(_group_hyperparameters(group), mode=group["mode"], impl=self._impl(group, params))
+            hp = dict(_group_hyperparameters(group), mode=group["mode"], impl=impls[gi])
             live, covered = self._live_banks(banks, [p for p, f in zip(params, factors) if f])
             rest = [i for i, p in enumerate(params) if id(p) not in covered]
             self._adam(lists, rest, hp, retract_factors=not group["preserve_function"])
