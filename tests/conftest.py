@@ -2,6 +2,35 @@ import pytest
 import torch
 
 
+def fit(model, opt, x, y, steps, after_step=None):
+    """Full-batch MSE regression of ``y`` on ``x`` for ``steps`` optimizer steps (``after_step``
+    runs after each); returns the first and the last loss."""
+    import torch.nn.functional as F
+
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+    return losses[0], losses[-1]
+
+
+def sine_mlp(seed=0):
+    """The sine proof's MLP (1 -> 64 -> spectral 64 x 64, rank 16 -> 64 -> 1) and its data, sin on [-pi, pi]."""
+    from torch import nn
+
+    from stiefel_sct import SpectralLinear
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), SpectralLinear(64, 64, 16), nn.Tanh(), nn.Linear(64, 1))
+    x = torch.linspace(-3.14159, 3.14159, 200).unsqueeze(1)
+    return model, x, torch.sin(x)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

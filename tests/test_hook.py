@@ -5,28 +5,19 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import fit, sine_mlp
 from torch import nn
 
-from stiefel_sct import SpectralAdam, SpectralLinear, orthonormality_error, retract_all, stiefel_retraction
+from stiefel_sct import SpectralAdam, orthonormality_error, retract_all, stiefel_retraction
 
 
 def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(1, 64), nn.Tanh(), SpectralLinear(64, 64, 16), nn.Tanh(), nn.Linear(64, 1))
+    return sine_mlp(seed)[0]
 
 
 def _fit_sine(model, opt, steps):
-    x = torch.linspace(-3.14159, 3.14159, 200).unsqueeze(1)
-    y = torch.sin(x)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses[0], losses[-1]
+    _, x, y = sine_mlp()
+    return fit(model, opt, x, y, steps)
 
 
 def _bnb_adamw8bit():

@@ -5,6 +5,7 @@ import geoopt
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fit, sine_mlp
 from torch import nn
 
 from stiefel_sct import (
@@ -278,17 +279,7 @@ def test_retract_all_module_and_iterable():
 def _fit_sine(model, opt, steps, after_step=None):
     """Full-batch regression of sin on a fixed random batch; returns (first, last) loss."""
     x = torch.randn(64, 32)
-    y = torch.sin(x[:, :8])
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
-        losses.append(loss.item())
-    return losses[0], losses[-1]
+    return fit(model, opt, x, torch.sin(x[:, :8]), steps, after_step)
 
 
 def test_any_optimizer_plus_retract_all_trains():
@@ -308,17 +299,10 @@ def test_geoopt_riemannian_adam_trains_spectral_linear():
 
 
 def test_tiny_mlp_learns_sine():
-    torch.manual_seed(0)
-    x = torch.linspace(-3.14159, 3.14159, 200).unsqueeze(1)
-    y = torch.sin(x)
-    model = nn.Sequential(nn.Linear(1, 64), nn.Tanh(), SpectralLinear(64, 64, 16), nn.Tanh(), nn.Linear(64, 1))
+    model, x, y = sine_mlp()
     opt = SpectralAdam(model.parameters(), lr=1e-2)
-    for _ in range(1500):
-        opt.zero_grad()
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-    assert loss.item() < 1e-3  # a constant predictor scores ~0.5
+    _, last = fit(model, opt, x, y, 1500)
+    assert last < 1e-3  # a constant predictor scores ~0.5
     assert orthonormality_error(model[2].U) < 1e-5
 
 
