@@ -22,6 +22,7 @@ from .manifold import (
 )
 from .optim import SpectralAdam, SpectralAdamW, spectral_adam
 from .rank import kept_energy, select_rank
+from .rank_scheduler import RankScheduler
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "ConversionReport",
     "LayerConversion",
     "RETRACTIONS",
+    "RankScheduler",
     "RetractionHandle",
     "SpectralAdam",
     "SpectralAdamW",

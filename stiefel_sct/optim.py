@@ -463,6 +463,21 @@ class SpectralAdam(Optimizer):
             self._triples = None
             raise
 
+    def parameters_replaced(self) -> None:
+        """Call after replacing parameter objects in ``param_groups`` (and their entries in
+        ``state``), as :class:`~stiefel_sct.RankScheduler` does: the factor banks and the layer
+        triples are rebuilt at the next step and step-in-backward hooks move to the new tensors,
+        so nothing here refers to a replaced tensor."""
+        if self._pending:
+            raise RuntimeError("parameters_replaced() between backward() and step(): retract first")
+        hooks = bool(self._hooks)
+        for h in self._hooks:
+            h.remove()
+        self._reset_transient()
+        self._check_triples()
+        if hooks:
+            self._register_hooks()
+
     # ---------------------------------------------------------------- copy, pickle, state dicts
     def __getstate__(self) -> dict:
         state = super().__getstate__()

@@ -1,0 +1,313 @@
+"""RankScheduler: each spectral layer's rank grows and shrinks while it trains.
+
+In the notation of ``DESIGN.md`` a layer holds ``W = V diag(s) U^T`` (``n x m``), ``U`` (``m x k``)
+and ``V`` (``n x k``) orthonormal. With ``G = dL/dW`` the factor gradients autograd already holds
+are ``dL/dU = G^T V diag(s)`` and ``dL/dV = G U diag(s)``: the directions outside the current
+bases that the loss asks for are their parts orthogonal to the bases,
+``D_U = (I - U U^T) dL/dU`` and ``D_V = (I - V V^T) dL/dV``, and ``G`` is never formed.
+
+Every ``every`` calls of :meth:`RankScheduler.step` (after ``optimizer.step()``, before
+``zero_grad``), each layer
+
+1. **shrinks**: drops the directions whose ``|s_i| < tol * ||s||`` (never below ``min_rank``;
+   the largest ``|s_i|`` are kept). ``U``, ``V`` are orthonormal and ``s`` is the diagonal of the
+   core, so the ``|s_i|`` are the singular values of ``W`` and the weight moves by exactly the
+   dropped ones: ``||W - W'||_F = sqrt(sum of dropped s_i^2)``;
+2. **grows**: appends ``r`` new orthonormal columns to ``U`` (the top ``r`` left singular vectors of
+   ``D_U``, orthogonalised again against ``U``) and ``r`` to ``V`` (from ``D_V``), with new
+   singular values ``0``: the layer's function is unchanged at the moment of growth, and the
+   next steps decide whether the new directions earn a singular value (those that do not are
+   dropped by the next shrink). ``r`` is ``grow``, capped by ``max_rank``, ``min(m, n)``, the
+   numerical rank of ``D_U`` and ``D_V``, and the parameter ``budget``: with a budget, layers
+   are served in the order of ``(||D_U||^2 + ||D_V||^2) / (m + n + 1)`` (gradient energy per
+   parameter a column costs), the greedy idea of :func:`~stiefel_sct.convert.budget_ranks`.
+
+Where this departs from DLRT's rank-adaptive integrator (Schotthoefer et al., NeurIPS 2022): the
+new directions come from the gradients of the factors (scaled by ``s``, so a direction
+``i`` with ``s_i == 0`` contributes none) rather than from separate K- and L-steps, and the
+core is not re-diagonalised here: SCT keeps it diagonal by construction (``s`` is a vector), so
+truncation is a selection of columns.
+
+Optimizer state follows the parameters: kept columns keep their moments (and every kept
+parameter its step count), new columns start at zero moments, dropped columns leave nothing.
+For ``SpectralAdam`` in ``mode="riemannian"`` the second moment of a factor is one number per
+matrix broadcast over it, so new columns take that number. The parameter objects are replaced
+wherever they are held (the layer, the optimizer's groups and state, the factor registry);
+autograd remembers a leaf's shape, so resizing ``p.data`` would break the next backward.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import geoopt
+import torch
+
+from .quant import dequantize, quantize_, quantized_zeros
+from .triples import owner_of, spectral_triples
+
+__all__ = ["RankScheduler"]
+
+
+def _check_int(value, name: str, low: int, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        rng = f"an int >= {low}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {rng}, got {value!r}")
+    return value
+
+
+def _new_directions(basis: torch.Tensor, grad: Optional[torch.Tensor], r: int) -> torch.Tensor:
+    """Up to ``r`` orthonormal columns orthogonal to ``basis``, the top left singular vectors of the
+    gradient's component outside it (numerically zero directions are not taken)."""
+    empty = basis.new_zeros(basis.shape[0], 0)
+    if grad is None or r == 0:
+        return empty
+    work = basis.to(torch.float64)
+    d = grad.to(torch.float64)
+    d = d - work @ (work.mT @ d)
+    if not bool(torch.isfinite(d).all()):
+        return empty
+    p, sv, _ = torch.linalg.svd(d, full_matrices=False)
+    if sv.numel() == 0 or float(sv[0]) == 0.0:
+        return empty
+    take = int((sv > sv[0] * 1e-6).sum().clamp(max=r))
+    q = p[:, :take]
+    for _ in range(2):  # orthogonal to the basis to rounding (Gram-Schmidt twice), then orthonormal
+        q = q - work @ (work.mT @ q)
+        q, _ = torch.linalg.qr(q)
+    return q.to(basis.dtype)
+
+
+class RankScheduler:
+    """Grow and shrink the rank of every spectral layer an optimizer trains.
+
+    Modelled on ``torch.optim.lr_scheduler``: build it on the optimizer, call :meth:`step` after
+    each ``optimizer.step()`` (before ``zero_grad``: growth reads the factors' gradients), save
+    :meth:`state_dict` with the rest. The math and where it departs from DLRT: the module
+    docstring of :mod:`stiefel_sct.rank_scheduler`.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer`` holding the ``U``, ``s``, ``V`` of spectral layers
+            (:class:`~stiefel_sct.SpectralAdam`, either mode, or any optimizer, e.g. with
+            :func:`~stiefel_sct.stiefel_retraction`, whose per-parameter state tensors are shaped
+            like their parameter). Layers whose ``U``, ``s``, ``V`` are not all in the optimizer
+            are left alone.
+        every: a rank event every ``every`` calls of :meth:`step` (``>= 1``).
+        tol: shrink threshold, in ``[0, 1)``: directions with ``|s_i| < tol * ||s||`` are dropped.
+        grow: columns added to each layer per event (``>= 0``; 0 = shrink only).
+        min_rank: no layer goes below it (``>= 1``).
+        max_rank: no layer goes above it (``None``: ``min(m, n)``).
+        budget: ``None`` or the most spectral parameters (``sum k (m + n + 1)`` over the scheduled
+            layers) growth may reach; shrinking is never blocked by it.
+
+    Attributes:
+        history: one dict per layer and event that changed a rank: ``step``, ``layer``,
+            ``old_rank``, ``new_rank``, ``dropped``, ``grown``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, every: int = 100, tol: float = 1e-2, grow: int = 4,
+                 min_rank: int = 1, max_rank: Optional[int] = None, budget: Optional[int] = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.every = _check_int(every, "every", 1)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol < 1.0:
+            raise ValueError(f"tol must be a float in [0, 1), got {tol!r}")
+        self.tol = float(tol)
+        self.grow = _check_int(grow, "grow", 0)
+        self.min_rank = _check_int(min_rank, "min_rank", 1)
+        self.max_rank = _check_int(max_rank, "max_rank", self.min_rank, allow_none=True)
+        self.budget = _check_int(budget, "budget", 1, allow_none=True)
+        if self.grow and getattr(optimizer, "step_in_backward", False):
+            raise ValueError("grow > 0 needs the factors' gradients, which step_in_backward=True frees; "
+                             "use grow=0 (shrink only) or step_in_backward=False")
+        self.optimizer = optimizer
+        self.last_step = 0
+        self.history: List[Dict] = []
+        if not self._layers():
+            raise ValueError("the optimizer holds no spectral layer (U, s and V of one layer all in it)")
+
+    # ------------------------------------------------------------------------------ discovery
+    def _layers(self) -> List[Tuple[str, object]]:
+        """``(name, layer)`` of every spectral layer whose U, s, V the optimizer holds."""
+        params, names = [], {}
+        for group in self.optimizer.param_groups:
+            params += group["params"]
+            for p, n in zip(group["params"], group.get("param_names") or []):
+                names[id(p)] = n
+        triples, _ = spectral_triples(params)
+        out = []
+        for i, (u, _, _) in enumerate(triples):
+            name = names.get(id(u))
+            out.append((name[: -len(".U")] if name and name.endswith(".U") else f"layer{i}", owner_of(u)))
+        return out
+
+    def ranks(self) -> Dict[str, int]:
+        """The current rank of every scheduled layer, by name."""
+        return {name: layer.s.shape[0] for name, layer in self._layers()}
+
+    @staticmethod
+    def _cost(layer) -> int:
+        return layer.U.shape[0] + layer.V.shape[0] + 1
+
+    # ------------------------------------------------------------------------------ the event
+    @torch.no_grad()
+    def step(self) -> None:
+        """Count one optimizer step; every ``every`` steps, shrink then grow every layer."""
+        self.last_step += 1
+        if self.last_step % self.every:
+            return
+        layers = self._layers()
+        plans = {}
+        for name, layer in layers:
+            s = layer.s.detach()
+            keep = self._kept(s)
+            plans[name] = (layer, keep)
+        grown = self._growth(plans)
+        replaced: Dict[int, Tuple[torch.Tensor, torch.Tensor, int, Optional[int]]] = {}
+        for name, (layer, keep) in plans.items():
+            k = layer.s.shape[0]
+            new_u, new_v = grown.get(name, (None, None))
+            r = 0 if new_u is None else new_u.shape[1]
+            if len(keep) == k and r == 0:
+                continue
+            self._resize(layer, keep, new_u, new_v, replaced)
+            self.history.append({"step": self.last_step, "layer": name, "old_rank": k, "new_rank": len(keep) + r,
+                                 "dropped": k - len(keep), "grown": r})
+        if replaced:
+            self._update_optimizer(replaced)
+
+    def _kept(self, s: torch.Tensor) -> List[int]:
+        """Indices (in order) of the directions the shrink keeps."""
+        mag = s.abs().to(torch.float64)
+        k = mag.numel()
+        keep = mag >= self.tol * float(mag.norm())
+        floor = min(self.min_rank, k)
+        if int(keep.sum()) < floor:
+            keep = torch.zeros_like(keep)
+            keep[torch.topk(mag, floor).indices] = True
+        return keep.nonzero().flatten().tolist()
+
+    def _growth(self, plans: Dict[str, tuple]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """New ``U`` and ``V`` columns per layer, within ``max_rank`` and the budget."""
+        if not self.grow:
+            return {}
+        candidates = []
+        for name, (layer, keep) in plans.items():
+            u, v = layer.U.detach(), layer.V.detach()
+            cap = min(u.shape[0], v.shape[0], self.max_rank or u.shape[0])
+            r = min(self.grow, cap - len(keep))
+            if r <= 0:
+                continue
+            ku, kv = u[:, keep], v[:, keep]
+            new_u = _new_directions(ku, layer.U.grad, r)
+            new_v = _new_directions(kv, layer.V.grad, r)
+            r = min(new_u.shape[1], new_v.shape[1])
+            if r == 0:
+                continue
+            energy = sum(float(((g.double() - b.double() @ (b.double().mT @ g.double())) ** 2).sum())
+                         for b, g in ((ku, layer.U.grad), (kv, layer.V.grad)))
+            candidates.append((energy / self._cost(layer), name, new_u[:, :r], new_v[:, :r], layer))
+        if self.budget is None:
+            return {name: (nu, nv) for _, name, nu, nv, _ in candidates}
+        left = self.budget - sum(len(keep) * self._cost(layer) for layer, keep in plans.values())
+        out = {}
+        for _, name, nu, nv, layer in sorted(candidates, key=lambda c: -c[0]):
+            r = min(nu.shape[1], max(0, left) // self._cost(layer))
+            if r:
+                out[name] = (nu[:, :r], nv[:, :r])
+                left -= r * self._cost(layer)
+        return out
+
+    @staticmethod
+    def _resize(layer, keep: List[int], new_u: Optional[torch.Tensor], new_v: Optional[torch.Tensor],
+                replaced: Dict[int, tuple]) -> None:
+        """Replace the layer's U, s, V by new parameters; record (old, new, kept, grown) per id."""
+        idx = torch.tensor(keep, dtype=torch.long, device=layer.s.device)
+        r = 0 if new_u is None else new_u.shape[1]
+        new_params = {}
+        for name, extra in (("U", new_u), ("s", None), ("V", new_v)):
+            old = getattr(layer, name)
+            value = old.detach().index_select(-1, idx)
+            if r:
+                value = torch.cat([value, value.new_zeros(r) if name == "s" else extra], dim=-1)
+            if isinstance(old, geoopt.ManifoldParameter):
+                new = geoopt.ManifoldParameter(value.contiguous(), manifold=old.manifold, requires_grad=old.requires_grad)
+            else:
+                new = torch.nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
+            replaced[id(old)] = (old, new, keep, r)
+            new_params[name] = new
+        for name, new in new_params.items():
+            # nn.Module.__setattr__ registers the parameter; SpectralModule then re-registers the triple
+            setattr(layer, name, new)
+        layer.rank = len(keep) + r
+
+    def _update_optimizer(self, replaced: Dict[int, tuple]) -> None:
+        opt = self.optimizer
+        for group in opt.param_groups:
+            riemannian = group.get("mode") == "riemannian"
+            for i, p in enumerate(group["params"]):
+                if id(p) not in replaced:
+                    continue
+                old, new, keep, r = replaced[id(p)]
+                state = opt.state.pop(old, None)
+                if state:
+                    opt.state[new] = _resize_state(state, old, keep, r, riemannian, type(opt).__name__)
+                group["params"][i] = new
+        refresh = getattr(opt, "parameters_replaced", None)
+        if callable(refresh):
+            refresh()
+
+    # ------------------------------------------------------------------------------ state dicts
+    def state_dict(self) -> Dict:
+        """The scheduler's counters, settings and history (the ranks live in the model)."""
+        return {"last_step": self.last_step, "history": [dict(h) for h in self.history],
+                **{key: getattr(self, key) for key in _SETTINGS}}
+
+    def load_state_dict(self, state_dict: Dict) -> None:
+        """Restore :meth:`state_dict` (load the model at its saved ranks and the optimizer first).
+        The settings are checked as the constructor checks them; on an error nothing changes."""
+        checked = RankScheduler(self.optimizer, *(state_dict[k] for k in _SETTINGS))
+        for key in _SETTINGS:
+            setattr(self, key, getattr(checked, key))
+        self.last_step = int(state_dict["last_step"])
+        self.history = [dict(h) for h in state_dict["history"]]
+
+
+_SETTINGS = ("every", "tol", "grow", "min_rank", "max_rank", "budget")  # the constructor's order
+
+
+def _resize_state(state: Dict, old: torch.Tensor, keep: List[int], r: int, riemannian: bool, owner: str) -> Dict:
+    """The optimizer state of ``old`` for its resized successor: per-column entries selected and
+    zero-extended along the rank (last) dimension; scalars (step counts) kept."""
+    idx = torch.tensor(keep, dtype=torch.long, device=old.device)
+    moments = {"exp_avg": True, "exp_avg_sq": False, "max_exp_avg_sq": False}
+    out = {}
+    for key, value in state.items():
+        if key.endswith("_scale"):
+            continue  # rebuilt with its codes below
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[key] = value
+            continue
+        quantized = value.dtype == torch.uint8 and key + "_scale" in state
+        if value.shape != old.shape or not (value.is_floating_point() or quantized):
+            raise NotImplementedError(
+                f"RankScheduler cannot resize {owner}'s state entry {key!r} (shape {tuple(value.shape)}, "
+                f"dtype {value.dtype}) of a parameter of shape {tuple(old.shape)}: only entries shaped like "
+                "their parameter (Adam-type moments, momentum buffers, 8-bit SpectralAdam moments) are supported")
+        signed = moments.get(key, True)
+        full = dequantize(value, state[key + "_scale"], signed) if quantized else value
+        kept = full.index_select(-1, idx)
+        if r:
+            fill = kept.new_zeros(*kept.shape[:-1], r)
+            if riemannian and key in ("exp_avg_sq", "max_exp_avg_sq") and old.dim() == 2 and full.numel():
+                fill += full.reshape(-1)[0]  # one number per matrix, broadcast over it (geoopt's <g, g>)
+            kept = torch.cat([kept, fill], dim=-1)
+        kept = kept.contiguous()
+        if quantized:
+            out[key], out[key + "_scale"] = quantized_zeros(kept)
+            quantize_(kept, out[key], out[key + "_scale"], signed)
+        else:
+            out[key] = kept
+    return out

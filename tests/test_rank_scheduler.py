@@ -1,0 +1,233 @@
+"""RankScheduler: growth keeps the function, shrinking removes exactly the dropped singular values,
+the optimizer state follows the parameters, and nothing keeps the old tensors alive."""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from conftest import fit
+from torch import nn
+
+from stiefel_sct import (
+    RankScheduler,
+    SpectralAdam,
+    SpectralEmbedding,
+    SpectralLinear,
+    load_optimizer_state,
+    load_spectral,
+    orthonormality_error,
+    save_spectral,
+    stiefel_retraction,
+)
+
+
+def _model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(SpectralLinear(12, 16, 3, dtype=dtype), nn.Tanh(), SpectralLinear(16, 6, 2, dtype=dtype))
+
+
+def _data(dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 12, generator=gen, dtype=dtype)
+    return x, torch.sin(x[:, :6])
+
+
+def _backward(model, x, y):
+    model.zero_grad()
+    nn.functional.mse_loss(model(x), y).backward()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+def test_growth_keeps_the_layers_output(dtype, tol):
+    model = _model(dtype)
+    x, y = _data(dtype)
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=2)
+    _backward(model, x, y)
+    opt.step()
+    before = model(x).detach()
+    sched.step()
+    assert [m.rank for m in (model[0], model[2])] == [5, 4]
+    assert (model(x).detach() - before).abs().max() <= tol * before.abs().max()
+    for layer in (model[0], model[2]):
+        assert layer.U.shape[1] == layer.V.shape[1] == layer.s.shape[0] == layer.rank
+        assert max(orthonormality_error(layer.U), orthonormality_error(layer.V)) <= 1e-6
+        assert torch.equal(layer.s[-2:], torch.zeros(2, dtype=dtype))
+    assert [h["grown"] for h in sched.history] == [2, 2]
+
+
+def test_shrink_removes_exactly_the_dropped_singular_values():
+    model = _model(torch.float64)
+    layer = model[0]
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([3.0, 1e-3, -2.0], dtype=torch.float64))
+    before = layer.dense_weight().detach()
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    sched = RankScheduler(opt, every=1, tol=0.01, grow=0)
+    sched.step()
+    assert layer.rank == 2 and layer.s.tolist() == [3.0, -2.0]
+    change = float((layer.dense_weight().detach() - before).norm())
+    assert abs(change - 1e-3) <= 1e-6 * 1e-3
+    assert model[2].rank == 2  # its constant spectrum keeps every direction
+    assert orthonormality_error(layer.U) <= 1e-6
+
+
+def test_min_and_max_rank_and_budget_bound_the_ranks():
+    model = _model()
+    x, y = _data()
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    with torch.no_grad():
+        model[0].s.copy_(torch.tensor([1.0, 1e-9, 1e-9]))
+    sched = RankScheduler(opt, every=1, tol=0.5, grow=0, min_rank=2)
+    sched.step()
+    assert model[0].rank == 2
+    model = _model()
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    cost = [12 + 16 + 1, 16 + 6 + 1]
+    budget = 3 * cost[0] + 2 * cost[1] + cost[0]  # room for one more column of the first layer only
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=3, max_rank=4, budget=budget)
+    _backward(model, x, y)
+    opt.step()
+    sched.step()
+    total = sum(m.rank * c for m, c in zip((model[0], model[2]), cost))
+    assert total <= budget and max(model[0].rank, model[2].rank) <= 4
+    assert model[0].rank + model[2].rank == 6
+
+
+@pytest.mark.parametrize("mode, state_dtype", [("sct", None), ("riemannian", None), ("sct", torch.uint8)],
+                         ids=["sct", "riemannian", "sct-8bit"])
+def test_state_surgery_equals_a_model_built_with_the_new_factors(mode, state_dtype):
+    """After a change, training on equals training a fresh model holding the new factors with the
+    carried state, bitwise; kept columns keep their moments, new ones start at zero."""
+    model = _model()
+    x, y = _data()
+    opt = SpectralAdam(model.parameters(), lr=1e-2, mode=mode, state_dtype=state_dtype)
+    sched = RankScheduler(opt, every=3, tol=0.05, grow=2)
+    for _ in range(3):
+        _backward(model, x, y)
+        opt.step()
+        old_m = opt.state[model[0].U]["exp_avg"].clone()
+        sched.step()
+    layer = model[0]
+    if state_dtype is None:
+        m = opt.state[layer.U]["exp_avg"]
+        assert torch.equal(m[:, :3], old_m) and torch.equal(m[:, 3:], torch.zeros_like(m[:, 3:]))
+    twin = copy.deepcopy(model)
+    twin_opt = SpectralAdam(twin.parameters(), lr=1e-2, mode=mode, state_dtype=state_dtype)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for _ in range(3):
+        for mdl, o in ((model, opt), (twin, twin_opt)):
+            _backward(mdl, x, y)
+            o.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_no_reference_to_the_old_tensors_survives():
+    model = _model()
+    x, y = _data()
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=1)
+    _backward(model, x, y)
+    opt.step()  # builds the factor banks
+    refs = [weakref.ref(getattr(layer, name)) for layer in (model[0], model[2]) for name in ("U", "s", "V")]
+    sched.step()
+    _backward(model, x, y)
+    opt.step()  # the next backward works on the new leaves
+    gc.collect()
+    assert all(r() is None for r in refs)
+    ids = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in model.parameters()} and set(map(id, opt.state)) == ids
+
+
+def test_step_in_backward_hooks_follow_the_new_parameters():
+    model = _model()
+    x, y = _data()
+    opt = SpectralAdam(model.parameters(), lr=1e-2, step_in_backward=True)
+    with pytest.raises(ValueError, match="step_in_backward"):
+        RankScheduler(opt, grow=1)
+    sched = RankScheduler(opt, every=1, tol=0.5, grow=0)
+    with torch.no_grad():
+        model[0].s.copy_(torch.tensor([1.0, 1e-4, 1.0]))
+    sched.step()
+    nn.functional.mse_loss(model(x), y).backward()
+    assert model[0].U.grad is None and int(opt.state[model[0].U]["step"]) == 1  # updated in backward
+    opt.step()
+    assert orthonormality_error(model[0].U) <= 1e-6
+
+
+def test_with_any_optimizer_and_the_retraction_hook():
+    model = _model()
+    x, y = _data()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    stiefel_retraction(opt)
+    sched = RankScheduler(opt, every=5, tol=0.01, grow=1, max_rank=5)
+    first, last = fit(model, opt, x, y, 40, after_step=sched.step)
+    assert last < first and model[0].rank > 3
+    assert orthonormality_error(model[0].U) <= 1e-5
+    opt = torch.optim.Adafactor(model.parameters())
+    with pytest.raises(NotImplementedError, match="row_var|col_var"):
+        sched = RankScheduler(opt, every=1, tol=0.0, grow=1)
+        _backward(model, x, y)
+        opt.step()
+        sched.step()
+
+
+def test_embeddings_grow_too():
+    torch.manual_seed(0)
+    emb = SpectralEmbedding(30, 8, 2)
+    opt = SpectralAdam(emb.parameters(), lr=1e-2)
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=2)
+    idx = torch.randint(0, 30, (16,))
+    emb(idx).pow(2).sum().backward()
+    opt.step()
+    before = emb(idx).detach()
+    sched.step()
+    assert emb.rank == 4 and (emb(idx).detach() - before).abs().max() <= 1e-6
+
+
+def test_checkpoint_and_scheduler_state_resume_bitwise(tmp_path):
+    model = _model()
+    x, y = _data()
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    sched = RankScheduler(opt, every=2, tol=0.05, grow=1)
+    for _ in range(4):
+        _backward(model, x, y)
+        opt.step()
+        sched.step()
+    ranks = [model[0].rank, model[2].rank]
+    assert ranks != [3, 2]
+    save_spectral(model, tmp_path / "ck", optimizer=opt)
+    sched_state = copy.deepcopy(sched.state_dict())
+    twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
+    assert [twin[0].rank, twin[2].rank] == ranks
+    twin_opt = SpectralAdam(twin.parameters(), lr=1e-2)
+    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
+    twin_sched = RankScheduler(twin_opt, every=99, tol=0.9, grow=0)
+    twin_sched.load_state_dict(sched_state)
+    assert twin_sched.every == 2 and twin_sched.last_step == 4
+    for _ in range(4):
+        for mdl, o, s in ((model, opt, sched), (twin, twin_opt, twin_sched)):
+            _backward(mdl, x, y)
+            o.step()
+            s.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert twin_sched.history == sched.history
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(every=0), "every must be"), (dict(tol=1.0), "tol must be"), (dict(grow=-1), "grow must be"),
+    (dict(min_rank=0), "min_rank must be"), (dict(min_rank=3, max_rank=2), "max_rank must be"),
+    (dict(budget=0), "budget must be"),
+])
+def test_bad_arguments_name_themselves(kwargs, match):
+    opt = SpectralAdam(_model().parameters())
+    with pytest.raises(ValueError, match=match):
+        RankScheduler(opt, **kwargs)
+    with pytest.raises(ValueError, match="no spectral layer"):
+        RankScheduler(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="optimizer must be"):
+        RankScheduler(_model())
