@@ -17,7 +17,10 @@ loss on held-out plays. Read top to bottom:
 4. the sweep (``main``): stage ``lr`` (a short learning-rate sweep per method; each method then uses
    its own best), stage ``main`` (every method at its best lr), stage ``schedule`` (the schedules
    compared at one rank and dense), stage ``ablation`` (function-preserving retraction; a 10x
-   learning rate for ``s``). Each finished run is appended atomically to ``results/rank_sweep.json``.
+   learning rate for ``s``), stage ``adaptive`` (a :class:`~stiefel_sct.RankScheduler` arm: every
+   layer starts at rank ``adaptive_start`` and grows and shrinks under a parameter budget equal to
+   rank ``adaptive_budget_rank``'s, at that rank's best lr; the per-layer-type ranks are logged at
+   every evaluation). Each finished run is appended atomically to ``results/rank_sweep.json``.
 
     python -m experiments.rank_sweep --preset quick            # tiny model, CPU, ~10 min
     python -m experiments.rank_sweep --preset paper            # SmolLM2-1.7B, ranks 32-256 (a GPU)
@@ -78,7 +81,7 @@ PAPER = {  # SmolLM2-1.7B, Alpaca fine-tuning, MLP only, training loss (trailing
     "r64": dict(params_m=551, loss=4.339, ppl=76.7, step_s=0.616),
     "r32": dict(params_m=527, loss=4.465, ppl=86.9, step_s=0.562),
 }
-CKPT_FORMAT = 1
+CKPT_FORMAT = 2  # 2: Run.adaptive, the rank scheduler's state and per-layer ranks
 
 
 @dataclass
@@ -99,7 +102,12 @@ class Config:
     sweep_steps: int = 120
     schedule_rank: int = 128           # the rank the schedule comparison and ablations use
     s_lr_mult: float = 10.0            # the per-component ablation: lr of s = this x lr of U, V
-    stages: List[str] = field(default_factory=lambda: ["lr", "main", "schedule", "ablation"])
+    stages: List[str] = field(default_factory=lambda: ["lr", "main", "schedule", "ablation", "adaptive"])
+    adaptive_start: int = 8            # the adaptive arm's starting rank (every layer)
+    adaptive_budget_rank: int = 64     # its parameter budget: what every layer at this rank costs
+    adaptive_every: int = 25           # RankScheduler(every=..., grow=..., tol=...)
+    adaptive_grow: int = 8
+    adaptive_tol: float = 0.02
     eval_every: int = 50
     eval_batches: int = 16
     ckpt_every: int = 100
@@ -131,6 +139,7 @@ class Run:
     schedule: str
     s_lr_mult: float = 1.0
     preserve_function: bool = False
+    adaptive: bool = False             # rank: the starting rank of a RankScheduler arm
 
 
 # ------------------------------------------------------------------------------------- the model
@@ -162,6 +171,43 @@ def build_model(cfg: Config, vocab_size: int, rank: Optional[int]):
                 converted["dense_params"] += m.in_features * m.out_features
                 converted["spectral_params"] += sum(p.numel() for p in (m.U, m.s, m.V))
     return model, converted
+
+
+def spectral_layers(model):
+    """``(name, layer)`` of the model's spectral linear layers."""
+    from stiefel_sct import SpectralLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SpectralLinear)]
+
+
+def rank_budget(model, rank: int) -> int:
+    """Spectral parameters of the model's spectral layers, each at ``rank`` (capped by its shape)."""
+    return sum(min(rank, m.in_features, m.out_features) * (m.in_features + m.out_features + 1)
+               for _, m in spectral_layers(model))
+
+
+def ranks_by_type(model) -> Dict[str, float]:
+    """Mean rank of each layer type (``q_proj``, ``gate_proj``, ...) over the model's layers."""
+    by: Dict[str, List[int]] = {}
+    for n, m in spectral_layers(model):
+        by.setdefault(n.rsplit(".", 1)[-1], []).append(m.rank)
+    return {t: sum(ks) / len(ks) for t, ks in sorted(by.items())}
+
+
+@torch.no_grad()
+def resize_to(model, state_dict: Dict[str, torch.Tensor]) -> None:
+    """Give every spectral layer the rank its saved ``s`` has (a checkpoint of an adaptive run),
+    with fresh parameters of the saved shapes; ``load_state_dict`` then fills them."""
+    import geoopt
+
+    for n, m in spectral_layers(model):
+        k = state_dict[f"{n}.s"].shape[0]
+        if k != m.rank:
+            for name in ("U", "V"):
+                old = getattr(m, name)
+                setattr(m, name, geoopt.ManifoldParameter(old.new_empty(old.shape[0], k), manifold=old.manifold))
+            m.s = torch.nn.Parameter(m.s.new_empty(k))
+            m.rank = k
 
 
 def lr_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
@@ -264,24 +310,37 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
     model, converted = build_model(cfg, data.vocab_size, run.rank)
     model.to(parse_dtype(cfg.dtype)).train()
     net = model  # what the steps run: the model, or its DDP wrapper (same parameters)
+    if dist is not None and run.adaptive:
+        raise NotImplementedError("the adaptive arm replaces parameters, which a DDP wrapper holds: run it in one process")
     if dist is not None:
         net = torch.nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(model, run)
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # the same batches for every method
     val = data.val_batches(cfg.batch, cfg.seq, cfg.eval_batches)
-    history: Dict[str, list] = {"eval_step": [], "val_loss": [], "train_loss": [], "step_s": []}
+    history: Dict[str, list] = {"eval_step": [], "val_loss": [], "train_loss": [], "step_s": [], "ranks": []}
     start = 0
     ckpt = ckpt_dir / f"{run.name}.pt"
     blob = load_checkpoint(ckpt, run) if resume else None
     if blob is not None:
+        resize_to(model, blob["model"])  # an adaptive run's layers have moved away from run.rank
+    opt = make_optimizer(model, run)
+    sched = None
+    if run.adaptive:
+        from stiefel_sct import RankScheduler
+
+        sched = RankScheduler(opt, every=cfg.adaptive_every, tol=cfg.adaptive_tol, grow=cfg.adaptive_grow,
+                              budget=rank_budget(model, cfg.adaptive_budget_rank))
+    if blob is not None:
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(blob["scheduler"])
         gen.set_state(blob["generator"])
         history, start = blob["history"], blob["step"]
     if start == 0:  # the untrained model: where every curve starts
         history["eval_step"].append(0)
         history["val_loss"].append(evaluate(model, val))
         history["train_loss"].append(None)
+        history["ranks"].append(ranks_by_type(model))
     reset_peak_rss()
     window: List[float] = []
     bar = progress(range(start, run.steps), desc=run.name, initial=start, total=run.steps, leave=False,
@@ -298,6 +357,8 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()  # after the update, while the factors' gradients are still there
         history["step_s"].append(time.perf_counter() - t)
         logged = loss.detach()
         if dist is not None:
@@ -309,6 +370,7 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
             history["eval_step"].append(done)
             history["val_loss"].append(evaluate(model, val))
             history["train_loss"].append(sum(window) / len(window))
+            history["ranks"].append(ranks_by_type(model))
             window = []
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(val=f"{history['val_loss'][-1]:.3f}")
@@ -316,12 +378,15 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
             if rank == 0:  # every process holds the same state: one writes it
                 atomic_torch_save(ckpt, {"format": CKPT_FORMAT, "run": dataclasses.asdict(run), "step": done,
                                        "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                       "scheduler": sched.state_dict() if sched is not None else None,
                                        "generator": gen.get_state(), "history": history})
             if dist is not None:
                 dist.barrier()
         if stop_after is not None and done >= stop_after and done < run.steps:
             return {}
     n_params = sum(p.numel() for p in model.parameters())
+    if converted["layers"]:  # an adaptive run ends at other ranks than it started
+        converted["spectral_params"] = sum(m.rank * (m.in_features + m.out_features + 1) for _, m in spectral_layers(model))
     step_s = statistics.median(history["step_s"][-max(1, len(history["step_s"]) // 2):])
     return {
         **dataclasses.asdict(run),
@@ -331,7 +396,8 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
         "compression": converted["dense_params"] / converted["spectral_params"] if converted["layers"] else 1.0,
         "step_s": step_s, "tokens_per_s": cfg.batch * cfg.seq / step_s,
         "peak_rss_mb": peak_rss_mib(), "orthonormality_error": orthonormality(model),
-        "curve": {k: history[k] for k in ("eval_step", "val_loss", "train_loss")},
+        "curve": {k: history[k] for k in ("eval_step", "val_loss", "train_loss", "ranks")},
+        "rank_changes": sched.history if sched is not None else [],
         "wall_s": sum(history["step_s"]),
     }
 
@@ -358,6 +424,10 @@ def plan_stage(stage: str, cfg: Config, best_lr: Dict[str, float]) -> List[Run]:
         return [Run(f"ablation-r{k}-preserve", "ablation", k, lr, cfg.steps, cfg.schedule, preserve_function=True),
                 Run(f"ablation-r{k}-s{cfg.s_lr_mult:g}x", "ablation", k, lr, cfg.steps, cfg.schedule,
                     s_lr_mult=cfg.s_lr_mult)]
+    if stage == "adaptive":
+        lr = best_lr.get(method_name(cfg.adaptive_budget_rank), cfg.lr_sweep[0])
+        return [Run(f"adaptive-r{cfg.adaptive_start}-budget-r{cfg.adaptive_budget_rank}", "adaptive",
+                    cfg.adaptive_start, lr, cfg.steps, cfg.schedule, adaptive=True)]
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -379,6 +449,7 @@ def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
     """The sweep table (main stage), each rank's gap to dense at equal steps and at equal wall-clock
     (both compared after the shorter of the two runs' training time)."""
     main = {r["name"][len("main-"):]: r for r in runs.values() if r["stage"] == "main"}
+    main.update({r["name"]: r for r in runs.values() if r["stage"] == "adaptive"})
     dense = main.get("dense")
     table = {}
     for m, r in main.items():
@@ -416,7 +487,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--seq", type=int)
     ap.add_argument("--vocab", type=int, help="tokenizer vocabulary size")
     ap.add_argument("--schedule", choices=SCHEDULES)
-    ap.add_argument("--stages", nargs="+", choices=["lr", "main", "schedule", "ablation"])
+    ap.add_argument("--stages", nargs="+", choices=["lr", "main", "schedule", "ablation", "adaptive"])
     ap.add_argument("--lr", type=float, help="skip the lr stage: every method uses this lr")
     ap.add_argument("--dataset", help="'shakespeare' (offline default) or a datasets name, e.g. 'text'")
     ap.add_argument("--data-files", help="files for --dataset text (or other file-based loaders)")

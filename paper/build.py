@@ -222,9 +222,39 @@ def rank_sweep_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
             ref = main.get("main-" + ("dense" if r["rank"] is None else f"r{r['rank']}"))
             lines.append(f"| {r['name']} | {r['schedule']} | {r['s_lr_mult']:g} | {r['preserve_function']} | "
                          f"{r['val_loss']:.3f} | {ref['val_loss']:.3f} |" if ref else "| n/a |")
+    lines += adaptive_paragraph(m, cfg)
     for fig in plot_rank_sweep(m, cfg, figures):
         lines += ["", f"![{fig.stem}]({rel}/{fig.name})"]
     return lines + [""]
+
+
+def adaptive_paragraph(m: Dict, cfg: Dict) -> List[str]:
+    """What the RankScheduler arm shows, computed from the runs: its held-out loss against the fixed
+    ranks at the same parameter budget, and where the rank went."""
+    adaptive = [r for r in m["runs"].values() if r["stage"] == "adaptive"]
+    fixed = {r["rank"]: r for r in m["runs"].values() if r["stage"] == "main" and r["rank"] is not None}
+    if not adaptive or not fixed:
+        return []
+    a = adaptive[0]
+    best_k = min(fixed, key=lambda k: fixed[k]["val_loss"])
+    best = fixed[best_k]
+    ref = fixed.get(cfg["adaptive_budget_rank"])
+    final = a["curve"]["ranks"][-1]
+    order = sorted(final, key=final.get, reverse=True)
+    verdict = "reaches" if a["val_loss"] <= best["val_loss"] else "does not reach"
+    lines = ["", f"**Adaptive rank** (`RankScheduler`, every {cfg['adaptive_every']} steps: drop "
+             f"`|s_i| < {cfg['adaptive_tol']:g} ||s||`, grow up to {cfg['adaptive_grow']} directions per layer; every layer "
+             f"starts at rank {a['rank']}, budget = rank {cfg['adaptive_budget_rank']}'s spectral parameters, at that "
+             f"rank's lr {a['lr']:g}): validation loss **{a['val_loss']:.3f}** with "
+             f"{a['converted']['spectral_params']:,} spectral parameters at the end, against rank {best_k} (the best "
+             f"fixed rank) {best['val_loss']:.3f}"
+             + (f" and rank {cfg['adaptive_budget_rank']} (the same budget) {ref['val_loss']:.3f} with "
+                f"{ref['converted']['spectral_params']:,}" if ref else "")
+             + f": the adaptive arm {verdict} the best fixed rank's held-out loss ({a['val_loss'] - best['val_loss']:+.3f}). "
+             f"{len(a['rank_changes'])} rank changes; final mean rank per layer type: "
+             + ", ".join(f"{t} {final[t]:.1f}" for t in order) + f" (most rank went to `{order[0]}`, least to "
+             f"`{order[-1]}`)."]
+    return lines
 
 
 def plot_rank_sweep(m: Dict, cfg: Dict, figures: pathlib.Path) -> List[pathlib.Path]:
@@ -264,6 +294,18 @@ def plot_rank_sweep(m: Dict, cfg: Dict, figures: pathlib.Path) -> List[pathlib.P
         ax.legend(h1 + h2, l1 + l2, fontsize=8)
         ax.set_title("final loss, parameters and step time vs rank")
         out.append(_save(fig, figures, "rank_sweep_tradeoff.png"))
+
+    adaptive = [r for r in m["runs"].values() if r["stage"] == "adaptive" and r["curve"].get("ranks")]
+    if adaptive:
+        a = adaptive[0]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for t in a["curve"]["ranks"][-1]:
+            ax.plot(a["curve"]["eval_step"], [ranks.get(t, float("nan")) for ranks in a["curve"]["ranks"]], marker="o",
+                    ms=3, label=t)
+        ax.set(xlabel="step", ylabel="mean rank over layers", title="adaptive arm: rank of each layer type")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        out.append(_save(fig, figures, "rank_sweep_adaptive_ranks.png"))
 
     sched = [r for r in m["runs"].values() if r["stage"] == "schedule"]
     if sched:

@@ -105,11 +105,19 @@ def test_spectral_init_matches_the_dense_weight_scale(tiny_data):
     assert w_spec.norm().item() == pytest.approx(w_dense.norm().item(), rel=0.05)
 
 
-@pytest.mark.parametrize("preserve", [False, True])
-def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_data, preserve):
-    cfg = _cfg(ckpt_every=2)
-    run = rank_sweep.Run("r", "main", 8, 3e-3, 6, "cosine", preserve_function=preserve)
+@pytest.mark.parametrize("preserve, adaptive", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "preserve", "adaptive"])
+def test_resume_gives_the_uninterrupted_result(tmp_path, tiny_data, preserve, adaptive):
+    cfg = _cfg(ckpt_every=2, adaptive_every=2, adaptive_grow=2, adaptive_budget_rank=8, adaptive_tol=0.02)
+    run = rank_sweep.Run("r", "adaptive" if adaptive else "main", 4 if adaptive else 8, 3e-3, 6, "cosine",
+                         preserve_function=preserve, adaptive=adaptive)
     full = rank_sweep.train_run(run, cfg, tiny_data, tmp_path / "a")
+    if adaptive:  # the ranks moved before the break (step 2), so the resume must rebuild them
+        assert full["rank_changes"] and full["rank_changes"][0]["step"] == 2
+        assert full["curve"]["ranks"][0] == {t: 4.0 for t in full["curve"]["ranks"][0]}
+        assert full["curve"]["ranks"][-1] != full["curve"]["ranks"][0]
+        budget = rank_sweep.rank_budget(rank_sweep.build_model(cfg, tiny_data.vocab_size, 8)[0], 8)
+        assert full["converted"]["spectral_params"] <= budget
     assert rank_sweep.train_run(run, cfg, tiny_data, tmp_path / "b", stop_after=3) == {}
     blob = torch.load(tmp_path / "b" / "r.pt", weights_only=True)
     assert blob["step"] == 3 and blob["format"] == rank_sweep.CKPT_FORMAT
