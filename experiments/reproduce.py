@@ -1,6 +1,6 @@
 """Reproduce the paper's tables: run every registered experiment, then rebuild the report in paper/.
 
-    python -m experiments.reproduce --preset fast           # first contact: every table, ~18 min on 2 cores
+    python -m experiments.reproduce --preset fast           # first contact: every table, ~20 min on 2 cores
     python -m experiments.reproduce --preset quick          # the full CPU-scale tables, ~30 min
     python -m experiments.reproduce --preset paper          # the paper's settings (a big machine or a GPU)
     python -m experiments.reproduce --only mlp_proofs       # a subset
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     names = [e.name for e in EXPERIMENTS]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="quick", choices=PRESETS,
-                    help="fast: every table with smaller runs (~18 min here); quick: the full CPU-scale "
+                    help="fast: every table with smaller runs (~20 min here); quick: the full CPU-scale "
                          "tables (~30 min); paper: the paper's settings")
     ap.add_argument("--only", nargs="+", choices=names, metavar="NAME",
                     help=f"run only these experiments (of {', '.join(names)})")
