@@ -122,6 +122,9 @@ class RankScheduler:
         if self.grow and getattr(optimizer, "step_in_backward", False):
             raise ValueError("grow > 0 needs the factors' gradients, which step_in_backward=True frees; "
                              "use grow=0 (shrink only) or step_in_backward=False")
+        if any(hasattr(p, "device_mesh") for g in optimizer.param_groups for p in g["params"]):
+            raise NotImplementedError("RankScheduler does not support FSDP2-sharded (DTensor) parameters yet: a rank "
+                                      "change would have to re-shard every resized factor")
         self.optimizer = optimizer
         self.last_step = 0
         self.history: List[Dict] = []

@@ -231,3 +231,15 @@ def test_bad_arguments_name_themselves(kwargs, match):
         RankScheduler(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
     with pytest.raises(TypeError, match="optimizer must be"):
         RankScheduler(_model())
+
+
+def test_sharded_parameters_are_refused_clearly():
+    model = _model()
+    opt = SpectralAdam(model.parameters())
+
+    class FakeShard(torch.Tensor):  # what fully_shard leaves: a tensor with a device mesh
+        device_mesh = None
+
+    opt.param_groups[0]["params"][0] = model[0].U.as_subclass(FakeShard)
+    with pytest.raises(NotImplementedError, match="FSDP2"):
+        RankScheduler(opt)
