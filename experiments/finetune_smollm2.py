@@ -19,7 +19,10 @@ Two stages, each method in a fresh process (so its peak memory is its own):
    SCT-50%'s trainable parameters and at r=16; GaLore (``galore-torch``'s AdamW on the linear
    layers, rank 128 as in its README); plain low rank ``W = B A`` at SCT's ranks (same truncated
    SVD start, AdamW); SCT with every decoder linear spectral at 50% and 25% of their parameters
-   (the model itself shrinks); SCT on the reference's recipe (MLP only, energy 0.95).
+   (the model itself shrinks); SCT on the reference's recipe (MLP only, energy 0.95); SCT with an
+   adaptive rank (``sct_adapt``: starts at SCT-25%'s ranks, a ``RankScheduler`` grows each layer
+   from its factors' gradients, shrinks by ``tol``, within SCT-50%'s parameter budget, the best
+   budgeted fixed-rank arm: does adapting the rank reach SCT-50% with fewer parameters?).
 
 Weights: SmolLM2-135M-Instruct **Q4_1 (4-bit) GGUF, dequantised to fp32** (``experiments/smollm2.py``).
 
@@ -62,7 +65,7 @@ from experiments.common import (
     write_results,
 )
 
-METHODS = ("dense", "lora_match", "lora_r16", "galore", "lowrank", "sct_b50", "sct_b25", "sct_ref")
+METHODS = ("dense", "lora_match", "lora_r16", "galore", "lowrank", "sct_b50", "sct_b25", "sct_ref", "sct_adapt")
 DESCRIPTIONS = {
     "dense": "full fine-tuning, torch AdamW",
     "lora_match": "PEFT LoRA on every linear layer, rank matching SCT-50%'s trainable parameters",
@@ -72,6 +75,7 @@ DESCRIPTIONS = {
     "sct_b50": "SCT, every decoder linear spectral at 50% of their parameters, SpectralAdam",
     "sct_b25": "SCT, every decoder linear spectral at 25% of their parameters, SpectralAdam",
     "sct_ref": "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam",
+    "sct_adapt": "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter budget",
 }
 LINEAR = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 MLP = r".*layers\.\d+\.mlp\.(gate|up|down)_proj"
@@ -98,10 +102,16 @@ class Config:
     warmup: int = 6
     lrs: Dict[str, List[float]] = field(default_factory=lambda: {
         "dense": [1e-4, 3e-4], "lora_match": [3e-4, 1e-3], "lora_r16": [1e-3, 3e-3], "galore": [3e-4, 1e-3],
-        "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3]})
+        "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
+        "sct_adapt": [3e-4, 1e-3]})
     sweep_steps: int = 8
     eval_windows: int = 16
     budgets: Dict[str, float] = field(default_factory=lambda: {"sct_b50": 0.5, "sct_b25": 0.25})
+    adapt_start: float = 0.25       # sct_adapt: starting fraction of the linear parameters
+    adapt_budget: float = 0.5       # ... the RankScheduler's budget, as a fraction of them
+    adapt_events: int = 4           # ... rank events, evenly spaced, none on the last step
+    adapt_grow: int = 24            # ... RankScheduler(grow=..., tol=...)
+    adapt_tol: float = 1e-3
     lora_default_r: int = 16
     galore_rank: int = 128
     galore_gap: int = 200
@@ -224,6 +234,10 @@ def build_method(method: str, model: nn.Module, cfg: Config, lr: float):
     if method.startswith("sct_") or method == "lowrank":
         if method == "sct_ref":
             info = convert(model, "sct", MLP, energy=0.95)
+        elif method == "sct_adapt":
+            budget = int(cfg.adapt_budget * linear_params(model))  # before converting: the dense linears
+            info = convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
+            info["rank_budget"] = budget
         else:
             fraction = cfg.budgets.get(method, 0.5)
             info = convert(model, "lowrank" if method == "lowrank" else "sct", LINEAR, budget_fraction=fraction)
@@ -347,6 +361,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     out.update(info=info, params_total_before=total_before, params_total=sum(p.numel() for p in model.parameters()),
                params_trainable=trainable(model))
     out["val_loss_before"] = evaluate(model, val, vmask)
+    sched = adaptive_scheduler(opt, cfg, steps, info) if method == "sct_adapt" else None
     out["load_convert_s"] = time.perf_counter() - t_load
     out["load_convert_peak_mb"] = peak_rss_mib()
     reset_peak_rss()  # from here on: training's own peak
@@ -369,6 +384,8 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
+        if sched is not None and step < steps - 1:  # growth reads the gradients: before the next zero_grad
+            sched.step()
         if stage == "reference" and method == "sct":
             retract_all(model, method="qr")  # the reference's sign-fixed QR after every step
         times.append(time.perf_counter() - t0)
@@ -382,10 +399,37 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     out["val_ppl_after"] = math.exp(min(out["val_loss_after"], 50))
     errs = [orthonormality_error(p) for p in model.parameters() if is_stiefel(p)]
     out["orthonormality_error"] = max(errs) if errs else None
+    if sched is not None:
+        out["adaptive"] = adaptive_summary(model, sched)
     if measure and stage == "compare":
         out["generations_after"] = generations(model, tok, cfg.new_tokens)
         out["saved_bytes"] = saved_size(method, model)
     return out
+
+
+def adaptive_scheduler(opt, cfg: Config, steps: int, info: Dict):
+    """``sct_adapt``'s RankScheduler: ``cfg.adapt_events`` events evenly spaced over ``steps``."""
+    from stiefel_sct import RankScheduler
+
+    every = max(1, steps // (cfg.adapt_events + 1))
+    info.update(every=every, grow=cfg.adapt_grow, tol=cfg.adapt_tol)
+    return RankScheduler(opt, every=every, tol=cfg.adapt_tol, grow=cfg.adapt_grow, budget=info["rank_budget"])
+
+
+def adaptive_summary(model: nn.Module, sched) -> Dict:
+    """The adaptive arm's end state: parameters, spectral parameters against the budget, mean rank of
+    each layer type, and the rank changes of each event."""
+    from experiments.rank_sweep import ranks_by_type, spectral_layers
+
+    events: Dict[int, Dict[str, int]] = {}
+    for h in sched.history:
+        e = events.setdefault(h["step"], {"step": h["step"], "layers": 0, "grown": 0, "dropped": 0})
+        e["layers"] += 1
+        e["grown"] += h["grown"]
+        e["dropped"] += h["dropped"]
+    return {"params_total_after": sum(p.numel() for p in model.parameters()),
+            "spectral_params_after": sum(m.rank * (m.in_features + m.out_features + 1) for _, m in spectral_layers(model)),
+            "budget": sched.budget, "ranks_by_type": ranks_by_type(model), "events": list(events.values())}
 
 
 def reference_arm(arm: str, model: nn.Module, lr: float):
@@ -440,6 +484,22 @@ def plan(cfg: Config) -> List[tuple]:
     return jobs
 
 
+def resumable(old: Dict, new: Dict) -> bool:
+    """Whether the runs of a results file written with config ``old`` are runs of config ``new``.
+    Runs are keyed by stage, method and lr, so the lists of methods and stages may differ, and so
+    may the per-method entries (``lrs``, ``budgets``) of methods only one side has; a setting only
+    one side has (added to the code after the old runs) could not have shaped them."""
+    for key in old.keys() & new.keys():
+        if key in ("methods", "stages"):
+            continue
+        a, b = old[key], new[key]
+        if key in ("lrs", "budgets"):
+            a, b = ({m: d[m] for m in a.keys() & b.keys()} for d in (a, b))
+        if a != b:
+            return False
+    return True
+
+
 def job_key(stage, method, lr, steps, kind) -> str:
     return f"{stage}/{method}/{kind}" + (f"/lr{lr:g}" if kind == "sweep" else "")
 
@@ -456,6 +516,7 @@ def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
         row["train_loss_last20"] = statistics.mean(r["losses"][-20:])
         row["first_loss"] = r["losses"][0]
         row["info"] = r.get("info")
+        row["adaptive"] = r.get("adaptive")
         table[key] = row
     return table
 
@@ -490,7 +551,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     runs: Dict[str, Dict] = {}
     if args.resume and out_path.is_file():
         old = json.loads(out_path.read_text())
-        if old["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
+        if resumable(old["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))):
             runs = old["metrics"]["runs"]
     weights = "Q4_1 GGUF dequantised to fp32" if cfg.model == "smollm2" else "random"
     print(f"finetune_smollm2: preset {cfg.preset}, model {cfg.model} ({weights}), "

@@ -450,6 +450,7 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
                          f"{r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | {saved} |")
         lines += [""] + [f"- `{n}`: {m['descriptions'][n]}" for n, _ in rows]
         lines += finetune_verdict(rows)
+        lines += finetune_adaptive_paragraph(table, cfg)
         gens = [(k.split("/")[1], r) for k, r in m["runs"].items() if k.startswith("compare/") and k.endswith("/main")
                 and r.get("generations_after")]
         if gens:
@@ -464,6 +465,48 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
         if fig:
             lines += ["", f"![held-out loss against peak training memory and saved size]({rel}/{fig.name})"]
     return lines + [""]
+
+
+def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
+    """The adaptive arm against the fixed-rank SCT arms at its start and at its budget, computed
+    from the runs: held-out loss, the spectral parameters it ended with, and where the rank went."""
+    a = table.get("compare/sct_adapt/main")
+    if not a or not a.get("adaptive"):
+        return []
+    end, info = a["adaptive"], a["info"]
+    start, at_budget = table.get("compare/sct_b25/main"), table.get("compare/sct_b50/main")
+    order = sorted(end["ranks_by_type"], key=end["ranks_by_type"].get, reverse=True)
+    grown = sum(e["grown"] for e in end["events"])
+    dropped = sum(e["dropped"] for e in end["events"])
+    text = (f"**Adaptive rank** (`sct_adapt`: starts at {cfg['adapt_start']:.0%} of the linear parameters, a "
+            f"`RankScheduler` every {info['every']} steps drops `|s_i| < {info['tol']:g} ||s||` and grows up to "
+            f"{info['grow']} directions per layer within {cfg['adapt_budget']:.0%} of them, "
+            f"{end['budget']:,} spectral parameters): held-out loss **{a['val_loss_after']:.3f}**, ending with "
+            f"{end['spectral_params_after']:,} spectral parameters ({end['spectral_params_after'] / end['budget']:.0%} "
+            f"of the budget; {grown:,} directions grown, {dropped:,} dropped over {len(end['events'])} events)")
+    for name, r in (("sct_b25", start), ("sct_b50", at_budget)):
+        if r:
+            text += f"; `{name}` {r['val_loss_after']:.3f} ({a['val_loss_after'] - r['val_loss_after']:+.3f})"
+    if at_budget:
+        verdict = "reaches" if a["val_loss_after"] <= at_budget["val_loss_after"] + 0.02 else "does not reach"
+        text += f". It {verdict} the best budgeted fixed-rank arm's held-out loss (a tie is within 0.02 nats)"
+    text += (". Mean rank per layer type at the end: "
+             + ", ".join(f"`{t}` {end['ranks_by_type'][t]:.0f}" for t in order) + ".")
+    if end["spectral_params_after"] < end["budget"] and all(e["grown"] == e["layers"] * info["grow"] for e in end["events"]):
+        text += (f" The budget never bound and every layer grew {info['grow']} directions per event, so these are the "
+                 f"{cfg['adapt_start']:.0%} conversion's allocation (attention got more rank than the MLP) plus the last "
+                 "event's growth: no layer type took more rank than another.")
+    per_event = "; ".join(f"step {e['step']}: +{e['grown']:,} -{e['dropped']:,} in {e['layers']} layers"
+                          for e in end["events"])
+    text += f" Rank events: {per_event}."
+    survived = grown - dropped
+    if end["events"] and all(e["dropped"] == prev["grown"] for prev, e in zip(end["events"], end["events"][1:])):
+        text += (f" Every direction grown at one event was dropped at the next: a new direction starts at `s = 0` "
+                 f"and Adam moves it by about one learning rate ({a['lr']:g}) per step, so after {info['every']} "
+                 f"steps it is still below `{info['tol']:g} ||s||` of a pretrained spectrum; only the last event's "
+                 f"{survived:,} directions remain, near `s = 0`. Growth from zero adds the gradient's directions, "
+                 "not the pretrained spectrum a 25% truncation discarded, and cannot rebuild it at this length.")
+    return ["", text]
 
 
 def finetune_verdict(rows) -> List[str]:

@@ -47,8 +47,8 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
         assert trainable == info["lora_r"] * per_rank and info["lora_r"] == ft.lora_rank_matching(tiny_llama(), linear // 2)
     elif method == "lora_r16":
         assert trainable == 16 * per_rank
-    elif method in ("sct_b50", "sct_b25", "lowrank"):
-        fraction = cfg.budgets.get(method, 0.5)
+    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt"):
+        fraction = cfg.adapt_start if method == "sct_adapt" else cfg.budgets.get(method, 0.5)
         assert sum(p.numel() for p in model.parameters()) <= total - linear + fraction * linear
         if method != "lowrank":
             assert any(isinstance(m, SpectralLinear) for m in model.modules())
@@ -58,6 +58,35 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
     opt.step()
     after = [p for p in model.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_adaptive_arm_grows_its_ranks_within_the_budget():
+    cfg = _cfg(adapt_events=2, adapt_grow=3)
+    model = tiny_llama()
+    budget = int(cfg.adapt_budget * ft.linear_params(model))
+    model, opt, info = ft.build_method("sct_adapt", model, cfg, 1e-3)
+    assert info["rank_budget"] == budget
+    sched = ft.adaptive_scheduler(opt, cfg, 6, info)
+    assert info["every"] == 2 and sched.budget == budget
+    before = ft.adaptive_summary(model, sched)
+    for _ in range(6):
+        opt.zero_grad()
+        ft.lm_loss(model, torch.randint(0, 96, (2, 9))).backward()
+        opt.step()
+        sched.step()
+    after = ft.adaptive_summary(model, sched)
+    assert before["spectral_params_after"] < after["spectral_params_after"] <= budget
+    assert [e["step"] for e in after["events"]] == [2, 4, 6] and all(e["grown"] > 0 for e in after["events"][:1])
+    assert set(after["ranks_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_resume_keeps_runs_when_only_methods_or_new_settings_differ():
+    old = {"steps": 100, "methods": ["dense"], "lrs": {"dense": [1e-4]}, "budgets": {"sct_b50": 0.5}}
+    new = {"steps": 100, "methods": ["dense", "sct_adapt"], "lrs": {"dense": [1e-4], "sct_adapt": [1e-3]},
+           "budgets": {"sct_b50": 0.5}, "adapt_grow": 24}
+    assert ft.resumable(old, new)
+    assert not ft.resumable({**old, "steps": 99}, new)
+    assert not ft.resumable({**old, "lrs": {"dense": [3e-4]}}, new)
 
 
 def test_reference_arm_keeps_the_reference_truncation_even_when_larger():
