@@ -24,7 +24,7 @@ from .optim import SpectralAdam, SpectralAdamW, spectral_adam
 from .rank import kept_energy, select_rank
 from .rank_scheduler import RankScheduler
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ConversionReport",

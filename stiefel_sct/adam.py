@@ -83,7 +83,7 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _negated(grads: TensorList, maximize: bool) -> TensorList:
-    return torch._foreach_neg(grads) if maximize and grads else grads
+    return list(torch._foreach_neg(grads)) if maximize and grads else grads
 
 
 def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, amsgrad, lr, beta1, beta2, eps,
@@ -239,9 +239,8 @@ def riemannian_adam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
         V = torch.stack([exp_avg_sqs[i] for i in idx]).to(P.dtype)
         st = [steps[i] for i in idx]
         torch._foreach_add_(st, 1)
-        bc1, bc2 = _bias_corrections(st, beta1, beta2)
-        bc1 = torch.tensor(bc1, dtype=P.dtype, device=P.device).view(-1, 1, 1)
-        bc2 = torch.tensor(bc2, dtype=P.dtype, device=P.device).view(-1, 1, 1)
+        corrections = _bias_corrections(st, beta1, beta2)
+        bc1, bc2 = (torch.tensor(c, dtype=P.dtype, device=P.device).view(-1, 1, 1) for c in corrections)
         rgrad = manifold.egrad2rgrad(P, G.neg_() if maximize else G)
         M.mul_(beta1).add_(rgrad, alpha=1 - beta1)
         # geoopt's second moment is the manifold inner product <g, g>: one number per matrix,

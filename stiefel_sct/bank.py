@@ -72,8 +72,8 @@ class FactorBank:
         b = len(chunk)
         dst = self.slots[self.spare][:b]
         if dst.dtype not in (torch.float32, torch.float64) and self._workspace is None:
-            self._workspace = tuple(torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device)
-                                    for _ in range(2))
+            self._workspace = (torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device),
+                               torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device))
         retract_into(self.slots[self.slot_of[j]][:b], dst, method, self._workspace)
         for p, v in zip(chunk, dst.unbind(0)):
             p.data = v

@@ -374,7 +374,7 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
             owner, _, key = alias.rpartition(".")
             result.get_submodule(owner)._parameters[key] = params[source]
     target = torch.device(device) if device is not None else torch.device("cpu")
-    fresh: Dict[int, torch.Tensor] = {}
+    fresh: Dict[int, Any] = {}  # Parameter, ManifoldParameter or buffer, by the meta tensor's id
     for module, key, qname, t, is_param in list(_named_tensors(result)):
         if not t.is_meta:
             continue

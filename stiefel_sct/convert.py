@@ -6,12 +6,12 @@ import heapq
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .layers import SpectralEmbedding, SpectralLinear, check_rank
+from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank
 from .rank import check_energy
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
@@ -111,12 +111,15 @@ class ConversionReport(list):
         return "\n".join(rows)
 
 
-def _record(name: str, module: nn.Module, new: Optional[nn.Module], note: str) -> LayerConversion:
+Dense = Union[nn.Linear, nn.Embedding]  # the module kinds spectralize converts
+
+
+def _record(name: str, module: Dense, new: Optional[SpectralModule], note: str) -> LayerConversion:
     """The report line of a candidate layer, converted to ``new`` or (``None``) left dense. The
     kept energy is ``sum(s^2) / ||W||_F^2``: the truncated SVD keeps the ``k`` largest singular values."""
     dense = sum(p.numel() for p in module.parameters())
     kind = "linear" if isinstance(module, nn.Linear) else "embedding"
-    shape = tuple(module.weight.shape)
+    shape = (int(module.weight.shape[0]), int(module.weight.shape[1]))
     if new is None:
         return LayerConversion(name, kind, shape, None, None, dense, dense, note)
     kept = None
@@ -233,11 +236,11 @@ def spectralize(
     tied = _tied_weights(model)
 
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    plan: List[Tuple[str, nn.Module]] = []
+    plan: List[Tuple[str, Dense]] = []
     records = ConversionReport()
     for name, module in model.named_modules():
-        if type(module) not in kinds:  # subclasses (quantized, LoRA, ...) are not ours to touch
-            continue
+        if type(module) not in kinds or not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue  # subclasses (quantized, LoRA, ...) are not ours to touch
         if include is not None and not match_module(name, include):
             continue
         if exclude is not None and match_module(name, exclude):
@@ -256,8 +259,8 @@ def spectralize(
         if budget <= fixed:
             raise ValueError(f"budget must exceed the {fixed:,d} parameters that are not converted, got {budget:,d}")
         spectra = {name: torch.linalg.svdvals(module.weight.detach().float()) for name, module in plan}
-        shapes = {name: tuple(module.weight.shape) for name, module in plan}
-        ranks = budget_ranks(spectra, shapes, budget - fixed)
+        shapes = {name: (int(module.weight.shape[0]), int(module.weight.shape[1])) for name, module in plan}
+        ranks = dict(budget_ranks(spectra, shapes, budget - fixed))
     result = model
     for name, module in plan:
         new = _convert(module, ranks[name], energy, convert_small, retraction, device)
@@ -271,21 +274,25 @@ def spectralize(
     return (result, records) if report else result
 
 
-def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], convert_small: bool,
-             retraction: str, device) -> Optional[nn.Module]:
+def _convert(module: Dense, rank: Optional[int], energy: Optional[float], convert_small: bool,
+             retraction: str, device) -> Optional[SpectralModule]:
     """The spectral counterpart of an ``nn.Linear``/``nn.Embedding``, or None where it would not shrink."""
+    cls: type[SpectralModule]
+    extra: Dict[str, Any]
     if isinstance(module, nn.Linear):
         rows, cols, cls = module.in_features, module.out_features, SpectralLinear
         extra = {"bias": module.bias is not None}
+        linear = module
 
-        def factor(**kw):
-            return SpectralLinear.from_linear(module, retraction=retraction, **kw)
+        def factor(**kw) -> SpectralModule:
+            return SpectralLinear.from_linear(linear, retraction=retraction, **kw)
     else:
         rows, cols, cls = module.num_embeddings, module.embedding_dim, SpectralEmbedding
         extra = {"padding_idx": module.padding_idx}
+        embedding = module
 
-        def factor(**kw):
-            return SpectralEmbedding.from_embedding(module, retraction=retraction, **kw)
+        def factor(**kw) -> SpectralModule:
+            return SpectralEmbedding.from_embedding(embedding, retraction=retraction, **kw)
     w = module.weight
     if rank is not None:
         k = min(rank, rows, cols) if convert_small else rank

@@ -57,11 +57,11 @@ def shard_model(model: torch.nn.Module, mesh=None, **fully_shard_kwargs) -> torc
 def _gather_rows(local: torch.Tensor, group) -> Tuple[torch.Tensor, List[int]]:
     """All processes' rows of a (B, n_i, k) stack, concatenated in rank order, and each one's count."""
     world = dist.get_world_size(group)
-    counts = [torch.zeros((), dtype=torch.long) for _ in range(world)]
-    dist.all_gather(counts, torch.tensor(local.shape[-2]), group=group)
-    counts = [int(c) for c in counts]
+    gathered = [torch.zeros((), dtype=torch.long) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor(local.shape[-2]), group=group)
+    counts = [int(c) for c in gathered]
     rows = max(counts)  # collectives want equal sizes: pad to the longest shard, trim after
-    padded = local.new_zeros(local.shape[:-2] + (rows, local.shape[-1]))
+    padded = local.new_zeros((*local.shape[:-2], rows, local.shape[-1]))
     padded[..., : local.shape[-2], :] = local
     pieces = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(pieces, padded, group=group)

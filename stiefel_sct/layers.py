@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import geoopt
 import torch
@@ -109,7 +109,11 @@ def _truncated_svd(weight: torch.Tensor, rank: Optional[int], energy: Optional[f
         raise ValueError(f"{what} needs a materialised weight; the module is on the meta device")
     P, S, Qh = torch.linalg.svd(weight.detach().to(compute_dtype(weight.dtype)), full_matrices=False)
     rows, cols = weight.shape
-    k = check_rank(rank, rows, cols) if rank is not None else select_rank(S, energy)
+    if rank is not None:
+        k = check_rank(rank, rows, cols)
+    else:
+        assert energy is not None  # exactly one of them, checked above
+        k = select_rank(S, energy)
     return P, S, Qh, k
 
 
@@ -118,6 +122,10 @@ class SpectralModule(nn.Module):
     parameters through ``_apply`` and registers the triple (:mod:`stiefel_sct.triples`)."""
 
     _retraction: str = "qr"
+    U: geoopt.ManifoldParameter  # on Stiefel(m, k)
+    s: nn.Parameter
+    V: geoopt.ManifoldParameter  # on Stiefel(n, k)
+    rank: int
 
     @property
     def manifold(self) -> Stiefel:
@@ -155,7 +163,7 @@ class SpectralModule(nn.Module):
         self.s.fill_(s_value)
         return True
 
-    def _apply(self, fn, recurse=True):  # type: ignore[override]
+    def _apply(self, fn, recurse=True):
         # Module._apply replaces a parameter by a plain nn.Parameter when it cannot reuse its
         # storage (e.g. ``to_empty`` from meta): put the factors back on the manifold.
         out = super()._apply(fn, recurse)
@@ -219,7 +227,7 @@ class SpectralLinear(SpectralModule):
         self.in_features = _check_features(in_features, "in_features")
         self.out_features = _check_features(out_features, "out_features")
         self.rank = check_rank(rank, in_features, out_features)
-        factory = {"device": device, "dtype": dtype}
+        factory: Dict[str, Any] = {"device": device, "dtype": dtype}
         self._make_factors(in_features, out_features, rank, retraction, factory)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))

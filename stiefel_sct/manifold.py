@@ -308,6 +308,7 @@ def retract_all(module_or_params, method: str = "cholqr2", preserve_function: bo
     of the QRs are folded into a re-diagonalised ``s``); Stiefel factors outside spectral layers
     get the plain retraction.
     """
+    tensors: List[torch.Tensor]
     if isinstance(module_or_params, torch.nn.Module):
         tensors = list(module_or_params.parameters())
     elif preserve_function:

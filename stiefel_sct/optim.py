@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union, cast
 
 import geoopt
 import torch
@@ -63,7 +63,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a ``DTensor``; any other tensor as it is."""
-    return t.to_local() if _is_dtensor(t) else t
+    return cast(Any, t).to_local() if _is_dtensor(t) else t  # a DTensor (torch's stubs type it as Tensor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def spectral_adam(
     grads: TensorList,
     exp_avgs: TensorList,
     exp_avg_sqs: TensorList,
-    max_exp_avg_sqs: TensorList,
+    max_exp_avg_sqs: List[Optional[torch.Tensor]],
     steps: TensorList,
     stiefel: List[bool],
     *,
@@ -111,7 +111,7 @@ def spectral_adam(
     man = [i for i, s in enumerate(stiefel) if s]
     maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)  # the kernels read it only with amsgrad
 
-    def pick(idx: List[int]) -> Tuple[TensorList, ...]:
+    def pick(idx: List[int]) -> Tuple[List[Any], ...]:  # the maxes list holds None without amsgrad
         return tuple([seq[i] for i in idx] for seq in (params, grads, exp_avgs, exp_avg_sqs, maxes, steps))
 
     def scales(idx: List[int]):

@@ -38,7 +38,7 @@ autograd remembers a leaf's shape, so resizing ``p.data`` would break the next b
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import geoopt
 import torch
@@ -49,12 +49,17 @@ from .triples import owner_of, spectral_triples
 __all__ = ["RankScheduler"]
 
 
-def _check_int(value, name: str, low: int, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+def _check_optional_int(value, name: str, low: int) -> Optional[int]:
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        rng = f"an int >= {low}" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {rng}, got {value!r}")
+        raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
     return value
 
 
@@ -117,8 +122,8 @@ class RankScheduler:
         self.tol = float(tol)
         self.grow = _check_int(grow, "grow", 0)
         self.min_rank = _check_int(min_rank, "min_rank", 1)
-        self.max_rank = _check_int(max_rank, "max_rank", self.min_rank, allow_none=True)
-        self.budget = _check_int(budget, "budget", 1, allow_none=True)
+        self.max_rank = _check_optional_int(max_rank, "max_rank", self.min_rank)
+        self.budget = _check_optional_int(budget, "budget", 1)
         if self.grow and getattr(optimizer, "step_in_backward", False):
             raise ValueError("grow > 0 needs the factors' gradients, which step_in_backward=True frees; "
                              "use grow=0 (shrink only) or step_in_backward=False")
@@ -132,7 +137,7 @@ class RankScheduler:
             raise ValueError("the optimizer holds no spectral layer (U, s and V of one layer all in it)")
 
     # ------------------------------------------------------------------------------ discovery
-    def _layers(self) -> List[Tuple[str, object]]:
+    def _layers(self) -> List[Tuple[str, Any]]:
         """``(name, layer)`` of every spectral layer whose U, s, V the optimizer holds."""
         params, names = [], {}
         for group in self.optimizer.param_groups:
@@ -234,7 +239,7 @@ class RankScheduler:
             old = getattr(layer, name)
             value = old.detach().index_select(-1, idx)
             if r:
-                value = torch.cat([value, value.new_zeros(r) if name == "s" else extra], dim=-1)
+                value = torch.cat([value, value.new_zeros(r) if extra is None else extra], dim=-1)  # s: zeros
             if isinstance(old, geoopt.ManifoldParameter):
                 new = geoopt.ManifoldParameter(value.contiguous(), manifold=old.manifold, requires_grad=old.requires_grad)
             else:

@@ -60,7 +60,8 @@ def spectral_triples(params: Sequence[torch.Tensor]) -> Tuple[List[Triple], List
     and the rest. A triple is listed once, in the order its first member appears."""
     given = {id(p) for p in params}
     triples: List[Triple] = []
-    seen, covered = set(), set()
+    seen: set = set()
+    covered: set = set()
     for p in params:
         owner = owner_of(p)
         if owner is None or id(owner) in seen:
@@ -68,6 +69,6 @@ def spectral_triples(params: Sequence[torch.Tensor]) -> Tuple[List[Triple], List
         triple = tuple(getattr(owner, name) for name in FACTOR_NAMES)
         if any(t is p for t in triple) and all(id(t) in given for t in triple):
             seen.add(id(owner))
-            triples.append(triple)  # type: ignore[arg-type]
+            triples.append((triple[0], triple[1], triple[2]))
             covered.update(id(t) for t in triple)
     return triples, [p for p in params if id(p) not in covered]

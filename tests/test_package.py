@@ -26,3 +26,24 @@ def test_public_api():
     for name in stiefel_sct.__all__:
         assert hasattr(stiefel_sct, name), name
     assert stiefel_sct.__version__
+
+
+def test_every_module_has_an_api_page_in_the_docs():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    modules = sorted(p.stem for p in (root / "stiefel_sct").glob("*.py") if p.stem != "__init__")
+    index = (root / "docs" / "index.md").read_text()
+    for name in modules:
+        page = root / "docs" / "api" / f"{name}.rst"
+        assert page.is_file() and f".. automodule:: stiefel_sct.{name}" in page.read_text(), name
+        assert f"api/{name}\n" in index, f"docs/index.md does not list api/{name}"
+
+
+def test_version_is_in_the_changelog():
+    import pathlib
+
+    import stiefel_sct
+
+    changelog = (pathlib.Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    assert f"## [{stiefel_sct.__version__}] - " in changelog
