@@ -61,3 +61,11 @@ def tiny_data(tmp_path_factory):
 
     cache = tmp_path_factory.mktemp("cache")
     return data_lib.prepare("synthetic", vocab_size=300, cache_dir=cache, documents=synthetic_documents())
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``cuda`` that take a ``device`` argument run on the CPU and, where one is
+    available, on a CUDA device (``benchmarks/gpu.sh`` runs them on a GPU machine)."""
+    if "device" in metafunc.fixturenames and metafunc.definition.get_closest_marker("cuda"):
+        no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+        metafunc.parametrize("device", ["cpu", pytest.param("cuda", marks=no_gpu)])

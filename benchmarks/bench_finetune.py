@@ -1,0 +1,224 @@
+"""One fine-tuning step of SmolLM2-135M: dense AdamW, PEFT LoRA r=16, and SCT at 50% and 25% of the
+linear parameters, time and peak memory, interleaved in one run.
+
+Each measurement is a fresh process (so its peak is its own): build the model, convert it for the
+method (``experiments.finetune_smollm2.build_method``, the comparison's own code), take one
+warm-up step, reset the peak, then time ``--steps`` steps of ``--batch`` x ``--seq`` random tokens
+(zero_grad, forward, loss, backward, grad-norm clip 1.0, optimizer step: the comparison's step).
+Rounds interleave the methods (round 1: every method, round 2: every method, ...), and each
+method's figure is the median over its rounds of the per-process median step.
+
+Peak memory is the process's ``VmHWM`` after the warm-up step, reset before the timed steps (CPU),
+or ``torch.cuda.max_memory_allocated`` (CUDA). Weights: ``--weights random`` (default) builds
+the SmolLM2-135M architecture from its config with random weights (speed does not depend on the
+values; SCT's budget then spreads rank by random spectra); ``--weights real`` loads the real Q4_1
+GGUF weights dequantised to fp32 (``experiments/smollm2.py``, CPU machine with the cache).
+
+    python -m benchmarks.bench_finetune                          # 3 rounds, 4 timed steps each
+    python -m benchmarks.bench_finetune --device cuda --rounds 3
+    python -m benchmarks.bench_finetune --profile sct_b25        # torch.profiler table of one method
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from experiments.common import ROOT, atomic_write_json, environment, peak_rss_mib, reset_peak_rss
+
+METHODS = ("dense", "lora_r16", "sct_b50", "sct_b25")
+# SmolLM2-135M(-Instruct)'s architecture (its config.json)
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                      rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True, hidden_act="silu")
+
+
+def build_model(weights: str, device: torch.device):
+    """SmolLM2-135M as a ``LlamaForCausalLM`` in fp32 on ``device``, random or real weights."""
+    if weights == "real":
+        from experiments.smollm2 import load_smollm2
+
+        model, _ = load_smollm2()
+    else:
+        import transformers
+
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(**SMOLLM2_CONFIG)
+        model = transformers.LlamaForCausalLM(config)
+    return model.to(device).train()
+
+
+def build(method: str, weights: str, device: torch.device, lr: float = 3e-4):
+    """``(model, optimizer)`` for ``method`` through the fine-tuning comparison's ``build_method``."""
+    from experiments import finetune_smollm2 as ft
+
+    model = build_model(weights, device)
+    model, opt, _ = ft.build_method(method, model, ft.Config(), lr)
+    return model, opt
+
+
+def make_step(model, opt, batch: int, seq: int, device: torch.device):
+    from experiments.finetune_smollm2 import lm_loss
+
+    gen = torch.Generator().manual_seed(1)
+    vocab = SMOLLM2_CONFIG["vocab_size"]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> float:
+        ids = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = lm_loss(model, ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        return float(loss.detach())
+
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(method: str, weights: str, device: torch.device, batch: int, seq: int, steps: int) -> Dict:
+    """One process's measurement: build, one warm-up step, reset the peak, ``steps`` timed steps."""
+    t0 = time.perf_counter()
+    model, opt = build(method, weights, device)
+    step = make_step(model, opt, batch, seq, device)
+    step()  # warm-up: optimizer state, allocator, lazily built kernels
+    _sync(device)
+    setup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib())
+    return {"method": method, "step_s": times, "step_s_median": statistics.median(times), "peak_mib": peak,
+            "setup_s": setup_s, "params_total": sum(p.numel() for p in model.parameters()),
+            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+def run_fresh(method: str, args) -> Dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--worker", method, "--weights", args.weights,
+           "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_finetune worker {method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def profile(method: str, args) -> str:
+    """A ``torch.profiler`` table (self time per op and input shape) of ``--steps`` steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device(args.device)
+    model, opt = build(method, args.weights, device)
+    step = make_step(model, opt, args.batch, args.seq, device)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    by_op = prof.key_averages().table(sort_by=key, row_limit=25)
+    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=30)
+    return f"{method}: {args.steps} steps\n\nby op:\n{by_op}\nby op and input shape:\n{by_shape}"
+
+
+def summarise(runs: List[Dict], methods: List[str]) -> Dict:
+    table = {}
+    for m in methods:
+        mine = [r for r in runs if r["method"] == m]
+        table[m] = {"step_s_median": statistics.median(r["step_s_median"] for r in mine),
+                    "step_s_rounds": [r["step_s_median"] for r in mine],
+                    "peak_mib_median": statistics.median(r["peak_mib"] for r in mine),
+                    "params_total": mine[0]["params_total"], "params_trainable": mine[0]["params_trainable"]}
+    ratios = {}
+    for sct in ("sct_b25", "sct_b50"):
+        if sct not in table:
+            continue
+        for other in ("dense", "lora_r16"):
+            if other in table:
+                ratios[f"{other}_over_{sct}_time"] = table[other]["step_s_median"] / table[sct]["step_s_median"]
+                ratios[f"{sct}_over_{other}_peak"] = table[sct]["peak_mib_median"] / table[other]["peak_mib_median"]
+    return {"table": table, "ratios": ratios}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--rounds", type=int, default=3, help="fresh processes per method, interleaved")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per process (after one warm-up step)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--weights", default="random", choices=["random", "real"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--profile", choices=METHODS, help="print a torch.profiler table of this method and stop")
+    ap.add_argument("--out", default=None, help="JSON path (default results/bench_finetune_<device>.json)")
+    ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for name in ("rounds", "steps", "batch", "seq"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.weights, device, args.batch, args.seq, args.steps)))
+        return {}
+    if args.profile:
+        text = profile(args.profile, args)
+        print(text)
+        return {"profile": text}
+    print(f"bench_finetune: SmolLM2-135M ({args.weights} weights), {args.batch}x{args.seq} tokens, device {device}, "
+          f"methods {args.methods}, {args.rounds} rounds x {args.steps} steps, a fresh process each", flush=True)
+    runs = []
+    t0 = time.time()
+    for r in range(args.rounds):
+        for m in args.methods:
+            res = run_fresh(m, args)
+            runs.append({**res, "round": r})
+            print(f"  round {r + 1}/{args.rounds} {m:9s} step {res['step_s_median']:.3f} s (median of {args.steps})  "
+                  f"peak {res['peak_mib']:.0f} MiB  [{time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
+    summary = summarise(runs, args.methods)
+    print("\n| method | params | trainable | step s (median of rounds) | peak MiB |\n| --- | ---: | ---: | ---: | ---: |")
+    for m, row in summary["table"].items():
+        print(f"| {m} | {row['params_total'] / 1e6:.1f}M | {row['params_trainable'] / 1e6:.2f}M | "
+              f"{row['step_s_median']:.3f} | {row['peak_mib_median']:.0f} |")
+    for k, v in summary["ratios"].items():
+        print(f"{k}: {v:.2f}")
+    out = pathlib.Path(args.out or ROOT / "results" / f"bench_finetune_{device.type}.json")
+    payload = {"benchmark": "bench_finetune", "config": {k: v for k, v in vars(args).items() if k not in ("worker", "profile")},
+               "environment": environment(device), "runs": runs, **summary}
+    atomic_write_json(out, payload)
+    print(f"wrote {out}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
