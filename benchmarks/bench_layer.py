@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
                 hg, hu = h.split(k, dim=1)
                 return F.silu(F.linear(hg * gate.s, gate.V)) * F.linear(hu * up.s, up.V)
 
-            assert torch.allclose(separate(), fused(), rtol=1e-4, atol=1e-4)
+            tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2  # bf16: 8 mantissa bits
+            assert torch.allclose(separate(), fused(), rtol=tol, atol=tol)
             times = {}
             gy = torch.randn(b, n, device=device, dtype=dtype)
             for name, fn in (("separate", separate), ("shared x@[U1 U2]", fused)):

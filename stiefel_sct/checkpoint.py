@@ -312,7 +312,8 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     saved ranks), with real parameters or on the ``meta`` device (e.g. built under
     ``accelerate.init_empty_weights()``; real buffers such as rotary frequencies are left as they
     are). Exactly the saved layers are converted, at exactly the saved ranks; parameters on
-    ``meta`` are materialised on ``device`` (default: CPU) and every tensor of the checkpoint is
+    ``meta`` are materialised on ``device`` (default: CPU), a layer converted from real parameters
+    is built on their device (real parameters never move), and every tensor of the checkpoint is
     loaded. Everything is checked first (the format, every layer, every tensor's name and shape):
     a checkpoint that does not fit raises :class:`CheckpointError` naming the layer or tensor and
     both shapes, and leaves ``model`` untouched.
@@ -358,11 +359,15 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
 
     # everything fits: convert, materialise, load
     result = model
+    homes: Dict[int, torch.device] = {}  # a layer converted from real parameters stays on their device
     for name, entry in config["layers"].items():
         module = plan[name]
         if isinstance(module, SpectralModule) and module.rank == entry["rank"]:
             continue
         new = _build(entry)
+        old = next(iter(module.parameters()), None)
+        if old is not None and not old.is_meta:
+            homes[id(new)] = old.device
         if name == "":
             result = new
         else:
@@ -382,7 +387,7 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
             raise CheckpointError(f"buffer {qname!r} is on the meta device and is not saved in checkpoints: "
                                   "build the model with real buffers (init_empty_weights(include_buffers=False))")
         if id(t) not in fresh:  # a tied parameter stays one tensor
-            data = torch.empty(t.shape, dtype=t.dtype, device=target)
+            data = torch.empty(t.shape, dtype=t.dtype, device=homes.get(id(module), target))
             if isinstance(t, geoopt.ManifoldParameter):
                 fresh[id(t)] = geoopt.ManifoldParameter(data, manifold=t.manifold, requires_grad=t.requires_grad)
             elif isinstance(t, nn.Parameter):

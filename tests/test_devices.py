@@ -155,6 +155,13 @@ def test_checkpoint_round_trip(device, tmp_path):
     torch.manual_seed(0)
     model = spectralize(nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3)), rank=5).to(device)
     save_spectral(model, tmp_path / "ckpt")
-    fresh = load_spectral(nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3)), tmp_path / "ckpt", device=device)
     x = torch.randn(4, 12, device=device)
+    # a real model on the device: the converted layer is built where the dense one was
+    fresh = load_spectral(nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3)).to(device), tmp_path / "ckpt")
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # a meta model: everything is materialised on `device`
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 3))
+    fresh = load_spectral(skeleton, tmp_path / "ckpt", device=device)
+    assert {p.device.type for p in fresh.parameters()} == {torch.device(device).type}
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
