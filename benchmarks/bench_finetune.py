@@ -8,11 +8,12 @@ warm-up step, reset the peak, then time ``--steps`` steps of ``--batch`` x ``--s
 Rounds interleave the methods (round 1: every method, round 2: every method, ...), and each
 method's figure is the median over its rounds of the per-process median step.
 
-Peak memory is the process's ``VmHWM`` after the warm-up step, reset before the timed steps (CPU),
-or ``torch.cuda.max_memory_allocated`` (CUDA). Weights: ``--weights random`` (default) builds
-the SmolLM2-135M architecture from its config with random weights (speed does not depend on the
-values; SCT's budget then spreads rank by random spectra); ``--weights real`` loads the real Q4_1
-GGUF weights dequantised to fp32 (``experiments/smollm2.py``, CPU machine with the cache).
+Peak memory is the process's ``VmHWM`` over the timed steps, reset after the warm-up step and after
+``malloc_trim`` hands back what setup freed (CPU), or ``torch.cuda.max_memory_allocated`` (CUDA).
+Weights: ``--weights random`` (default) builds the SmolLM2-135M architecture from its config with
+random weights (speed does not depend on the values; SCT's budget then spreads rank by random
+spectra); ``--weights real`` loads the real Q4_1 GGUF weights dequantised to fp32
+(``experiments/smollm2.py``, CPU machine with the cache).
 
     python -m benchmarks.bench_finetune                          # 3 rounds, 4 timed steps each
     python -m benchmarks.bench_finetune --device cuda --rounds 3
@@ -33,7 +34,15 @@ from typing import Dict, List, Optional
 
 import torch
 
-from experiments.common import ROOT, atomic_write_json, environment, peak_rss_mib, reset_peak_rss
+from experiments.common import (
+    CACHING_MALLOC_ENV,
+    ROOT,
+    atomic_write_json,
+    environment,
+    peak_rss_mib,
+    release_free_memory,
+    reset_peak_rss,
+)
 
 METHODS = ("dense", "lora_r16", "sct_b50", "sct_b25")
 # SmolLM2-135M(-Instruct)'s architecture (its config.json)
@@ -100,6 +109,7 @@ def worker(method: str, weights: str, device: torch.device, batch: int, seq: int
     setup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    trimmed = release_free_memory()  # every method: setup's freed pages (the dense model a conversion replaced) go back
     reset_peak_rss()
     times = []
     for _ in range(steps):
@@ -109,16 +119,16 @@ def worker(method: str, weights: str, device: torch.device, batch: int, seq: int
         times.append(time.perf_counter() - t)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib())
     return {"method": method, "step_s": times, "step_s_median": statistics.median(times), "peak_mib": peak,
-            "setup_s": setup_s, "params_total": sum(p.numel() for p in model.parameters()),
+            "setup_s": setup_s, "malloc_trim": trimmed, "params_total": sum(p.numel() for p in model.parameters()),
             "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
-def run_fresh(method: str, args) -> Dict:
+def run_fresh(method: str, malloc: str, args) -> Dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--worker", method, "--weights", args.weights,
            "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = dict(os.environ, MALLOC_ARENA_MAX="2")
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", **(CACHING_MALLOC_ENV if malloc == "caching" else {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench_finetune worker {method} failed:\n{proc.stderr[-3000:]}")
@@ -146,21 +156,28 @@ def profile(method: str, args) -> str:
 
 
 def summarise(runs: List[Dict], methods: List[str]) -> Dict:
+    """Per variant (``method``, or ``method+caching`` for the caching allocator): medians over rounds;
+    ratios of the SCT arms to dense and LoRA within each allocator setting."""
     table = {}
-    for m in methods:
-        mine = [r for r in runs if r["method"] == m]
+    for m in dict.fromkeys(r["variant"] for r in runs):
+        mine = [r for r in runs if r["variant"] == m]
         table[m] = {"step_s_median": statistics.median(r["step_s_median"] for r in mine),
                     "step_s_rounds": [r["step_s_median"] for r in mine],
                     "peak_mib_median": statistics.median(r["peak_mib"] for r in mine),
                     "params_total": mine[0]["params_total"], "params_trainable": mine[0]["params_trainable"]}
     ratios = {}
-    for sct in ("sct_b25", "sct_b50"):
-        if sct not in table:
-            continue
-        for other in ("dense", "lora_r16"):
-            if other in table:
-                ratios[f"{other}_over_{sct}_time"] = table[other]["step_s_median"] / table[sct]["step_s_median"]
-                ratios[f"{sct}_over_{other}_peak"] = table[sct]["peak_mib_median"] / table[other]["peak_mib_median"]
+    for suffix in ("", "+caching"):
+        for sct in ("sct_b25", "sct_b50"):
+            if sct + suffix not in table:
+                continue
+            for other in ("dense", "lora_r16"):
+                if other + suffix in table:
+                    a, b = table[other + suffix], table[sct + suffix]
+                    ratios[f"{other}_over_{sct}_time{suffix}"] = a["step_s_median"] / b["step_s_median"]
+                    ratios[f"{sct}_over_{other}_peak{suffix}"] = b["peak_mib_median"] / a["peak_mib_median"]
+    for m in methods:
+        if m in table and m + "+caching" in table:
+            ratios[f"{m}_system_over_caching_time"] = table[m]["step_s_median"] / table[m + "+caching"]["step_s_median"]
     return {"table": table, "ratios": ratios}
 
 
@@ -174,6 +191,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--weights", default="random", choices=["random", "real"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--malloc", nargs="+", default=["system"], choices=["system", "caching"],
+                    help="glibc settings of the workers: system (defaults: blocks over 32 MB are mmap'd and "
+                         "returned when freed) and/or caching (MALLOC_MMAP_MAX_=0, no trim: pages reused); both "
+                         "interleave every method under each")
     ap.add_argument("--profile", choices=METHODS, help="print a torch.profiler table of this method and stop")
     ap.add_argument("--out", default=None, help="JSON path (default results/bench_finetune_<device>.json)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -196,14 +217,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(text)
         return {"profile": text}
     print(f"bench_finetune: SmolLM2-135M ({args.weights} weights), {args.batch}x{args.seq} tokens, device {device}, "
-          f"methods {args.methods}, {args.rounds} rounds x {args.steps} steps, a fresh process each", flush=True)
+          f"methods {args.methods}, malloc {args.malloc}, {args.rounds} rounds x {args.steps} steps, a fresh process "
+          "each", flush=True)
     runs = []
     t0 = time.time()
+    variants = [(m, mode) for mode in dict.fromkeys(args.malloc) for m in args.methods]
     for r in range(args.rounds):
-        for m in args.methods:
-            res = run_fresh(m, args)
-            runs.append({**res, "round": r})
-            print(f"  round {r + 1}/{args.rounds} {m:9s} step {res['step_s_median']:.3f} s (median of {args.steps})  "
+        for m, mode in variants:
+            res = run_fresh(m, mode, args)
+            name = m if mode == "system" else f"{m}+caching"
+            runs.append({**res, "round": r, "malloc": mode, "variant": name})
+            print(f"  round {r + 1}/{args.rounds} {name:17s} step {res['step_s_median']:.3f} s (median of {args.steps})  "
                   f"peak {res['peak_mib']:.0f} MiB  [{time.time() - t0:.0f} s]", file=sys.stderr, flush=True)
     summary = summarise(runs, args.methods)
     print("\n| method | params | trainable | step s (median of rounds) | peak MiB |\n| --- | ---: | ---: | ---: | ---: |")

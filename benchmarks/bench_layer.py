@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils import benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from experiments.common import atomic_write_json, environment, parse_dtype
+from experiments.common import CACHING_MALLOC_ENV, atomic_write_json, environment, parse_dtype
 from stiefel_sct import SpectralLinear
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.malloc == "caching" and os.environ.get("MALLOC_MMAP_MAX_") != "0" and argv is None:
-        env = dict(os.environ, MALLOC_MMAP_MAX_="0", MALLOC_TRIM_THRESHOLD_=str(1 << 40))
+        env = dict(os.environ, **CACHING_MALLOC_ENV)
         # glibc reads these at start-up: run this module again in a fresh process image
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.bench_layer", *sys.argv[1:]], env)
     if args.threads:

@@ -116,6 +116,25 @@ def reset_peak_rss() -> None:
         pass
 
 
+# glibc keeps what is freed (no mmap'd blocks, no trimming), so a training step reuses its pages
+# instead of page-faulting fresh ones every step; glibc reads these at process start.
+CACHING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
+def release_free_memory() -> bool:
+    """Collect garbage and hand the C heap's free pages back to the OS (glibc ``malloc_trim``), so a
+    following :func:`reset_peak_rss` measures from what is live, not from what setup (loading a
+    dense model and converting it) freed but glibc kept. Returns whether ``malloc_trim`` ran."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def peak_rss_mib() -> Optional[float]:
     """This process's peak resident set size (``VmHWM``) in MiB; ``None`` where /proc has none."""
     try:

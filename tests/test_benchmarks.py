@@ -1,0 +1,47 @@
+"""The benchmark scripts' own logic (their figures are measured by running them, not here)."""
+
+import pytest
+import torch
+
+from benchmarks import bench_finetune as bf
+from benchmarks import profile_step as ps
+
+
+def _run(method, malloc, step, peak):
+    variant = method if malloc == "system" else f"{method}+caching"
+    return {"method": method, "variant": variant, "malloc": malloc, "step_s_median": step, "peak_mib": peak,
+            "params_total": 10, "params_trainable": 5}
+
+
+def test_finetune_summary_takes_medians_over_rounds_and_ratios_within_an_allocator():
+    runs = [_run("dense", "system", s, 100) for s in (2.0, 4.0, 3.0)]
+    runs += [_run("lora_r16", "system", s, 80) for s in (1.5, 1.5, 9.0)]
+    runs += [_run("sct_b25", "system", s, p) for s, p in ((1.0, 60), (1.0, 40), (1.0, 50))]
+    runs += [_run("sct_b25", "caching", 0.5, 70), _run("dense", "caching", 2.0, 110)]
+    out = bf.summarise(runs, ["dense", "lora_r16", "sct_b25"])
+    assert out["table"]["dense"]["step_s_median"] == 3.0 and out["table"]["lora_r16"]["step_s_median"] == 1.5
+    assert out["table"]["sct_b25"]["peak_mib_median"] == 50
+    assert out["ratios"]["dense_over_sct_b25_time"] == pytest.approx(3.0)
+    assert out["ratios"]["sct_b25_over_lora_r16_peak"] == pytest.approx(50 / 80)
+    assert out["ratios"]["dense_over_sct_b25_time+caching"] == pytest.approx(4.0)
+    assert out["ratios"]["sct_b25_system_over_caching_time"] == pytest.approx(2.0)
+    assert "lora_r16_over_sct_b25_time+caching" not in out["ratios"]  # no LoRA run under caching
+
+
+def test_finetune_rejects_bad_arguments_by_name(capsys):
+    for argv, name in ((["--rounds", "0"], "--rounds"), (["--threads", "0"], "--threads")):
+        with pytest.raises(SystemExit):
+            bf.main(argv)
+        assert name in capsys.readouterr().err
+
+
+def test_profile_categories_and_a_profiled_step():
+    assert ps.category("aten::mm") == "GEMM" and ps.category("aten::_fused_adam_") == "Adam kernels"
+    assert ps.category("aten::linalg_cholesky_ex") == "retraction k x k (cholesky, solve, inverse)"
+    assert ps.category("aten::silu") == "elementwise, norms, SwiGLU" and ps.category("aten::foo") == "other ops"
+    assert ps.category("aten::linalg_vector_norm") == "elementwise, norms, SwiGLU"  # grad clipping, not the retraction
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    text, figures = ps.profile(lambda: torch.nn.functional.silu(a @ b).sum(), gemm_peak=100.0)
+    assert "| GEMM |" in text and figures["categories_ms"]["GEMM"] > 0 and figures["gemm_gflops"] > 0
+    with pytest.raises(ValueError, match="workload must be"):
+        ps.workload("nonsense", 1)
