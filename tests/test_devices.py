@@ -165,3 +165,15 @@ def test_checkpoint_round_trip(device, tmp_path):
     fresh = load_spectral(skeleton, tmp_path / "ckpt", device=device)
     assert {p.device.type for p in fresh.parameters()} == {torch.device(device).type}
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+def test_factor_bank_chunk_size_follows_the_device(device):
+    from stiefel_sct.bank import CHUNK_BYTES, DEVICE_CHUNK_BYTES, FactorBank, chunk_bytes_for
+
+    expected = DEVICE_CHUNK_BYTES.get(torch.device(device).type, CHUNK_BYTES)
+    assert chunk_bytes_for(torch.device(device)) == expected
+    assert chunk_bytes_for(torch.device("cuda")) == 64 << 20 and chunk_bytes_for(torch.device("cpu")) == 8 << 20
+    params = [nn.Parameter(torch.linalg.qr(torch.randn(1024, 8, device=device))[0]) for _ in range(300)]
+    bank = FactorBank(params)  # 32 KB matrices: 256 per 8 MB chunk, all 300 in one 64 MB chunk
+    assert [len(c) for c in bank.chunks] == ([256, 44] if expected == 8 << 20 else [300])
+    assert bank.intact()
