@@ -75,7 +75,11 @@ def build(method: str, weights: str, device: torch.device, lr: float = 3e-4):
     return model, opt
 
 
-def make_step(model, opt, batch: int, seq: int, device: torch.device):
+def make_step(model, opt, batch: int, seq: int, device: torch.device, autocast: str = "none"):
+    """One training step closure; ``autocast="bf16"`` runs forward and loss under bf16 autocast
+    (parameters, gradients and optimizer state stay fp32)."""
+    import contextlib
+
     from experiments.finetune_smollm2 import lm_loss
 
     gen = torch.Generator().manual_seed(1)
@@ -85,7 +89,10 @@ def make_step(model, opt, batch: int, seq: int, device: torch.device):
     def step() -> float:
         ids = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to(device)
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model, ids)
+        ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if autocast == "bf16"
+               else contextlib.nullcontext())
+        with ctx:
+            loss = lm_loss(model, ids)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -99,11 +106,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def worker(method: str, weights: str, device: torch.device, batch: int, seq: int, steps: int) -> Dict:
+def worker(method: str, weights: str, device: torch.device, batch: int, seq: int, steps: int,
+           autocast: str = "none") -> Dict:
     """One process's measurement: build, one warm-up step, reset the peak, ``steps`` timed steps."""
     t0 = time.perf_counter()
     model, opt = build(method, weights, device)
-    step = make_step(model, opt, batch, seq, device)
+    step = make_step(model, opt, batch, seq, device, autocast)
     step()  # warm-up: optimizer state, allocator, lazily built kernels
     _sync(device)
     setup_s = time.perf_counter() - t0
@@ -125,7 +133,8 @@ def worker(method: str, weights: str, device: torch.device, batch: int, seq: int
 
 def run_fresh(method: str, malloc: str, args) -> Dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--worker", method, "--weights", args.weights,
-           "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]
+           "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+           "--autocast", args.autocast]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, MALLOC_ARENA_MAX="2", **(CACHING_MALLOC_ENV if malloc == "caching" else {}))
@@ -142,7 +151,7 @@ def profile(method: str, args) -> str:
 
     device = torch.device(args.device)
     model, opt = build(method, args.weights, device)
-    step = make_step(model, opt, args.batch, args.seq, device)
+    step = make_step(model, opt, args.batch, args.seq, device, args.autocast)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
@@ -195,6 +204,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                     help="glibc settings of the workers: system (defaults: blocks over 32 MB are mmap'd and "
                          "returned when freed) and/or caching (MALLOC_MMAP_MAX_=0, no trim: pages reused); both "
                          "interleave every method under each")
+    ap.add_argument("--autocast", default="none", choices=["none", "bf16"],
+                    help="bf16: forward and loss under torch.autocast (weights, gradients and state stay fp32)")
     ap.add_argument("--profile", choices=METHODS, help="print a torch.profiler table of this method and stop")
     ap.add_argument("--out", default=None, help="JSON path (default results/bench_finetune_<device>.json)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -210,7 +221,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.weights, device, args.batch, args.seq, args.steps)))
+        print(json.dumps(worker(args.worker, args.weights, device, args.batch, args.seq, args.steps, args.autocast)))
         return {}
     if args.profile:
         text = profile(args.profile, args)

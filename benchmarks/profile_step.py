@@ -115,9 +115,14 @@ def profile(step: Callable[[], None], gemm_peak: float) -> Tuple[str, Dict]:
     by_cat: Dict[str, float] = {}
     gemm_us, gemm_flops = 0.0, 0.0
     shapes: List[Tuple[float, str, str, int]] = []
+    others: Dict[str, List[float]] = {}  # op -> [self us, calls]: what "other ops" is made of
     for e in events:
         cat = category(e.key)
         by_cat[cat] = by_cat.get(cat, 0.0) + e.self_cpu_time_total
+        if cat == "other ops":
+            entry = others.setdefault(e.key, [0.0, 0])
+            entry[0] += e.self_cpu_time_total
+            entry[1] += e.count
         if cat == "GEMM":
             gemm_us += e.self_cpu_time_total
             gemm_flops += e.flops or 0
@@ -134,6 +139,9 @@ def profile(step: Callable[[], None], gemm_peak: float) -> Tuple[str, Dict]:
               "| GEMM op | input shapes | calls | ms |", "| --- | --- | ---: | ---: |"]
     for us, key, shape, count in sorted(shapes, reverse=True)[:10]:
         lines.append(f"| {key} | {shape} | {count} | {us / 1e3:.1f} |")
+    lines += ["", "| op in \"other ops\" | calls | ms |", "| --- | ---: | ---: |"]
+    for key, (us, count) in sorted(others.items(), key=lambda kv: -kv[1][0])[:8]:
+        lines.append(f"| {key} | {count} | {us / 1e3:.1f} |")
     figures = {"wall_s": wall, "categories_ms": {k: v / 1e3 for k, v in by_cat.items()}, "gemm_gflops": rate,
                "gemm_peak_gflops": gemm_peak, "minor_faults": after.ru_minflt - before.ru_minflt,
                "sys_s": after.ru_stime - before.ru_stime, "user_s": after.ru_utime - before.ru_utime}
