@@ -17,7 +17,8 @@ spectra); ``--weights real`` loads the real Q4_1 GGUF weights dequantised to fp3
 
     python -m benchmarks.bench_finetune                          # 3 rounds, 4 timed steps each
     python -m benchmarks.bench_finetune --device cuda --rounds 3
-    python -m benchmarks.bench_finetune --profile sct_b25        # torch.profiler table of one method
+
+Where the step's time goes: ``python -m benchmarks.profile_step smollm2:sct_b25`` (same step).
 """
 
 from __future__ import annotations
@@ -144,26 +145,6 @@ def run_fresh(method: str, malloc: str, args) -> Dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def profile(method: str, args) -> str:
-    """A ``torch.profiler`` table (self time per op and input shape) of ``--steps`` steps."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    device = torch.device(args.device)
-    model, opt = build(method, args.weights, device)
-    step = make_step(model, opt, args.batch, args.seq, device, args.autocast)
-    step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch_profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(args.steps):
-            step()
-        _sync(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    by_op = prof.key_averages().table(sort_by=key, row_limit=25)
-    by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=30)
-    return f"{method}: {args.steps} steps\n\nby op:\n{by_op}\nby op and input shape:\n{by_shape}"
-
-
 def summarise(runs: List[Dict], methods: List[str]) -> Dict:
     """Per variant (``method``, or ``method+caching`` for the caching allocator): medians over rounds;
     ratios of the SCT arms to dense and LoRA within each allocator setting."""
@@ -206,7 +187,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                          "interleave every method under each")
     ap.add_argument("--autocast", default="none", choices=["none", "bf16"],
                     help="bf16: forward and loss under torch.autocast (weights, gradients and state stay fp32)")
-    ap.add_argument("--profile", choices=METHODS, help="print a torch.profiler table of this method and stop")
     ap.add_argument("--out", default=None, help="JSON path (default results/bench_finetune_<device>.json)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -223,10 +203,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if args.worker:
         print(json.dumps(worker(args.worker, args.weights, device, args.batch, args.seq, args.steps, args.autocast)))
         return {}
-    if args.profile:
-        text = profile(args.profile, args)
-        print(text)
-        return {"profile": text}
     print(f"bench_finetune: SmolLM2-135M ({args.weights} weights), {args.batch}x{args.seq} tokens, device {device}, "
           f"methods {args.methods}, malloc {args.malloc}, {args.rounds} rounds x {args.steps} steps, a fresh process "
           "each", flush=True)
@@ -248,7 +224,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for k, v in summary["ratios"].items():
         print(f"{k}: {v:.2f}")
     out = pathlib.Path(args.out or ROOT / "results" / f"bench_finetune_{device.type}.json")
-    payload = {"benchmark": "bench_finetune", "config": {k: v for k, v in vars(args).items() if k not in ("worker", "profile")},
+    payload = {"benchmark": "bench_finetune", "config": {k: v for k, v in vars(args).items() if k != "worker"},
                "environment": environment(device), "runs": runs, **summary}
     atomic_write_json(out, payload)
     print(f"wrote {out}")
