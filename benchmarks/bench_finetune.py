@@ -67,12 +67,18 @@ def build_model(weights: str, device: torch.device):
     return model.to(device).train()
 
 
-def build(method: str, weights: str, device: torch.device, lr: float = 3e-4):
-    """``(model, optimizer)`` for ``method`` through the fine-tuning comparison's ``build_method``."""
+def build(method: str, weights: str, device: torch.device, lr: float = 3e-4, compile_layers: bool = False):
+    """``(model, optimizer)`` for ``method`` through the fine-tuning comparison's ``build_method``;
+    ``compile_layers``: every decoder layer through ``torch.compile(dynamic=True)`` (dynamic: the
+    spectral layers' ranks differ from layer to layer, and static shapes recompile past torch's
+    limit of 8 and fall back to eager)."""
     from experiments import finetune_smollm2 as ft
 
     model = build_model(weights, device)
     model, opt, _ = ft.build_method(method, model, ft.Config(), lr)
+    if compile_layers:
+        for layer in [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]:
+            layer.compile(dynamic=True)
     return model, opt
 
 
@@ -108,12 +114,12 @@ def _sync(device: torch.device) -> None:
 
 
 def worker(method: str, weights: str, device: torch.device, batch: int, seq: int, steps: int,
-           autocast: str = "none") -> Dict:
+           autocast: str = "none", compile_layers: bool = False) -> Dict:
     """One process's measurement: build, one warm-up step, reset the peak, ``steps`` timed steps."""
     t0 = time.perf_counter()
-    model, opt = build(method, weights, device)
+    model, opt = build(method, weights, device, compile_layers=compile_layers)
     step = make_step(model, opt, batch, seq, device, autocast)
-    step()  # warm-up: optimizer state, allocator, lazily built kernels
+    step()  # warm-up: optimizer state, allocator, lazily built kernels (and the compilation)
     _sync(device)
     setup_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -135,7 +141,7 @@ def worker(method: str, weights: str, device: torch.device, batch: int, seq: int
 def run_fresh(method: str, malloc: str, args) -> Dict:
     cmd = [sys.executable, "-m", "benchmarks.bench_finetune", "--worker", method, "--weights", args.weights,
            "--device", args.device, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-           "--autocast", args.autocast]
+           "--autocast", args.autocast] + (["--compile"] if args.compile else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, MALLOC_ARENA_MAX="2", **(CACHING_MALLOC_ENV if malloc == "caching" else {}))
@@ -187,6 +193,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                          "interleave every method under each")
     ap.add_argument("--autocast", default="none", choices=["none", "bf16"],
                     help="bf16: forward and loss under torch.autocast (weights, gradients and state stay fp32)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile(dynamic=True) every decoder layer (the warm-up step compiles)")
     ap.add_argument("--out", default=None, help="JSON path (default results/bench_finetune_<device>.json)")
     ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -201,7 +209,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.weights, device, args.batch, args.seq, args.steps, args.autocast)))
+        print(json.dumps(worker(args.worker, args.weights, device, args.batch, args.seq, args.steps, args.autocast,
+                                args.compile)))
         return {}
     print(f"bench_finetune: SmolLM2-135M ({args.weights} weights), {args.batch}x{args.seq} tokens, device {device}, "
           f"methods {args.methods}, malloc {args.malloc}, {args.rounds} rounds x {args.steps} steps, a fresh process "
