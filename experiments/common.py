@@ -130,9 +130,11 @@ def release_free_memory() -> bool:
 
     gc.collect()
     try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0) or True)
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc
         return False
+    trim(0)
+    return True
 
 
 def peak_rss_mib() -> Optional[float]:

@@ -1,6 +1,7 @@
 """torch.compile and mixed precision with spectral layers."""
 
 import torch
+from conftest import fit
 from torch import nn
 
 from stiefel_sct import SpectralAdam, SpectralLinear, is_stiefel, orthonormality_error
@@ -31,14 +32,8 @@ def test_compiled_model_trains_with_spectral_adam():
     compiled = torch.compile(model, backend="aot_eager")
     opt = SpectralAdam(model.parameters(), lr=1e-2)
     x, y = torch.randn(32, 24), torch.randn(32, 8)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(compiled(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    first, last = fit(compiled, opt, x, y, 30)
+    assert last < 0.7 * first
     assert max(orthonormality_error(p) for p in model.parameters() if is_stiefel(p)) < 1e-5
 
 
