@@ -1,6 +1,12 @@
 """One fine-tuning step of SmolLM2-135M: dense AdamW, PEFT LoRA r=16, and SCT at 50% and 25% of the
 linear parameters, time and peak memory, interleaved in one run.
 
+The SCT arms ``sct_b50`` / ``sct_b25`` train every parameter, the embedding (tied to the LM head)
+and the norms by dense Adam as in the fine-tuning comparison; ``sct_b50_factors`` /
+``sct_b25_factors`` train only the spectral factors and leave the rest frozen, as LoRA leaves
+everything but its adapters (no embedding gradient, no head weight-gradient GEMM, no dense Adam
+state).
+
 Each measurement is a fresh process (so its peak is its own): build the model, convert it for the
 method (``experiments.finetune_smollm2.build_method``, the comparison's own code), take one
 warm-up step, reset the peak, then time ``--steps`` steps of ``--batch`` x ``--seq`` random tokens
@@ -40,12 +46,15 @@ from experiments.common import (
     ROOT,
     atomic_write_json,
     environment,
+    huge_pages_env,
     peak_rss_mib,
     release_free_memory,
     reset_peak_rss,
 )
 
-METHODS = ("dense", "lora_r16", "sct_b50", "sct_b25")
+METHODS = ("dense", "lora_r16", "sct_b50", "sct_b25", "sct_b50_factors", "sct_b25_factors")
+SCT_ARMS = tuple(m for m in METHODS if m.startswith("sct_"))
+MALLOC_MODES = ("system", "caching", "thp")
 # SmolLM2-135M(-Instruct)'s architecture (its config.json)
 SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -145,6 +154,8 @@ def run_fresh(method: str, malloc: str, args) -> Dict:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = dict(os.environ, MALLOC_ARENA_MAX="2", **(CACHING_MALLOC_ENV if malloc == "caching" else {}))
+    if malloc == "thp":
+        env.update(huge_pages_env(env))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"bench_finetune worker {method} failed:\n{proc.stderr[-3000:]}")
@@ -152,8 +163,8 @@ def run_fresh(method: str, malloc: str, args) -> Dict:
 
 
 def summarise(runs: List[Dict], methods: List[str]) -> Dict:
-    """Per variant (``method``, or ``method+caching`` for the caching allocator): medians over rounds;
-    ratios of the SCT arms to dense and LoRA within each allocator setting."""
+    """Per variant (``method``, or ``method+<malloc>`` for the other allocator settings): medians
+    over rounds; ratios of the SCT arms to dense and LoRA within each allocator setting."""
     table = {}
     for m in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == m]
@@ -162,8 +173,8 @@ def summarise(runs: List[Dict], methods: List[str]) -> Dict:
                     "peak_mib_median": statistics.median(r["peak_mib"] for r in mine),
                     "params_total": mine[0]["params_total"], "params_trainable": mine[0]["params_trainable"]}
     ratios = {}
-    for suffix in ("", "+caching"):
-        for sct in ("sct_b25", "sct_b50"):
+    for suffix in ["" if mode == "system" else f"+{mode}" for mode in MALLOC_MODES]:
+        for sct in SCT_ARMS:
             if sct + suffix not in table:
                 continue
             for other in ("dense", "lora_r16"):
@@ -172,8 +183,9 @@ def summarise(runs: List[Dict], methods: List[str]) -> Dict:
                     ratios[f"{other}_over_{sct}_time{suffix}"] = a["step_s_median"] / b["step_s_median"]
                     ratios[f"{sct}_over_{other}_peak{suffix}"] = b["peak_mib_median"] / a["peak_mib_median"]
     for m in methods:
-        if m in table and m + "+caching" in table:
-            ratios[f"{m}_system_over_caching_time"] = table[m]["step_s_median"] / table[m + "+caching"]["step_s_median"]
+        for mode in MALLOC_MODES[1:]:
+            if m in table and f"{m}+{mode}" in table:
+                ratios[f"{m}_system_over_{mode}_time"] = table[m]["step_s_median"] / table[f"{m}+{mode}"]["step_s_median"]
     return {"table": table, "ratios": ratios}
 
 
@@ -187,10 +199,11 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--weights", default="random", choices=["random", "real"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    ap.add_argument("--malloc", nargs="+", default=["system"], choices=["system", "caching"],
-                    help="glibc settings of the workers: system (defaults: blocks over 32 MB are mmap'd and "
-                         "returned when freed) and/or caching (MALLOC_MMAP_MAX_=0, no trim: pages reused); both "
-                         "interleave every method under each")
+    ap.add_argument("--malloc", nargs="+", default=["system"], choices=MALLOC_MODES,
+                    help="allocator settings of the workers: system (glibc's defaults: blocks over 32 MB are "
+                         "mmap'd and returned when freed), caching (MALLOC_MMAP_MAX_=0, no trim: pages reused), "
+                         "thp (system + transparent huge pages: experiments.common.huge_pages_env); several "
+                         "interleave every method under each"),
     ap.add_argument("--autocast", default="none", choices=["none", "bf16"],
                     help="bf16: forward and loss under torch.autocast (weights, gradients and state stay fp32)")
     ap.add_argument("--compile", action="store_true",
@@ -221,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for r in range(args.rounds):
         for m, mode in variants:
             res = run_fresh(m, mode, args)
-            name = m if mode == "system" else f"{m}+caching"
+            name = m if mode == "system" else f"{m}+{mode}"
             runs.append({**res, "round": r, "malloc": mode, "variant": name})
             print(f"  round {r + 1}/{args.rounds} {name:17s} step {res['step_s_median']:.3f} s (median of {args.steps})  "
                   f"peak {res['peak_mib']:.0f} MiB  [{time.time() - t0:.0f} s]", file=sys.stderr, flush=True)

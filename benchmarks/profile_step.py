@@ -6,7 +6,8 @@ Workloads:
   ``smollm2:<method>``  one SmolLM2-135M fine-tuning step (``bench_finetune``'s step; method dense,
                         lora_r16, sct_b50 or sct_b25);
   ``70b:<config>``      one step of ``memory_70b``'s LLaMA-70B-shaped spectral model (``--layers``,
-                        e.g. ckpt2_sib);
+                        e.g. ckpt2_sib; a config's glibc settings are the environment's: set
+                        ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` yourself for ckpt2_sib_thp);
   ``optimizer``         one ``SpectralAdam`` step on ``bench_optimizer``'s parameter set (``--layers``).
 
     python -m benchmarks.profile_step smollm2:sct_b25 smollm2:dense 70b:ckpt2_sib optimizer --layers 4
@@ -70,6 +71,8 @@ def workload(spec: str, layers: int) -> Callable[[], None]:
         model.train()
         if opts["checkpointing"]:
             m.enable_layer_checkpointing(model)
+        if opts.get("compile"):
+            m.compile_decoder_layers(model)
         segments = max(1, round(math.sqrt(layers))) if opts["checkpointing"] == "nested" else None
         from stiefel_sct import SpectralAdam
 
@@ -98,6 +101,7 @@ def workload(spec: str, layers: int) -> Callable[[], None]:
     else:
         raise ValueError(f"workload must be smollm2:<method>, 70b:<config> or optimizer, got {spec!r}")
     step()
+    step()  # a second warm-up: compiled workloads compile their backward in the first
     return step
 
 

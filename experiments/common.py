@@ -16,7 +16,7 @@ import platform
 import random
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Type, TypeVar
 
 import numpy as np
 import torch
@@ -119,6 +119,30 @@ def reset_peak_rss() -> None:
 # glibc keeps what is freed (no mmap'd blocks, no trimming), so a training step reuses its pages
 # instead of page-faulting fresh ones every step; glibc reads these at process start.
 CACHING_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+# Transparent huge pages for a step's big short-lived tensors, two switches: glibc >= 2.35
+# madvise(MADV_HUGEPAGE)s its mmap'd chunks and heap; PyTorch (THP_MEM_ALLOC_ENABLE) aligns CPU
+# tensors of >= 2 MB to 2 MB and madvises them, so whole huge pages fit inside them. A fresh 15 MB
+# activation then faults in a few huge pages instead of ~3,600 small ones. Both need THP
+# "madvise" or "always" in /sys/kernel/mm/transparent_hugepage/enabled (elsewhere they do
+# nothing) and are read when a process starts. Measured on memory_70b's ckpt2_sib step at 4
+# layers (eager, two rounds): 689K minor faults and 1.36-1.44 s system time in a 1.54-1.57 s
+# step; with both switches 223-229K faults, 0.70-1.10 s, 1.01-1.50 s.
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def with_tunable(tunables: str, setting: str) -> str:
+    """``GLIBC_TUNABLES`` with ``setting`` (``name=value``) added, or replacing that name's value."""
+    name = setting.split("=", 1)[0]
+    kept = [t for t in tunables.split(":") if t and t.split("=", 1)[0] != name]
+    return ":".join(kept + [setting])
+
+
+def huge_pages_env(env: Mapping[str, str]) -> Dict[str, str]:
+    """The variables to add to ``env`` (a child process's environment) for huge pages; the
+    user's other glibc tunables are kept."""
+    return {"GLIBC_TUNABLES": with_tunable(env.get("GLIBC_TUNABLES", ""), HUGE_PAGES_TUNABLE),
+            "THP_MEM_ALLOC_ENABLE": "1"}
 
 
 def release_free_memory() -> bool:

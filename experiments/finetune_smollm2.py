@@ -223,11 +223,26 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+FACTORS_ONLY = "_factors"  # method suffix: an SCT arm whose dense parameters stay frozen
+
+
 def build_method(method: str, model: nn.Module, cfg: Config, lr: float):
-    """Convert ``model`` for ``method`` and return ``(model, optimizer, info)``."""
+    """Convert ``model`` for ``method`` and return ``(model, optimizer, info)``.
+
+    ``<sct method>_factors`` (e.g. ``sct_b25_factors``): that SCT arm with only the spectral
+    factors ``U, s, V`` trained; the embedding (tied to the LM head) and the norms stay frozen, as
+    LoRA leaves everything but its adapters. The plain SCT arms train them too (dense Adam)."""
     from experiments.compress_pretrained import convert
     from stiefel_sct import SpectralAdam
 
+    if method.startswith("sct_") and method.endswith(FACTORS_ONLY):
+        from stiefel_sct.layers import SpectralModule
+
+        model, _, info = build_method(method[: -len(FACTORS_ONLY)], model, cfg, lr)
+        spectral = {id(p) for m in model.modules() if isinstance(m, SpectralModule) for p in m.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(id(p) in spectral)
+        return model, SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=lr), info
     info: Dict = {}
     if method == "dense":
         return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info

@@ -22,6 +22,13 @@ of what holds memory (parameters, gradients, optimizer state; activations are th
               forward pass of compute
   ckpt2_sib_bf16  + Adam moments stored in bf16
   ckpt2_sib_8bit  + Adam moments stored as blockwise 8-bit codes (SpectralAdam(state_dtype=torch.uint8))
+  ckpt2_sib_thp   ckpt2_sib with the large tensors on transparent huge pages (``GLIBC_TUNABLES=
+              glibc.malloc.hugetlb=1 THP_MEM_ALLOC_ENABLE=1``): under the tuned settings each large
+              short-lived tensor is a fresh ``mmap``, and first touching it 4 KB page by page is
+              most of the eager step's time (system time and minor faults, see
+              ``experiments.common.HUGE_PAGES_TUNABLE``)
+  ckpt2_sib_compiled  ckpt2_sib_thp + every decoder layer through ``torch.compile`` (inductor):
+              RMSNorm, RoPE, SwiGLU and the residual adds fused, in the forward and both recomputes
 
 Every configuration runs with glibc told to keep few arenas and to return freed memory
 (``MALLOC_ARENA_MAX=2 MALLOC_TRIM_THRESHOLD_=131072``; ``--malloc system`` for the defaults):
@@ -55,6 +62,7 @@ import torch
 from experiments.common import (
     add_preset_argument,
     config_from_args,
+    huge_pages_env,
     peak_rss_mib,
     progress,
     seed_everything,
@@ -70,6 +78,9 @@ CONFIGS = {  # checkpointing: None, "layer" (each decoder layer) or "nested" (la
     "ckpt2_sib": dict(checkpointing="nested", step_in_backward=True, state_dtype=None),
     "ckpt2_sib_bf16": dict(checkpointing="nested", step_in_backward=True, state_dtype="bf16"),
     "ckpt2_sib_8bit": dict(checkpointing="nested", step_in_backward=True, state_dtype="8bit"),
+    "ckpt2_sib_thp": dict(checkpointing="nested", step_in_backward=True, state_dtype=None, huge_pages=True),
+    "ckpt2_sib_compiled": dict(checkpointing="nested", step_in_backward=True, state_dtype=None, huge_pages=True,
+                               compile=True),
 }
 STATE_DTYPES = {None: None, "bf16": torch.bfloat16, "8bit": torch.uint8}  # SpectralAdam(state_dtype=...)
 DESCRIPTIONS = {
@@ -79,6 +90,8 @@ DESCRIPTIONS = {
     "ckpt2_sib": "+ nested checkpointing (layers in ~sqrt(L) checkpointed segments)",
     "ckpt2_sib_bf16": "+ Adam moments in bf16",
     "ckpt2_sib_8bit": "+ Adam moments as blockwise 8-bit codes (instead of bf16)",
+    "ckpt2_sib_thp": "ckpt2_sib + large tensors on transparent huge pages (fewer page faults)",
+    "ckpt2_sib_compiled": "ckpt2_sib_thp + decoder layers compiled by torch.compile (inductor)",
 }
 LOSS_CHUNK = 32  # positions per cross-entropy chunk where checkpointing is on
 LLAMA3_70B = dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
@@ -169,6 +182,14 @@ def enable_layer_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def compile_decoder_layers(model) -> None:
+    """Every decoder layer through ``torch.compile`` (inductor, static shapes). The layers share
+    their structure and shapes, so dynamo compiles one graph (forward and backward) for all of
+    them; activation checkpointing wraps the compiled call, so the recomputes run it too."""
+    for layer in model.model.layers:
+        layer.compile(dynamic=False)
+
+
 def nested_hidden_states(model, ids: torch.Tensor, segments: int) -> torch.Tensor:
     """The decoder's final hidden states with the layers run in ``segments`` checkpointed groups.
 
@@ -233,6 +254,8 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
     model.train()
     if opts["checkpointing"]:
         enable_layer_checkpointing(model)
+    if opts.get("compile"):
+        compile_decoder_layers(model)
     # nested: ~sqrt(L) segments of ~sqrt(L) layers keep the fewest hidden states
     segments = max(1, round(math.sqrt(layers))) if opts["checkpointing"] == "nested" else None
     opt = SpectralAdam(model.parameters(), lr=cfg.lr, state_dtype=STATE_DTYPES[opts["state_dtype"]],
@@ -281,6 +304,8 @@ def run_config(layers: int, name: str, cfg: Config) -> Dict:
     env = dict(os.environ)
     if cfg.malloc == "tuned":
         env.update(MALLOC_ENV)
+    if CONFIGS[name].get("huge_pages"):
+        env.update(huge_pages_env(env))
     cmd = [sys.executable, "-m", "experiments.memory_70b", "--worker", name, "--worker-layers", str(layers),
            "--config-json", json.dumps(dataclasses.asdict(cfg))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -397,7 +422,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     metrics = {"summary": summary, "descriptions": {c: DESCRIPTIONS[c] for c in cfg.configs}, "runs": runs,
                "compression": compression_table(cfg.rank), "paper": PAPER,
                "state_dtype_effect_sine_mse": effect,
-               "malloc_env": MALLOC_ENV if cfg.malloc == "tuned" else {}, "total_wall_s": time.time() - t0}
+               "malloc_env": MALLOC_ENV if cfg.malloc == "tuned" else {},
+               "huge_pages_env": {c: huge_pages_env({}) for c in cfg.configs if CONFIGS[c].get("huge_pages")},
+               "total_wall_s": time.time() - t0}
     name = "memory_70b_paper" if cfg.preset == "paper" else "memory_70b"  # both feed the report
     path = write_results(name, dataclasses.asdict(cfg), metrics, results_dir=args.results_dir)
     for c, row in summary.items():

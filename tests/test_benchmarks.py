@@ -8,7 +8,7 @@ from benchmarks import profile_step as ps
 
 
 def _run(method, malloc, step, peak):
-    variant = method if malloc == "system" else f"{method}+caching"
+    variant = method if malloc == "system" else f"{method}+{malloc}"
     return {"method": method, "variant": variant, "malloc": malloc, "step_s_median": step, "peak_mib": peak,
             "params_total": 10, "params_trainable": 5}
 
@@ -26,6 +26,32 @@ def test_finetune_summary_takes_medians_over_rounds_and_ratios_within_an_allocat
     assert out["ratios"]["dense_over_sct_b25_time+caching"] == pytest.approx(4.0)
     assert out["ratios"]["sct_b25_system_over_caching_time"] == pytest.approx(2.0)
     assert "lora_r16_over_sct_b25_time+caching" not in out["ratios"]  # no LoRA run under caching
+    runs += [_run("sct_b25", "thp", 0.8, 50), _run("dense", "thp", 2.4, 100)]
+    out = bf.summarise(runs, ["dense", "lora_r16", "sct_b25"])
+    assert out["ratios"]["dense_over_sct_b25_time+thp"] == pytest.approx(3.0)
+    assert out["ratios"]["dense_system_over_thp_time"] == pytest.approx(3.0 / 2.4)
+
+
+def test_finetune_workers_get_their_allocator_settings(monkeypatch):
+    """glibc reads its settings at process start: each --malloc mode must be in the worker's environment."""
+    import argparse
+    import subprocess
+
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen[env.get("MALLOC_MMAP_MAX_"), env.get("THP_MEM_ALLOC_ENABLE")] = env
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"method": "dense"}\n', stderr="")
+
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(bf.subprocess, "run", fake_run)
+    args = argparse.Namespace(weights="random", device="cpu", batch=1, seq=8, steps=1, autocast="none",
+                              compile=False, threads=None)
+    for mode in bf.MALLOC_MODES:
+        assert bf.run_fresh("dense", mode, args) == {"method": "dense"}
+    assert set(seen) == {(None, None), ("0", None), (None, "1")}
+    assert "glibc.malloc.hugetlb=1" in seen[None, "1"]["GLIBC_TUNABLES"]
 
 
 def test_finetune_rejects_bad_arguments_by_name(capsys):

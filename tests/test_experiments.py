@@ -2,6 +2,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 
 import pytest
 import torch
@@ -193,3 +194,55 @@ def test_progress_prints_a_line_per_item_when_stderr_is_not_a_terminal(capsys):
     assert list(common.progress(range(3), desc="demo")) == [0, 1, 2]
     lines = capsys.readouterr().err.strip().splitlines()
     assert [line.split(",")[0] for line in lines] == ["demo: 1/3 done", "demo: 2/3 done", "demo: 3/3 done"]
+
+
+def test_with_tunable_adds_or_replaces_one_glibc_tunable():
+    assert common.with_tunable("", "glibc.malloc.hugetlb=1") == "glibc.malloc.hugetlb=1"
+    assert (common.with_tunable("glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=1")
+            == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+
+
+@pytest.mark.parametrize("name", ["ckpt2_sib", "ckpt2_sib_thp", "ckpt2_sib_compiled"])
+def test_huge_page_configurations_reach_the_worker_environment(name, monkeypatch):
+    """GLIBC_TUNABLES is read when a process starts: the setting must be in the worker's environment."""
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"ok": 1}\n', stderr="")
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    monkeypatch.setattr(memory_70b.subprocess, "run", fake_run)
+    assert memory_70b.run_config(2, name, memory_70b.Config()) == {"ok": 1}
+    huge = memory_70b.CONFIGS[name].get("huge_pages", False)
+    assert ("glibc.malloc.hugetlb=1" in seen["GLIBC_TUNABLES"]) == huge
+    assert "glibc.malloc.arena_max=4" in seen["GLIBC_TUNABLES"]  # the user's own tunables are kept
+    assert (seen.get("THP_MEM_ALLOC_ENABLE") == "1") == huge
+    assert seen["MALLOC_TRIM_THRESHOLD_"] == "131072"
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_give_the_eager_loss_and_gradients():
+    """ckpt2_sib_compiled: the layers through torch.compile inside the nested checkpointing compute
+    what the eager layers compute (spectral layers, step-in-backward's hooks not involved here)."""
+    transformers = pytest.importorskip("transformers")
+    from stiefel_sct import spectralize
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    spectralize(model, rank=8, embeddings=True)
+    memory_70b.enable_layer_checkpointing(model)
+    model.train()
+    ids = torch.randint(0, 300, (2, 20))
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = memory_70b.chunked_causal_lm_loss(model, ids, chunk=7, segments=2)
+    ref_grads = torch.autograd.grad(ref, params)
+    memory_70b.compile_decoder_layers(model)
+    for _ in range(2):  # the second call runs the cached graphs
+        ours = memory_70b.chunked_causal_lm_loss(model, ids, chunk=7, segments=2)
+        assert torch.allclose(ours, ref, rtol=1e-5)
+        for g, r in zip(torch.autograd.grad(ours, params), ref_grads):
+            assert torch.allclose(g, r, atol=1e-5, rtol=1e-4)

@@ -121,3 +121,21 @@ def test_smoke_preset_end_to_end_into_the_report(tmp_path):
     text = "\n".join(lines)
     assert "Stage `reference`" in text and "| `sct_b50` |" in text and "| `galore` |" in text
     assert (tmp_path / "figures" / "finetune_smollm2.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["sct_b25_factors", "sct_b50_factors"])
+def test_factors_only_sct_arm_trains_exactly_the_spectral_factors(method):
+    """The ``_factors`` arms: the SCT arm's conversion, then only U, s and V train (the embedding,
+    tied to the head, and the norms stay frozen, as under LoRA)."""
+    from stiefel_sct.layers import SpectralModule
+
+    model, opt, info = ft.build_method(method, tiny_llama(), _cfg(), 1e-3)
+    spectral = {id(p) for m in model.modules() if isinstance(m, SpectralModule) for p in m.parameters()}
+    assert spectral and info["converted_layers"] > 0
+    assert {id(p) for p in model.parameters() if p.requires_grad} == spectral
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == spectral
+    emb = model.get_input_embeddings().weight.detach().clone()
+    ft.lm_loss(model, torch.randint(0, 96, (2, 9))).backward()
+    assert model.get_input_embeddings().weight.grad is None
+    opt.step()
+    assert torch.equal(model.get_input_embeddings().weight, emb)
