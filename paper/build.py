@@ -587,6 +587,9 @@ def plot_memory(rows: Dict, figures: pathlib.Path, name: str) -> Optional[pathli
         ax.bar(names, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylabel("GiB (peak RSS, split by what holds it)")
+    ax.tick_params(axis="x", labelrotation=30)  # eight configuration names side by side
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
     ax.set_title(f"one training step, {next(iter(rows.values()))['layers']} layers, LLaMA-3-70B shapes, rank 32")
     ax.legend()
     return _save(fig, figures, name)
