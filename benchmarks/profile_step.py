@@ -3,11 +3,12 @@ into categories, GEMM throughput against this machine's dense GEMM rate measured
 user vs system CPU time and page faults (what the allocator costs).
 
 Workloads:
-  ``smollm2:<method>``  one SmolLM2-135M fine-tuning step (``bench_finetune``'s step; method dense,
-                        lora_r16, sct_b50 or sct_b25);
+  ``smollm2:<method>``  one SmolLM2-135M fine-tuning step (``bench_finetune``'s step and methods:
+                        dense, lora_r16, sct_b50, sct_b25, sct_b50_factors, sct_b25_factors);
   ``70b:<config>``      one step of ``memory_70b``'s LLaMA-70B-shaped spectral model (``--layers``,
-                        e.g. ckpt2_sib; a config's glibc settings are the environment's: set
-                        ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` yourself for ckpt2_sib_thp);
+                        e.g. ckpt2_sib). Allocator settings are read at process start, so they are
+                        this process's environment's: for ckpt2_sib_thp / ckpt2_sib_compiled set
+                        ``experiments.common.huge_pages_env``'s two variables yourself;
   ``optimizer``         one ``SpectralAdam`` step on ``bench_optimizer``'s parameter set (``--layers``).
 
     python -m benchmarks.profile_step smollm2:sct_b25 smollm2:dense 70b:ckpt2_sib optimizer --layers 4
@@ -16,7 +17,6 @@ Workloads:
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import time
 from typing import Callable, Dict, List, Tuple
@@ -66,27 +66,11 @@ def workload(spec: str, layers: int) -> Callable[[], None]:
     elif kind == "70b":
         from experiments import memory_70b as m
 
-        opts = m.CONFIGS[arg or "ckpt2_sib"]
-        model, config = m.build_model(layers, 32)
-        model.train()
-        if opts["checkpointing"]:
-            m.enable_layer_checkpointing(model)
-        if opts.get("compile"):
-            m.compile_decoder_layers(model)
-        segments = max(1, round(math.sqrt(layers))) if opts["checkpointing"] == "nested" else None
-        from stiefel_sct import SpectralAdam
-
-        opt = SpectralAdam(model.parameters(), lr=1e-4, state_dtype=m.STATE_DTYPES[opts["state_dtype"]],
-                           step_in_backward=opts["step_in_backward"])
+        model, config, opt, loss_of = m.build_run(layers, arg or "ckpt2_sib", rank=32, lr=1e-4)
         gen = torch.Generator().manual_seed(1)
 
         def step() -> None:
-            ids = torch.randint(0, config.vocab_size, (1, 128), generator=gen)
-            if opts["checkpointing"]:
-                loss = m.chunked_causal_lm_loss(model, ids, segments=segments)
-            else:
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
+            loss_of(torch.randint(0, config.vocab_size, (1, 128), generator=gen)).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
     elif kind == "optimizer":

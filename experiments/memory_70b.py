@@ -241,15 +241,16 @@ def chunked_causal_lm_loss(model, ids: torch.Tensor, chunk: int = LOSS_CHUNK,
     return total / labels.numel()
 
 
-def worker(layers: int, name: str, cfg: Config) -> Dict:
-    """One configuration in this (fresh) process; returns its measurements."""
-    from stiefel_sct import SpectralAdam, is_stiefel, orthonormality_error
+def build_run(layers: int, name: str, rank: int, lr: float, dtype: str = "fp32"):
+    """``(model, config, optimizer, loss_of)`` for configuration ``name``: the spectral model in
+    training mode with the configuration's checkpointing and compilation, its ``SpectralAdam``, and
+    ``loss_of(ids)``, the forward pass and loss the configuration takes (the worker and
+    ``benchmarks/profile_step`` both step through this)."""
+    from stiefel_sct import SpectralAdam
 
     opts = CONFIGS[name]
-    seed_everything(0)
-    t0 = time.perf_counter()
-    model, config = build_model(layers, cfg.rank)
-    if cfg.dtype == "bf16":
+    model, config = build_model(layers, rank)
+    if dtype == "bf16":
         model.to(torch.bfloat16)
     model.train()
     if opts["checkpointing"]:
@@ -258,8 +259,24 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
         compile_decoder_layers(model)
     # nested: ~sqrt(L) segments of ~sqrt(L) layers keep the fewest hidden states
     segments = max(1, round(math.sqrt(layers))) if opts["checkpointing"] == "nested" else None
-    opt = SpectralAdam(model.parameters(), lr=cfg.lr, state_dtype=STATE_DTYPES[opts["state_dtype"]],
+    opt = SpectralAdam(model.parameters(), lr=lr, state_dtype=STATE_DTYPES[opts["state_dtype"]],
                        step_in_backward=opts["step_in_backward"])
+
+    def loss_of(ids: torch.Tensor) -> torch.Tensor:
+        if opts["checkpointing"]:
+            return chunked_causal_lm_loss(model, ids, segments=segments)
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, config, opt, loss_of
+
+
+def worker(layers: int, name: str, cfg: Config) -> Dict:
+    """One configuration in this (fresh) process; returns its measurements."""
+    from stiefel_sct import is_stiefel, orthonormality_error
+
+    seed_everything(0)
+    t0 = time.perf_counter()
+    model, config, opt, loss_of = build_run(layers, name, cfg.rank, cfg.lr, cfg.dtype)
     params = list(model.parameters())
     out = {"config": name, "layers": layers, "build_s": time.perf_counter() - t0,
            "params": sum(p.numel() for p in params), "param_bytes": _bytes(params),
@@ -271,10 +288,7 @@ def worker(layers: int, name: str, cfg: Config) -> Dict:
         ids = torch.randint(0, config.vocab_size, (cfg.batch, cfg.seq), generator=gen)
         rec = {}
         t = time.perf_counter()
-        if opts["checkpointing"]:
-            loss = chunked_causal_lm_loss(model, ids, segments=segments)
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
+        loss = loss_of(ids)
         rec["forward_s"] = time.perf_counter() - t
         rec["peak_mb_forward"] = peak_rss_mib()
         t = time.perf_counter()
