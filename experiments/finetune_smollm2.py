@@ -235,7 +235,11 @@ def build_method(method: str, model: nn.Module, cfg: Config, lr: float):
     from experiments.compress_pretrained import convert
     from stiefel_sct import SpectralAdam
 
-    if method.startswith("sct_") and method.endswith(FACTORS_ONLY):
+    factors_only = method.startswith("sct_") and method.endswith(FACTORS_ONLY)
+    if (method[: -len(FACTORS_ONLY)] if factors_only else method) not in METHODS:
+        # checked here, not per branch: "sct_b10" would otherwise get the 50% budget, "lora_x" rank 16
+        raise ValueError(f"method must be one of {METHODS} (SCT ones optionally + {FACTORS_ONLY!r}), got {method!r}")
+    if factors_only:
         from stiefel_sct.layers import SpectralModule
 
         model, _, info = build_method(method[: -len(FACTORS_ONLY)], model, cfg, lr)
@@ -286,7 +290,7 @@ def build_method(method: str, model: nn.Module, cfg: Config, lr: float):
                    "scale": cfg.galore_scale, "proj_type": "std"}]
         info = {"galore_rank": cfg.galore_rank}
         return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True), info
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise AssertionError(f"method {method!r} is in METHODS but build_method has no branch for it")
 
 
 def lm_loss(model, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

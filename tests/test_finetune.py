@@ -139,3 +139,9 @@ def test_factors_only_sct_arm_trains_exactly_the_spectral_factors(method):
     assert model.get_input_embeddings().weight.grad is None
     opt.step()
     assert torch.equal(model.get_input_embeddings().weight, emb)
+
+
+@pytest.mark.parametrize("method", ["sct_b10", "sct_b10_factors", "lora_r16_factors"])
+def test_unknown_methods_are_rejected_by_name(method):
+    with pytest.raises(ValueError, match="method must be one of"):
+        ft.build_method(method, tiny_llama(), _cfg(), 1e-3)
