@@ -20,17 +20,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import socket
 import statistics
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from experiments.common import atomic_write_json, environment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -79,19 +81,34 @@ def _worker(rank, world, port, args, kind, out):
             from torch.distributed.device_mesh import init_device_mesh
 
             model = sd.shard_model(_model(args), mesh=init_device_mesh("cpu", (world,)))
-            real = sd.sharded_retract_
+            from stiefel_sct import optim
+
+            real = optim.sharded_retract_
 
             def counting(*a, **k):  # the optimizer's own retraction, with its counters kept
                 stats.append(real(*a, **k))
                 return stats[-1]
 
-            sd.sharded_retract_ = counting
+            # patched where SpectralAdam looks it up (patching stiefel_sct.distributed's name left
+            # every count empty and the summary failing on None)
+            optim.sharded_retract_ = counting
         step = _steps(model, SpectralAdam(model.parameters(), lr=1e-3), x, y, args.steps)
         if rank == 0:
             out.put({"kind": kind, "step_s": step, "retraction": stats[-1] if stats else None})
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.destroy_process_group()
+    # End without the interpreter's finalization: after fully_shard, DTensor's caches keep the
+    # gloo group and its threads alive past destroy_process_group, and tearing them down at exit
+    # sometimes aborts a finished process (SIGABRT, 'terminate called without an active
+    # exception'; tests/test_distributed.py measured it). The queue's feeder thread is flushed first.
+    out.close()
+    out.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -149,8 +166,9 @@ def main(argv=None) -> dict:
     print(f"  LLaMA-70B shapes, rank {args.rank}: {b['allreduce_bytes_per_pass'] / 1e6:.2f} MB all-reduced per pass vs "
           f"{b['allgather_bytes'] / 1e9:.2f} GB to all-gather ({b['ratio']:.0f}x)")
     results["config"] = vars(args)
+    results["environment"] = environment()
     if args.out:
-        pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_json(args.out, results)
     return results
 
 

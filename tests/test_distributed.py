@@ -1,8 +1,10 @@
 """Multi-process training on CPU with the gloo backend (2 processes via torch.multiprocessing)."""
 
 import datetime
+import functools
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -24,11 +26,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _leave():
-    """Leave the process group only once every process is done with it (a process exiting while
-    its peer's gloo threads still talk to it aborts with 'terminate called without an active exception')."""
-    dist.barrier()
-    dist.destroy_process_group()
+def _in_process_group(body):
+    """Run ``body(rank, world, *args)`` as an ``mp.spawn`` worker ``(rank, world, port, *args)`` inside
+    a gloo process group, and end the process once every rank is done with the group.
+
+    A clean run ends with ``os._exit(0)``, skipping the interpreter's finalization: after
+    ``fully_shard``, DTensor's sharding caches keep the device mesh, and with it the gloo process
+    group and its threads, alive past ``destroy_process_group``; tearing them down at interpreter
+    exit aborted a finished process with 'terminate called without an active exception' (SIGABRT)
+    about once in 25 runs of the DCP test here (the abort came after the atexit handlers ran; the
+    group's ``pt_gloo_runloop`` threads were still listed after ``destroy_process_group``). A
+    failing run raises as usual, so ``mp.spawn`` reports its traceback.
+    """
+    @functools.wraps(body)
+    def worker(rank, world, port, *args):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
+        body(rank, world, *args)  # an error leaves the group as it is: its peers fail on their next collective
+        dist.barrier()  # a process leaving while its peer's gloo threads still talk to it aborts too
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    return worker
 
 
 def _model():
@@ -61,16 +83,11 @@ def _single_process_state():
     return single.state_dict()
 
 
-def _ddp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        model = nn.parallel.DistributedDataParallel(_model())
-        _train(model, SpectralAdam(model.parameters(), lr=1e-2), *_my_rows(rank, world))
-        torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
-    finally:
-        _leave()
+@_in_process_group
+def _ddp_worker(rank, world, out_dir):
+    model = nn.parallel.DistributedDataParallel(_model())
+    _train(model, SpectralAdam(model.parameters(), lr=1e-2), *_my_rows(rank, world))
+    torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, os.path.join(out_dir, f"{rank}.pt"))
 
 
 def test_ddp_matches_a_single_process_on_the_whole_batch(tmp_path):
@@ -82,19 +99,14 @@ def test_ddp_matches_a_single_process_on_the_whole_batch(tmp_path):
         assert (states[0][name] - ref).abs().max() <= 1e-5, name
 
 
-def _sweep_worker(rank, world, port, out_dir, data):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        from experiments import rank_sweep
+@_in_process_group
+def _sweep_worker(rank, world, out_dir, data):
+    from experiments import rank_sweep
 
-        cfg = rank_sweep.Config(preset="smoke", **dict(rank_sweep.PRESETS["smoke"], steps=6, batch=4, eval_every=3))
-        run = rank_sweep.Run("ddp", "main", 8, 3e-3, 6, "cosine")
-        rec = rank_sweep.train_run(run, cfg, data, __import__("pathlib").Path(out_dir))
-        torch.save(rec["curve"], os.path.join(out_dir, f"curve{rank}.pt"))
-    finally:
-        _leave()
+    cfg = rank_sweep.Config(preset="smoke", **dict(rank_sweep.PRESETS["smoke"], steps=6, batch=4, eval_every=3))
+    run = rank_sweep.Run("ddp", "main", 8, 3e-3, 6, "cosine")
+    rec = rank_sweep.train_run(run, cfg, data, __import__("pathlib").Path(out_dir))
+    torch.save(rec["curve"], os.path.join(out_dir, f"curve{rank}.pt"))
 
 
 def test_rank_sweep_run_under_ddp_equals_one_process(tmp_path, tiny_data):
@@ -133,18 +145,13 @@ def _factors(dtype):
     return out
 
 
-def _sharded_worker(rank, world, port, out_dir, dtype):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        from stiefel_sct.distributed import sharded_retract_
+@_in_process_group
+def _sharded_worker(rank, world, out_dir, dtype):
+    from stiefel_sct.distributed import sharded_retract_
 
-        mine = [torch.tensor_split(x, world, dim=0)[rank].clone() for x in _factors(dtype)]  # uneven row shards
-        stats = sharded_retract_([(m, s) for m, s in zip(mine, SHAPES)])
-        torch.save({"rows": mine, "stats": stats}, os.path.join(out_dir, f"shard{rank}.pt"))
-    finally:
-        _leave()
+    mine = [torch.tensor_split(x, world, dim=0)[rank].clone() for x in _factors(dtype)]  # uneven row shards
+    stats = sharded_retract_([(m, s) for m, s in zip(mine, SHAPES)])
+    torch.save({"rows": mine, "stats": stats}, os.path.join(out_dir, f"shard{rank}.pt"))
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
@@ -167,23 +174,18 @@ def test_sharded_cholqr2_equals_the_unsharded_retraction(tmp_path, dtype, tol):
     assert stats["allgather_bytes"] == sum(n * k for n, k in SHAPES) * item
 
 
-def _fsdp_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        from torch.distributed.device_mesh import init_device_mesh
+@_in_process_group
+def _fsdp_worker(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
 
-        from stiefel_sct.distributed import is_sharded_factor, shard_model
+    from stiefel_sct.distributed import is_sharded_factor, shard_model
 
-        model = shard_model(_model(), mesh=init_device_mesh("cpu", (world,)))
-        assert sum(is_sharded_factor(p) for p in model.parameters()) == 4
-        _train(model, SpectralAdam(model.parameters(), lr=1e-2), *_my_rows(rank, world))
-        full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # gathered only to check
-        if rank == 0:
-            torch.save(full, os.path.join(out_dir, "fsdp.pt"))
-    finally:
-        _leave()
+    model = shard_model(_model(), mesh=init_device_mesh("cpu", (world,)))
+    assert sum(is_sharded_factor(p) for p in model.parameters()) == 4
+    _train(model, SpectralAdam(model.parameters(), lr=1e-2), *_my_rows(rank, world))
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}  # gathered only to check
+    if rank == 0:
+        torch.save(full, os.path.join(out_dir, "fsdp.pt"))
 
 
 def test_fsdp2_sharded_training_equals_the_unsharded_run(tmp_path):
@@ -198,40 +200,35 @@ def test_fsdp2_sharded_training_equals_the_unsharded_run(tmp_path):
             assert orthonormality_error(sharded[name]) <= 1e-6
 
 
-def _dcp_worker(rank, world, port, out_dir, phase):
+@_in_process_group
+def _dcp_worker(rank, world, out_dir, phase):
     """phase "full": 20 steps straight, saving a DCP checkpoint after 10; "resume": a fresh
     process group loads that checkpoint and takes the last 10 steps."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=TIMEOUT)
-    try:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-        from torch.distributed.device_mesh import init_device_mesh
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
 
-        from stiefel_sct.distributed import shard_model
+    from stiefel_sct.distributed import shard_model
 
-        torch.manual_seed(123)  # a different init: the resumed run must take everything from the checkpoint
-        model = shard_model(_model() if phase == "full" else nn.Sequential(
-            SpectralLinear(12, 16, 4), nn.Tanh(), SpectralLinear(16, 6, 3)), mesh=init_device_mesh("cpu", (world,)))
-        opt = SpectralAdam(model.parameters(), lr=1e-2)
-        xs, ys = _my_rows(rank, world)
-        ckpt = os.path.join(out_dir, "dcp")
-        if phase == "full":
-            _train(model, opt, xs[:10], ys[:10])
-            msd, osd = get_state_dict(model, opt)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
-        else:
-            msd, osd = get_state_dict(model, opt)
-            state = {"model": msd, "optim": osd}
-            dcp.load(state, checkpoint_id=ckpt)
-            set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        _train(model, opt, xs[10:], ys[10:])
-        full = {k: v.full_tensor() for k, v in model.state_dict().items()}
-        if rank == 0:
-            torch.save(full, os.path.join(out_dir, f"{phase}.pt"))
-    finally:
-        _leave()
+    torch.manual_seed(123)  # a different init: the resumed run must take everything from the checkpoint
+    model = shard_model(_model() if phase == "full" else nn.Sequential(
+        SpectralLinear(12, 16, 4), nn.Tanh(), SpectralLinear(16, 6, 3)), mesh=init_device_mesh("cpu", (world,)))
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    xs, ys = _my_rows(rank, world)
+    ckpt = os.path.join(out_dir, "dcp")
+    if phase == "full":
+        _train(model, opt, xs[:10], ys[:10])
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    else:
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optim": osd}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _train(model, opt, xs[10:], ys[10:])
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    if rank == 0:
+        torch.save(full, os.path.join(out_dir, f"{phase}.pt"))
 
 
 def test_fsdp2_run_resumes_bitwise_from_a_dcp_checkpoint(tmp_path):
