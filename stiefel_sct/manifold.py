@@ -100,10 +100,13 @@ def _inverse_lower(chol: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 
 
-def _gram_factors(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gram_factors(gram: torch.Tensor, chol: Optional[torch.Tensor] = None,
+                  info: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(L^-T, kappa_1(X^T X), ok)`` from a batch of Gram matrices ``X^T X``: one CholeskyQR pass
-    is ``X @ L^-T``; ``ok`` is False where the Cholesky failed or produced non-finite values."""
-    chol, info = torch.linalg.cholesky_ex(gram)
+    is ``X @ L^-T``; ``ok`` is False where the Cholesky failed or produced non-finite values.
+    ``chol, info``: the Gram matrices' ``cholesky_ex`` where the caller has it already."""
+    if chol is None or info is None:
+        chol, info = torch.linalg.cholesky_ex(gram)
     inv = _inverse_lower(chol)  # L^-1; (X^T X)^-1 = L^-T L^-1
     gram_inv = inv.mT @ inv
     # 1-norm condition number of the Gram matrix (= kappa_2(X)^2 up to a factor <= k)
@@ -116,6 +119,32 @@ def _gram_factors(gram: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch
 # (measured: 2-3e-7 in fp32, below Householder's 4e-7) while kappa_1 <= 64; a second pass
 # repairs anything up to kappa ~ 1/eps; beyond that Householder QR takes over.
 _ONE_PASS_KAPPA = 64.0
+# ||G - I||_1 = d < 1 bounds kappa_1(G) <= (1 + d) / (1 - d) (Neumann series for G^-1), so
+# d <= 63/65 certifies the one-pass rule above without forming G^-1: right after an optimizer
+# step d is small, and the k x k inverse, its product and the exact kappa are skipped. Where the
+# bound is not met the exact kappa decides, as before.
+_ONE_PASS_DELTA = (_ONE_PASS_KAPPA - 1.0) / (_ONE_PASS_KAPPA + 1.0)
+# From this rank on, X L^-T is a triangular solve (trsm, n k^2 flops) instead of L^-1 and a GEMM
+# (k^3/3 + 2 n k^2). Measured on the 2-core CPU, 8 MB batches, medians of 21: trsm / (inverse +
+# GEMM) 0.81 / 0.71 / 0.64 at n = 576, k = 64 / 96 / 128; 0.84 / 0.80 at n = 1536, k = 64 / 128;
+# 0.94 / 0.76 at n = 8192, k = 64 / 128; but 0.88-1.09 at k = 32 (run to run) and 1.34 at
+# n = 8192, k = 16, where the GEMM path stays.
+_TRSM_MIN_RANK = 48
+
+
+def _certified_one_pass(gram: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
+    """Per matrix: the Cholesky succeeded and ``||G - I||_1`` certifies one pass (NaN/Inf: False)."""
+    defect = gram.clone()
+    defect.diagonal(dim1=-2, dim2=-1).sub_(1.0)
+    return (info == 0) & (defect.abs_().sum(-2).amax(-1) <= _ONE_PASS_DELTA)
+
+
+def _one_pass_into(x: torch.Tensor, chol: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = X L^-T`` for lower-triangular ``L`` (the Cholesky factor of ``X^T X``)."""
+    if x.shape[-1] >= _TRSM_MIN_RANK:
+        return torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False, out=out)
+    return torch.matmul(x, _inverse_lower(chol).mT, out=out)
+
 
 GramSum = Callable[[torch.Tensor], torch.Tensor]
 Householder = Callable[[torch.Tensor], torch.Tensor]
@@ -146,7 +175,11 @@ def cholqr_into(x: torch.Tensor, out: torch.Tensor, sum_gram: Optional[GramSum] 
     """
     sum_gram = sum_gram or _local_gram
     householder = householder or qr_retraction
-    lit, kappa, ok = _gram_factors(sum_gram(x.mT @ x))
+    gram = sum_gram(x.mT @ x)
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if bool(_certified_one_pass(gram, info).all()):  # the usual case, right after an optimizer step
+        return _one_pass_into(x, chol, out)
+    lit, kappa, ok = _gram_factors(gram, chol, info)
     one = ok & (kappa <= _ONE_PASS_KAPPA)
     two = ok & ~one & (kappa <= 1e-2 / torch.finfo(x.dtype).eps)
     bad = ~(one | two)

@@ -43,4 +43,6 @@ def test_one_place_decides_the_cholesky_qr_passes():
     users = [p.name for p in PKG.glob("*.py") if "cholesky_ex" in p.read_text()]
     assert users == ["manifold.py"]
     text = (PKG / "manifold.py").read_text()
-    assert text.count("_ONE_PASS_KAPPA") == 2  # defined once, read once (in cholqr_into)
+    # defined once, read by its certified form _ONE_PASS_DELTA (twice) and once in cholqr_into
+    assert text.count("_ONE_PASS_KAPPA") == 4
+    assert text.count("_ONE_PASS_DELTA") == 2  # defined once, read once (in _certified_one_pass)

@@ -140,6 +140,33 @@ def test_geoopt_retr_uses_our_backend():
     assert (y2.mT @ v2 + v2.mT @ y2).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("k", [8, 64])  # below and above _TRSM_MIN_RANK: inverse + GEMM, then trsm
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_certified_one_pass_skips_the_exact_condition_number(monkeypatch, k, dtype, tol):
+    """Right after a step ||G - I||_1 is small: the pass is taken without forming G^-1, and the
+    result is the exact path's; a well-conditioned but far-from-orthonormal batch (2 Q: G = 4 I)
+    is not certified and goes through the exact condition number, still one pass."""
+    from stiefel_sct import manifold
+
+    n = 3 * k
+    gen = torch.Generator().manual_seed(k)
+    q = torch.linalg.qr(torch.randn(4, n, k, generator=gen, dtype=dtype))[0]
+    near = q + 1e-4 * torch.randn(4, n, k, generator=gen, dtype=dtype)
+    gram = near.mT @ near
+    chol = torch.linalg.cholesky(gram)
+    exact = near @ torch.linalg.inv(chol).mT  # one CholeskyQR pass, by the book
+    calls = []
+    real = manifold._gram_factors
+    monkeypatch.setattr(manifold, "_gram_factors", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out = manifold.cholqr_into(near, torch.empty_like(near))
+    assert not calls  # certified: no k x k inverse, no exact kappa
+    assert (out - exact).abs().max() <= 10 * tol
+    assert max(orthonormality_error(m) for m in out) <= tol
+    out2 = manifold.cholqr_into(2 * q, torch.empty_like(q))
+    assert calls  # ||4 I - I||_1 = 3: not certified, decided by the exact kappa (= 1)
+    assert (out2 - q).abs().max() <= 10 * tol
+
+
 def test_cholqr_takes_one_pass_two_passes_or_householder_as_needed():
     from stiefel_sct.manifold import cholqr_into
 

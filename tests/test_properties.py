@@ -90,3 +90,23 @@ def test_layer_matches_its_dense_weight(m, n, data):
         ref = torch.nn.functional.linear(x, layer.dense_weight(), layer.bias)
     assert torch.isfinite(y).all()
     assert (y - ref).abs().max() <= 100 * TOL[dtype] * max(float(ref.abs().max()), 1e-30) + 1e-30
+
+
+@st.composite
+def near_identity_grams(draw):
+    """Symmetric ``G = I + E`` with ``||E||_1 < 1``, random size, sign pattern and spread."""
+    k = draw(st.integers(1, 24))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    e = torch.randn(k, k, generator=gen, dtype=torch.float64)
+    e = e + e.mT
+    size = draw(st.floats(1e-6, 0.999))
+    return torch.eye(k, dtype=torch.float64) + size * e / e.abs().sum(0).max()
+
+
+@given(near_identity_grams())
+@SETTINGS
+def test_neumann_bound_is_an_upper_bound_of_the_condition_number(gram):
+    """The certified one-pass rule's bound: ||G - I||_1 = d < 1 gives kappa_1(G) <= (1 + d) / (1 - d)."""
+    d = float((gram - torch.eye(gram.shape[0], dtype=gram.dtype)).abs().sum(0).max())
+    kappa = float(torch.linalg.cond(gram, p=1))
+    assert kappa <= (1 + d) / (1 - d) * (1 + 1e-9)
