@@ -434,6 +434,52 @@ def test_step_in_backward_rejects_bad_gradients_and_modes():
         SpectralAdam(SpectralLinear(6, 5, 2).parameters(), mode="riemannian", step_in_backward=True)
 
 
+def test_step_in_backward_updates_in_bounded_batches(monkeypatch):
+    """Gradients are batched up to the chunk size (one Adam call per batch), the last batch when
+    backward() ends; a NaN anywhere in a batch leaves every parameter of that batch unchanged,
+    and the next backward starts clean."""
+    from stiefel_sct import optim as optim_module
+
+    def make():
+        torch.manual_seed(5)
+        return nn.Sequential(*[SpectralLinear(16, 16, 4) for _ in range(4)])
+
+    model, ref = make(), make()
+    x = torch.randn(8, 16)
+    calls = []
+    real = optim_module.spectral_adam
+    monkeypatch.setattr(optim_module, "spectral_adam",
+                        lambda params, *a, **k: calls.append([p.numel() * 4 for p in params]) or real(params, *a, **k))
+    limit = 2 * 16 * 4 * 4  # bytes of two U or V gradients
+    monkeypatch.setattr(optim_module, "chunk_bytes_for", lambda device: limit)
+    opt = SpectralAdam(model.parameters(), lr=1e-2, step_in_backward=True)
+    n_params = len(list(model.parameters()))
+    model(x).square().mean().backward()
+    assert all(p.grad is None for p in model.parameters())  # every batch flushed by the end of backward
+    assert sum(map(len, calls)) == n_params and 1 < len(calls) < n_params  # batched
+    assert all(sum(batch[:-1]) < limit for batch in calls)  # a batch is flushed once it reaches the limit
+    opt.step()
+    opt_ref = SpectralAdam(ref.parameters(), lr=1e-2)
+    ref(x).square().mean().backward()
+    opt_ref.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert (a - b).abs().max() <= 1e-6
+
+    monkeypatch.setattr(optim_module, "chunk_bytes_for", lambda device: 1 << 30)  # one batch per backward
+    before = [p.detach().clone() for p in model.parameters()]
+    handle = model[2].s.register_hook(lambda g: torch.full_like(g, float("nan")))
+    with pytest.raises(FloatingPointError, match="no parameter of its batch was changed"):
+        model(x).square().mean().backward()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    handle.remove()
+    for p in model.parameters():
+        p.grad = None
+    calls.clear()
+    model(x).square().mean().backward()  # the failed pass left nothing queued or batched behind
+    assert len(calls) == 1 and len(calls[0]) == n_params and all(p.grad is None for p in model.parameters())
+    opt.step()
+
+
 def test_bf16_optimizer_state_halves_memory_and_trains():
     model = _mlp(0)
     opt = SpectralAdam(model.parameters(), lr=1e-2, state_dtype=torch.bfloat16)
