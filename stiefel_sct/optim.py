@@ -763,9 +763,10 @@ class SpectralAdam(Optimizer):
             return
         gi = batch[0][0]
         group = self.param_groups[gi]
+        batch = [(g, i, p) for g, i, p in batch if p.grad is not None]  # a gradient freed meanwhile: skip
         ps = [p for _, _, p in batch]
         if self.check_finite:
-            bad = first_nonfinite([p.grad for p in ps])
+            bad = first_nonfinite([p.grad for p in ps if p.grad is not None])
             if bad is not None:
                 self._flush_queued = False  # an error ends the backward pass: start clean next time
                 raise FloatingPointError(
