@@ -203,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                     help="allocator settings of the workers: system (glibc's defaults: blocks over 32 MB are "
                          "mmap'd and returned when freed), caching (MALLOC_MMAP_MAX_=0, no trim: pages reused), "
                          "thp (system + transparent huge pages: experiments.common.huge_pages_env); several "
-                         "interleave every method under each"),
+                         "interleave every method under each")
     ap.add_argument("--autocast", default="none", choices=["none", "bf16"],
                     help="bf16: forward and loss under torch.autocast (weights, gradients and state stay fp32)")
     ap.add_argument("--compile", action="store_true",

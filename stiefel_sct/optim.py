@@ -763,17 +763,16 @@ class SpectralAdam(Optimizer):
             return
         gi = batch[0][0]
         group = self.param_groups[gi]
-        batch = [(g, i, p) for g, i, p in batch if p.grad is not None]  # a gradient freed meanwhile: skip
-        ps = [p for _, _, p in batch]
+        live = [(pi, p, g) for _, pi, p in batch if (g := p.grad) is not None]  # a gradient freed meanwhile: skip
         if self.check_finite:
-            bad = first_nonfinite([p.grad for p in ps if p.grad is not None])
+            bad = first_nonfinite([g for _, _, g in live])
             if bad is not None:
                 self._flush_queued = False  # an error ends the backward pass: start clean next time
                 raise FloatingPointError(
                     f"SpectralAdam (step_in_backward): non-finite gradient (NaN or Inf) in "
-                    f"{self._param_name(gi, batch[bad][1])}; no parameter of its batch was changed"
+                    f"{self._param_name(gi, live[bad][0])}; no parameter of its batch was changed"
                 )
-        params, grads, m, v, mx, steps, factors, scales = self._collect(group, ps)
+        params, grads, m, v, mx, steps, factors, scales = self._collect(group, [p for _, p, _ in live])
         spectral_adam(params, grads, m, v, mx, steps, factors, **_group_hyperparameters(group), mode="sct",
                       impl=self._impl(group, params), moment_scales=scales, retract_factors=False)
         for p in params:
