@@ -4,8 +4,10 @@ Weights are stored as ``W = V diag(s) U^T`` with ``U``, ``V`` on the Stiefel man
 never built densely; :class:`SpectralAdam` trains them and retracts the factors after each step.
 """
 
+from .calibration import InputMoments, collect_input_moments
 from .checkpoint import load_optimizer_state, load_spectral, save_spectral
 from .convert import ConversionReport, LayerConversion, budget_ranks, densify, match_module, spectralize
+from .export import export_peft_lora
 from .hook import RetractionHandle, stiefel_retraction
 from .layers import SpectralEmbedding, SpectralLinear, spectral_linear
 from .manifold import (
@@ -28,6 +30,7 @@ __version__ = "0.2.0"
 
 __all__ = [
     "ConversionReport",
+    "InputMoments",
     "LayerConversion",
     "RETRACTIONS",
     "RankScheduler",
@@ -40,7 +43,9 @@ __all__ = [
     "__version__",
     "budget_ranks",
     "cholqr2_retraction",
+    "collect_input_moments",
     "densify",
+    "export_peft_lora",
     "is_stiefel",
     "kept_energy",
     "load_optimizer_state",

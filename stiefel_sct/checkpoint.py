@@ -8,7 +8,13 @@ A checkpoint directory holds
 * ``spectral_config.json``: format and version, the library version, one entry per spectral layer
   (kind, shapes, rank, bias / padding index, retraction backend, dtype), the name, shape and
   dtype of every saved tensor, and which state-dict names are tied to which;
-* ``model.safetensors``: every tensor of ``model.state_dict()`` once (tied names are saved once);
+* ``model.safetensors``: every tensor of ``model.state_dict()`` once (tied names are saved once),
+  or with ``trained_only=True`` only the spectral layers' tensors and the trainable parameters: the
+  rest comes back from the base model loaded into (the JSON keeps a SHA-256 of each such tensor
+  and the load checks it);
+* residual layers (:class:`~stiefel_sct.SpectralLinear` in residual mode) never save their
+  model-sized residual: ``U0``, ``s0``, ``V0`` and the base weight's fingerprint are saved, and
+  loading into the base model rebuilds the residual bit for bit;
 * with an optimizer, ``optimizer.safetensors`` (its state tensors, keyed by parameter *name*)
   and an ``optimizer`` entry in the JSON (class, param groups by parameter name, scalar state).
 
@@ -24,16 +30,16 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import geoopt
 import torch
 from torch import nn
 
-from .layers import SpectralEmbedding, SpectralLinear, SpectralModule
+from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, weight_fingerprint
 
-__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "CheckpointError", "load_optimizer_state",
-           "load_spectral", "read_config", "save_spectral"]
+__all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "AtomicDirectory", "CheckpointError",
+           "load_optimizer_state", "load_spectral", "read_config", "save_spectral"]
 
 FORMAT = "stiefel-sct"
 FORMAT_VERSION = 1
@@ -56,8 +62,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _layer_entry(module: SpectralModule) -> Dict[str, Any]:
     common = {"rank": module.rank, "retraction": module.manifold.method, "dtype": _dtype_name(module.U.dtype)}
     if isinstance(module, SpectralLinear):
+        residual = None
+        if module.residual_dtype is not None:
+            if module.residual is None or module.base_fingerprint is None:
+                raise CheckpointError("cannot save a residual layer whose residual is not attached")
+            residual = {"dtype": _dtype_name(module.residual_dtype), "base_fingerprint": module.base_fingerprint}
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None, **common}
+                "bias": module.bias is not None, "residual": residual, **common}
     if isinstance(module, SpectralEmbedding):
         return {"kind": "embedding", "num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
                 "padding_idx": module.padding_idx, **common}
@@ -89,7 +100,7 @@ def _contiguous_copies(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-class _AtomicDirectory:
+class AtomicDirectory:
     """A temporary sibling of ``target`` to write into; :meth:`commit` puts it in ``target``'s place."""
 
     def __init__(self, target: pathlib.Path) -> None:
@@ -162,9 +173,18 @@ def _optimizer_payload(optimizer: torch.optim.Optimizer, model: nn.Module):
     return {"class": type(optimizer).__name__, "param_groups": groups, "scalar_state": scalars}, tensors
 
 
+def _trained_names(model: nn.Module, layers: Dict[str, Any]) -> set:
+    """State-dict names a ``trained_only`` checkpoint keeps: everything of a spectral layer and
+    every parameter that requires a gradient."""
+    prefixes = tuple(f"{name}." if name else "" for name in layers)
+    keep = {name for name in model.state_dict(keep_vars=True) if prefixes and name.startswith(prefixes)}
+    keep |= {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return keep
+
+
 @torch.no_grad()
 def save_spectral(model: nn.Module, directory: os.PathLike | str,
-                  optimizer: Optional[torch.optim.Optimizer] = None) -> pathlib.Path:
+                  optimizer: Optional[torch.optim.Optimizer] = None, *, trained_only: bool = False) -> pathlib.Path:
     """Save a (spectral) model, and optionally its optimizer, to ``directory``.
 
     Args:
@@ -174,6 +194,10 @@ def save_spectral(model: nn.Module, directory: os.PathLike | str,
             sibling first, so a failure leaves the old checkpoint as it was).
         optimizer: also save its param groups (by parameter name) and state
             (:func:`load_optimizer_state` restores them into a new optimizer).
+        trained_only: save only the spectral layers and the parameters that require gradients
+            (what training changed); every other tensor is recorded by name, shape and SHA-256
+            and must come from the base model :func:`load_spectral` loads into. For a residual
+            model whose factors alone train, this is a few MB instead of the model's size.
 
     Returns the directory's path.
     """
@@ -181,13 +205,22 @@ def save_spectral(model: nn.Module, directory: os.PathLike | str,
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(trained_only, bool):
+        raise TypeError(f"trained_only must be a bool, got {type(trained_only).__name__}")
     layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, SpectralModule)}
     tensors, tied = _unique_state(model)
+    base: Dict[str, Dict[str, Any]] = {}
+    if trained_only:
+        keep = _trained_names(model, layers)
+        for name in [n for n in tensors if n not in keep]:
+            t = tensors.pop(name)
+            base[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "sha256": weight_fingerprint(t)}
+        tied = {alias: source for alias, source in tied.items() if source in tensors}
     config: Dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
         "model_class": type(model).__name__, "layers": layers, "tied": tied,
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
-        "optimizer": None,
+        "base_tensors": base, "optimizer": None,
     }
     opt_tensors: Dict[str, torch.Tensor] = {}
     if optimizer is not None:
@@ -195,7 +228,7 @@ def save_spectral(model: nn.Module, directory: os.PathLike | str,
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         config["optimizer"], opt_tensors = _optimizer_payload(optimizer, model)
     text = json.dumps(config, indent=2) + "\n"  # fails here, before anything is written, if not serialisable
-    out = _AtomicDirectory(pathlib.Path(directory))
+    out = AtomicDirectory(pathlib.Path(directory))
     try:
         save_file(_contiguous_copies(tensors), str(out.path / WEIGHTS_NAME), metadata={"format": "pt"})
         if optimizer is not None:
@@ -231,11 +264,14 @@ def read_config(directory: os.PathLike | str) -> Dict[str, Any]:
 def _expected_shapes(entry: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     k = entry["rank"]
     if entry["kind"] == "linear":
-        shapes = {"U": (entry["in_features"], k), "s": (k,), "V": (entry["out_features"], k)}
+        shapes: Dict[str, Tuple[int, ...]] = {"U": (entry["in_features"], k), "s": (k,), "V": (entry["out_features"], k)}
         if entry["bias"]:
             shapes["bias"] = (entry["out_features"],)
-        return shapes
-    return {"U": (entry["num_embeddings"], k), "s": (k,), "V": (entry["embedding_dim"], k)}
+    else:
+        shapes = {"U": (entry["num_embeddings"], k), "s": (k,), "V": (entry["embedding_dim"], k)}
+    if entry["kind"] == "linear" and entry.get("residual"):
+        shapes.update(U0=shapes["U"], s0=(k,), V0=shapes["V"])
+    return shapes
 
 
 def _dense_shape(module: nn.Module) -> Optional[Tuple[str, Tuple[int, int]]]:
@@ -272,15 +308,33 @@ def _plan(model: nn.Module, config: Dict[str, Any]) -> Dict[str, nn.Module]:
             has_bias = module.bias is not None
             if has_bias != entry["bias"]:
                 raise CheckpointError(f"layer {name!r}: bias={entry['bias']} in the checkpoint, bias={has_bias} in the model")
+        if entry.get("residual"):
+            _check_residual_base(name, module, entry["residual"])
         plan[name] = module
     return plan
+
+
+def _check_residual_base(name: str, module: nn.Module, residual: Dict[str, Any]) -> None:
+    """A residual layer is rebuilt from the base weight it was cut from: ``module`` must be that
+    dense layer, with real values equal (SHA-256) to the ones at conversion."""
+    if not isinstance(module, nn.Linear):
+        raise CheckpointError(f"layer {name!r} is a residual layer: load the checkpoint into the base model, whose "
+                              f"dense weight rebuilds its residual (found a {type(module).__name__})")
+    if module.weight.is_meta:
+        raise CheckpointError(f"layer {name!r} is a residual layer: its base weight must be loaded (it is on the "
+                              "meta device)")
+    if weight_fingerprint(module.weight) != residual["base_fingerprint"]:
+        raise CheckpointError(f"layer {name!r}: the model's weight is not the base weight this residual checkpoint "
+                              "was converted from (SHA-256 differs)")
 
 
 def _build(entry: Dict[str, Any]) -> SpectralModule:
     dtype = _DTYPES[entry["dtype"]]
     if entry["kind"] == "linear":
+        residual = entry.get("residual")
         return SpectralLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"],
-                              device="meta", dtype=dtype, retraction=entry["retraction"])
+                              device="meta", dtype=dtype, retraction=entry["retraction"],
+                              residual_dtype=_DTYPES[residual["dtype"]] if residual else None)
     return SpectralEmbedding(entry["num_embeddings"], entry["embedding_dim"], entry["rank"],
                              padding_idx=entry["padding_idx"], device="meta", dtype=dtype, retraction=entry["retraction"])
 
@@ -346,16 +400,23 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
         prefix = f"{name}." if name else ""
         for key, shape in _expected_shapes(entry).items():
             expected[prefix + key] = shape
+    base = config.get("base_tensors") or {}
+    current = model.state_dict(keep_vars=True)
     for qname, shape in expected.items():
         source = config["tied"].get(qname, qname)
+        if source not in config["tensors"] and qname in base:
+            _check_base_tensor(qname, current.get(qname), base[qname], shape)
+            continue
         if source not in config["tensors"]:
             raise CheckpointError(f"tensor {qname!r} of the model is missing from {weights}")
         saved = tuple(config["tensors"][source]["shape"])
         if saved != shape:
             raise CheckpointError(f"tensor {qname!r}: shape {saved} in the checkpoint, {shape} in the model")
-    for qname in list(config["tensors"]) + list(config["tied"]):
+    for qname in list(config["tensors"]) + list(config["tied"]) + list(base):
         if qname not in expected:
             raise CheckpointError(f"tensor {qname!r} of the checkpoint has no place in this {type(model).__name__}")
+    bases = {name: cast(nn.Linear, plan[name]).weight.detach()  # _check_residual_base made sure it is
+             for name, entry in config["layers"].items() if entry.get("residual")}
 
     # everything fits: convert, materialise, load
     result = model
@@ -404,8 +465,28 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
             state[name] = f.get_tensor(name)
     for alias, source in config["tied"].items():
         state[alias] = state[source]
-    result.load_state_dict(state, strict=True)
+    missing, _ = result.load_state_dict(state, strict=not base)
+    if set(missing) - set(base):  # checked above; a partial load leaves exactly the base tensors as they are
+        raise CheckpointError(f"tensor {sorted(set(missing) - set(base))[0]!r} was not loaded")
+    modules = dict(result.named_modules())
+    for name, weight in bases.items():
+        layer = modules[name]
+        assert isinstance(layer, SpectralLinear)
+        layer.attach_residual(weight)
     return result
+
+
+def _check_base_tensor(qname: str, tensor: Optional[torch.Tensor], saved: Dict[str, Any], shape: Tuple[int, ...]) -> None:
+    """A tensor a ``trained_only`` checkpoint left to the base model: present, real, the same values."""
+    if tensor is None or tuple(saved["shape"]) != shape:
+        raise CheckpointError(f"tensor {qname!r}: shape {tuple(saved['shape'])} in the checkpoint's base, "
+                              f"{shape} in the model")
+    if tensor.is_meta:
+        raise CheckpointError(f"tensor {qname!r} is not in this trained-only checkpoint and is on the meta device: "
+                              "load the base model's weights first, then load_spectral")
+    if weight_fingerprint(tensor) != saved["sha256"]:
+        raise CheckpointError(f"tensor {qname!r} differs from the base model this trained-only checkpoint was saved "
+                              "on (SHA-256): load the same base weights")
 
 
 @torch.no_grad()

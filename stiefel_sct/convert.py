@@ -6,13 +6,21 @@ import heapq
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank
-from .rank import check_energy
+from .calibration import (
+    DEFAULT_DAMPING,
+    InputMoments,
+    collect_input_moments,
+    whitened_factors,
+    whitened_spectrum,
+    whitened_svd,
+)
+from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank, check_residual_dtype
+from .rank import check_energy, select_rank
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
 
@@ -114,16 +122,17 @@ class ConversionReport(list):
 Dense = Union[nn.Linear, nn.Embedding]  # the module kinds spectralize converts
 
 
-def _record(name: str, module: Dense, new: Optional[SpectralModule], note: str) -> LayerConversion:
+def _record(name: str, module: Dense, new: Optional[SpectralModule], note: str,
+            kept: Optional[float] = None) -> LayerConversion:
     """The report line of a candidate layer, converted to ``new`` or (``None``) left dense. The
-    kept energy is ``sum(s^2) / ||W||_F^2``: the truncated SVD keeps the ``k`` largest singular values."""
+    kept energy is ``sum(s^2) / ||W||_F^2``: the truncated SVD keeps the ``k`` largest singular
+    values (a calibrated conversion passes the whitened spectrum's kept fraction as ``kept``)."""
     dense = sum(p.numel() for p in module.parameters())
     kind = "linear" if isinstance(module, nn.Linear) else "embedding"
     shape = (int(module.weight.shape[0]), int(module.weight.shape[1]))
     if new is None:
         return LayerConversion(name, kind, shape, None, None, dense, dense, note)
-    kept = None
-    if not module.weight.is_meta:
+    if kept is None and not module.weight.is_meta:
         total = float(module.weight.detach().double().square().sum())
         kept = float(new.s.detach().double().square().sum()) / total if total > 0 else 1.0
     return LayerConversion(name, kind, shape, new.rank, kept, dense, sum(p.numel() for p in new.parameters()), note)
@@ -134,13 +143,15 @@ def _max_profitable_rank(m: int, n: int) -> int:
     return min(min(m, n), (m * n - 1) // (m + n + 1))
 
 
-def budget_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, int]], budget: int) -> Dict[str, int]:
+def budget_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, int]], budget: int,
+                 relative: bool = True) -> Dict[str, int]:
     """Per-layer ranks whose spectral parameters fit ``budget``, chosen greedily on singular values.
 
     ``spectra[name]``: the layer's singular values (non-increasing); ``shapes[name] = (m, n)``.
     Every layer starts at rank 1; then singular triplets are added in order of retained energy
     per parameter, ``(sigma_i^2 / ||W||_F^2) / (m + n + 1)`` (relative, so layers of any scale
-    compete fairly), skipping any that no longer fits, until none fits. Ranks never exceed the
+    compete fairly; with ``relative=False``, ``sigma_i^2 / (m + n + 1)``: for whitened spectra that
+    is the output error itself), skipping any that no longer fits, until none fits. Ranks never exceed the
     largest rank that still shrinks the layer. Afterwards ``sum k (m + n + 1) <= budget`` and no
     layer below its cap has room for one more triplet.
     """
@@ -156,7 +167,7 @@ def budget_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
     for n, sv in spectra.items():
         cap = _max_profitable_rank(*shapes[n])
         sq = sv.detach().double().square()
-        total = float(sq.sum()) or 1.0
+        total = (float(sq.sum()) or 1.0) if relative else 1.0
         gains = (sq / total / cost[n]).tolist()
         for i in range(1, min(cap, len(gains))):
             heap.append((-gains[i], n, i))
@@ -188,6 +199,10 @@ def spectralize(
     embeddings: bool = False,
     budget: Optional[int] = None,
     report: bool = False,
+    calibration: Union[Iterable[Any], InputMoments, None] = None,
+    calibration_forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    damping: float = DEFAULT_DAMPING,
+    residual_dtype: Optional[torch.dtype] = None,
 ):
     """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place.
 
@@ -214,6 +229,23 @@ def spectralize(
             everything left as it is) is at most ``budget``. Needs materialised weights.
         report: also return a :class:`ConversionReport` (per layer: rank, kept energy, size, or
             why it stayed dense): ``model, report = spectralize(..., report=True)``.
+        calibration: data-aware truncation (:mod:`stiefel_sct.calibration`). An iterable of model
+            inputs (each passed as ``model(**batch)``, ``model(*batch)`` or ``model(batch)``), or
+            the :class:`~stiefel_sct.calibration.InputMoments` of an earlier
+            :func:`~stiefel_sct.calibration.collect_input_moments`. The model runs on them once;
+            every selected linear layer is then truncated to minimise its output error on those
+            inputs, ``||X (W - W')^T||_F``, instead of ``||W - W'||_F``, and ``rank``, ``energy``
+            and ``budget`` read that whitened spectrum (the output error each direction carries).
+            Embeddings, where converted, keep the plain SVD. A few thousand tokens of text like
+            the model will see suffice.
+        calibration_forward: ``forward(model, batch)`` to run a calibration batch instead.
+        damping: the whitening's ridge, ``lambda = damping * trace(C) / m`` (``>= 0``, default
+            ``1e-3``); it keeps rank-deficient calibration data usable (0: none, and a singular
+            input moment then raises).
+        residual_dtype: **residual mode**: each converted linear keeps the rest of its weight as a
+            frozen residual buffer in this dtype (``torch.float32`` or ``torch.bfloat16``), so the
+            model computes exactly what it did and only the principal rank-``k`` part trains
+            (:class:`SpectralLinear`). Embeddings cannot be residual.
 
     A layer is never made larger: where ``k (m + n + 1) >= m n`` it stays dense (unless
     ``convert_small``). Biases are kept.
@@ -233,6 +265,14 @@ def spectralize(
         energy = check_energy(energy)
     include = _check_selector(include, "include")
     exclude = _check_selector(exclude, "exclude")
+    if residual_dtype is not None:
+        check_residual_dtype(residual_dtype)
+        if embeddings:
+            raise ValueError("residual_dtype: residual mode converts linear layers only; use embeddings=False")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= damping < float("inf"):
+        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
+    if calibration is None and calibration_forward is not None:
+        raise ValueError("calibration_forward needs calibration data (calibration=...)")
     tied = _tied_weights(model)
 
     kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
@@ -251,6 +291,7 @@ def spectralize(
             continue
         plan.append((name, module))
 
+    whitened = _Whitened(model, plan, calibration, calibration_forward, damping) if calibration is not None else None
     ranks: Dict[str, Optional[int]] = {name: rank for name, _ in plan}
     if budget is not None:
         if any(module.weight.is_meta for _, module in plan):
@@ -258,13 +299,18 @@ def spectralize(
         fixed = sum(p.numel() for p in model.parameters()) - sum(module.weight.numel() for _, module in plan)
         if budget <= fixed:
             raise ValueError(f"budget must exceed the {fixed:,d} parameters that are not converted, got {budget:,d}")
-        spectra = {name: torch.linalg.svdvals(module.weight.detach().float()) for name, module in plan}
+        spectra = {name: whitened.spectrum(name) if whitened is not None and name in whitened
+                   else torch.linalg.svdvals(module.weight.detach().float()) for name, module in plan}
         shapes = {name: (int(module.weight.shape[0]), int(module.weight.shape[1])) for name, module in plan}
         ranks = dict(budget_ranks(spectra, shapes, budget - fixed))
     result = model
     for name, module in plan:
-        new = _convert(module, ranks[name], energy, convert_small, retraction, device)
-        records.append(_record(name, module, new, "left dense: would not shrink" if new is None else "converted"))
+        kept: Optional[float] = None
+        if whitened is not None and name in whitened:
+            new, kept = whitened.convert(name, ranks[name], energy, convert_small, retraction, residual_dtype)
+        else:
+            new = _convert(module, ranks[name], energy, convert_small, retraction, device, residual_dtype)
+        records.append(_record(name, module, new, "left dense: would not shrink" if new is None else "converted", kept))
         if new is None:
             continue
         if name == "":
@@ -274,8 +320,60 @@ def spectralize(
     return (result, records) if report else result
 
 
+def _chosen_rank(rank: Optional[int], energy: Optional[float], spectrum: torch.Tensor, rows: int, cols: int,
+                 convert_small: bool) -> Optional[int]:
+    """The rank a layer gets from ``rank`` or ``energy`` over ``spectrum``; None: stays dense."""
+    if rank is not None:
+        k = min(rank, rows, cols) if convert_small else rank
+        if not convert_small and (k > min(rows, cols) or not _profitable(k, rows, cols)):
+            return None
+        return check_rank(k, rows, cols)
+    assert energy is not None
+    k = select_rank(spectrum, energy)
+    return k if convert_small or _profitable(k, rows, cols) else None
+
+
+class _Whitened:
+    """The calibrated (whitened) truncation of the selected linear layers, computed on demand:
+    the spectra first (for a budget), the factors when a layer is converted; nothing model-sized
+    is kept between layers."""
+
+    def __init__(self, model: nn.Module, plan: List[Tuple[str, Dense]], calibration: Any,
+                 forward: Optional[Callable[[nn.Module, Any], Any]], damping: float) -> None:
+        self.linears = {name: m for name, m in plan if isinstance(m, nn.Linear)}
+        for name, m in self.linears.items():
+            if m.weight.is_meta:
+                raise ValueError(f"calibration needs materialised weights; layer {name!r} is on the meta device")
+        if isinstance(calibration, InputMoments):
+            missing = [name for name in self.linears if name not in calibration]
+            if missing:
+                raise ValueError(f"calibration: the InputMoments given hold no moment for layer {missing[0]!r}")
+            self.moments = calibration
+        else:
+            self.moments = collect_input_moments(model, self.linears, calibration, forward=forward)
+        self.damping = damping
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.linears
+
+    def spectrum(self, name: str) -> torch.Tensor:
+        return whitened_spectrum(self.linears[name].weight, self.moments.moment(name), self.damping, name)
+
+    def convert(self, name: str, rank: Optional[int], energy: Optional[float], convert_small: bool,
+                retraction: str, residual_dtype: Optional[torch.dtype]) -> Tuple[Optional[SpectralModule], float]:
+        linear = self.linears[name]
+        P, S, Qh, chol = whitened_svd(linear.weight, self.moments.moment(name), self.damping, name)
+        k = _chosen_rank(rank, energy, S, linear.in_features, linear.out_features, convert_small)
+        if k is None:
+            return None, 1.0
+        U, s, V = whitened_factors(P, S, Qh, chol, k)
+        layer = SpectralLinear.from_factors(linear, U, s, V, retraction=retraction, residual_dtype=residual_dtype)
+        sq = S.square()
+        return layer, float(sq[:k].sum() / sq.sum()) if float(sq.sum()) > 0 else 1.0
+
+
 def _convert(module: Dense, rank: Optional[int], energy: Optional[float], convert_small: bool,
-             retraction: str, device) -> Optional[SpectralModule]:
+             retraction: str, device, residual_dtype: Optional[torch.dtype] = None) -> Optional[SpectralModule]:
     """The spectral counterpart of an ``nn.Linear``/``nn.Embedding``, or None where it would not shrink."""
     cls: type[SpectralModule]
     extra: Dict[str, Any]
@@ -285,7 +383,7 @@ def _convert(module: Dense, rank: Optional[int], energy: Optional[float], conver
         linear = module
 
         def factor(**kw) -> SpectralModule:
-            return SpectralLinear.from_linear(linear, retraction=retraction, **kw)
+            return SpectralLinear.from_linear(linear, retraction=retraction, residual_dtype=residual_dtype, **kw)
     else:
         rows, cols, cls = module.num_embeddings, module.embedding_dim, SpectralEmbedding
         extra = {"padding_idx": module.padding_idx}
@@ -300,6 +398,9 @@ def _convert(module: Dense, rank: Optional[int], energy: Optional[float], conver
             return None
         check_rank(k, rows, cols)
         if w.is_meta:  # nothing to factor: random orthonormal initialisation
+            if residual_dtype is not None:
+                raise ValueError("residual mode needs materialised weights (the residual is the rest of each weight); "
+                                 "this model is on the meta device")
             return cls(rows, cols, k, device=device or "meta", dtype=w.dtype, retraction=retraction, **extra)
         return factor(rank=k)
     if w.is_meta:
@@ -316,7 +417,8 @@ def densify(model: nn.Module) -> nn.Module:
     """Inverse of :func:`spectralize`: every :class:`SpectralLinear` back to ``nn.Linear`` and every
     :class:`SpectralEmbedding` back to ``nn.Embedding``.
 
-    The dense weights are materialised (``V diag(s) U^T``); use this for export. Returns ``model``
+    The dense weights are materialised (``V diag(s) U^T``, plus the frozen residual of a residual
+    layer: merged); use this for export. Returns ``model``
     (or the new layer when ``model`` itself is a ``SpectralLinear``).
     """
     if not isinstance(model, nn.Module):

@@ -44,6 +44,10 @@ def shard_model(model: torch.nn.Module, mesh=None, **fully_shard_kwargs) -> torc
     from .layers import SpectralModule
 
     layers = [m for m in model.modules() if isinstance(m, SpectralModule)]
+    residual = [name for name, m in model.named_modules() if getattr(m, "residual_dtype", None) is not None]
+    if residual:
+        raise NotImplementedError(f"shard_model does not support residual-mode layers yet ({residual[0]!r}): their "
+                                  "frozen dense residual would be replicated on every process, not sharded")
     for layer in layers:
         if layer is not model:
             fully_shard(layer, mesh=mesh, **fully_shard_kwargs)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import geoopt
 import torch
@@ -14,7 +15,28 @@ from .manifold import Stiefel, compute_dtype, is_stiefel, retract, stiefel_manif
 from .rank import select_rank
 from .triples import register_factors
 
-__all__ = ["SpectralEmbedding", "SpectralLinear", "SpectralModule", "check_rank", "spectral_linear"]
+__all__ = ["RESIDUAL_DTYPES", "SpectralEmbedding", "SpectralLinear", "SpectralModule", "check_rank", "spectral_linear",
+           "weight_fingerprint"]
+
+# dtypes a frozen residual may be stored in (bf16 halves its memory; it is never trained)
+RESIDUAL_DTYPES: Tuple[torch.dtype, ...] = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: identifies the base weight a residual was cut from."""
+    t = weight.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_residual_dtype(dtype: object) -> torch.dtype:
+    """Validate the storage dtype of a frozen residual."""
+    if dtype not in RESIDUAL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in RESIDUAL_DTYPES)
+        raise ValueError(f"residual_dtype must be one of {names}, got {dtype!r}")
+    assert isinstance(dtype, torch.dtype)
+    return dtype
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
     """Validate ``rank`` for an ``in_features -> out_features`` layer and return it as an int."""
@@ -209,9 +231,25 @@ class SpectralLinear(SpectralModule):
         device, dtype: factory arguments, as for ``nn.Linear``. On the ``meta`` device nothing is
             initialised; call ``to_empty(device=...)`` then :meth:`reset_parameters`.
         retraction: backend of the factors' manifold, ``"qr"`` or ``"cholqr2"``.
+        residual_dtype: ``None`` (default), or make this a **residual** layer whose frozen
+            residual buffer is stored in this dtype (see below).
+
+    **Residual mode** (PiSSA's split, on the manifold): ``W = V diag(s) U^T + R`` with ``R`` a
+    frozen, non-persistent buffer ``W_base - V0 diag(s0) U0^T`` and ``U0``, ``s0``, ``V0`` the
+    factors at conversion (persistent buffers, ``k (m + n + 1)`` numbers). Made by
+    :meth:`from_linear` / :func:`~stiefel_sct.spectralize` with ``residual_dtype=...``: the function
+    is the dense layer's at conversion and only the principal part trains. ``forward`` adds
+    ``x @ R^T`` (computed in ``R``'s dtype); no dense trainable weight is ever built. ``R`` is never
+    saved: checkpoints store ``U0``, ``s0``, ``V0`` and a fingerprint of ``W_base``, and
+    :func:`~stiefel_sct.load_spectral` rebuilds ``R`` from the base model the user loads into.
     """
 
     __constants__ = ["in_features", "out_features", "rank"]
+    residual: Optional[torch.Tensor]
+    U0: torch.Tensor  # residual mode: the principal part at conversion
+    s0: torch.Tensor
+    V0: torch.Tensor
+    base_fingerprint: Optional[str] = None
 
     def __init__(
         self,
@@ -222,6 +260,7 @@ class SpectralLinear(SpectralModule):
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
         retraction: str = "qr",
+        residual_dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__()
         self.in_features = _check_features(in_features, "in_features")
@@ -233,6 +272,14 @@ class SpectralLinear(SpectralModule):
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        self.residual_dtype = None if residual_dtype is None else check_residual_dtype(residual_dtype)
+        self.register_buffer("residual", None, persistent=False)
+        if self.residual_dtype is not None:
+            # the principal part at conversion: what the residual was cut against (and the LoRA
+            # export's starting point); empty until attach_residual fills them
+            self.register_buffer("U0", torch.empty(in_features, rank, **factory))
+            self.register_buffer("s0", torch.empty(rank, **factory))
+            self.register_buffer("V0", torch.empty(out_features, rank, **factory))
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init and conversion
@@ -253,31 +300,84 @@ class SpectralLinear(SpectralModule):
         rank: Optional[int] = None,
         energy: Optional[float] = None,
         retraction: str = "qr",
+        residual_dtype: Optional[torch.dtype] = None,
     ) -> SpectralLinear:
         """Factor a (trained) dense layer by truncated SVD.
 
         Give exactly one of ``rank`` (number of singular values kept) or ``energy`` (fraction of
         ``sum sigma_i^2`` to keep, in ``(0, 1]``; the smallest rank that reaches it is used).
         The bias is copied. The SVD runs in float64 for fp64 weights, else in float32.
+        ``residual_dtype``: keep the rest of the weight as a frozen residual in this dtype
+        (residual mode, see the class docstring): the layer's function is unchanged.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        P, S, Qh, k = _truncated_svd(linear.weight, rank, energy, "from_linear")
+        return cls.from_factors(linear, Qh[:k].mT, S[:k], P[:, :k], retraction=retraction,
+                                residual_dtype=residual_dtype)
+
+    @classmethod
+    @torch.no_grad()
+    def from_factors(cls, linear: nn.Linear, U: torch.Tensor, s: torch.Tensor, V: torch.Tensor,
+                     retraction: str = "qr", residual_dtype: Optional[torch.dtype] = None) -> SpectralLinear:
+        """A spectral layer standing for the dense ``linear`` with the given factors (orthonormal
+        ``U``: ``(in, k)``, ``V``: ``(out, k)``; ``s``: ``(k,)``), in ``linear``'s dtype and device,
+        its bias copied. With ``residual_dtype`` the rest of ``linear``'s weight becomes the frozen
+        residual, so the layer computes exactly what ``linear`` did."""
         weight = linear.weight
         n, m = weight.shape
-        P, S, Qh, k = _truncated_svd(weight, rank, energy, "from_linear")
-        layer = cls(m, n, k, bias=linear.bias is not None, device="meta", dtype=weight.dtype, retraction=retraction)
+        k = s.shape[0]
+        if U.shape != (m, k) or V.shape != (n, k):
+            raise ValueError(f"from_factors: U must be ({m}, {k}) and V ({n}, {k}) for a {m} -> {n} layer of rank {k}, "
+                             f"got {tuple(U.shape)} and {tuple(V.shape)}")
+        layer = cls(m, n, k, bias=linear.bias is not None, device="meta", dtype=weight.dtype, retraction=retraction,
+                    residual_dtype=residual_dtype)
         layer.to_empty(device=weight.device)
-        layer.U.copy_(Qh[:k].mT)
-        layer.s.copy_(S[:k])
-        layer.V.copy_(P[:, :k])
+        layer.U.copy_(U)
+        layer.s.copy_(s)
+        layer.V.copy_(V)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
+        if residual_dtype is not None:
+            layer.attach_residual(weight, reset_principal=True)
         return layer
 
     @torch.no_grad()
+    def attach_residual(self, base_weight: torch.Tensor, reset_principal: bool = False) -> None:
+        """Set the frozen residual ``R = base_weight - V0 diag(s0) U0^T`` (in ``residual_dtype``).
+
+        ``reset_principal=True`` first takes ``U0``, ``s0``, ``V0`` from the current factors (at
+        conversion); otherwise they are the loaded ones (a checkpoint rebuilding its residual from
+        the base weights). The subtraction runs in float64 for fp64 weights, else float32, so the
+        same base and factors give the same ``R`` bit for bit."""
+        if self.residual_dtype is None:
+            raise ValueError("attach_residual: this layer was built without residual_dtype (not a residual layer)")
+        if tuple(base_weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"base_weight must have shape ({self.out_features}, {self.in_features}), "
+                             f"got {tuple(base_weight.shape)}")
+        if base_weight.is_meta:
+            raise ValueError("attach_residual needs the base weight's values; it is on the meta device")
+        if reset_principal:
+            self.U0.copy_(self.U.detach())
+            self.s0.copy_(self.s.detach())
+            self.V0.copy_(self.V.detach())
+        work = compute_dtype(base_weight.dtype)
+        w = base_weight.detach().to(self.U0.device, work)
+        principal = (self.V0.to(work) * self.s0.to(work)) @ self.U0.to(work).mT
+        self.residual = (w - principal).to(self.residual_dtype)
+        self.base_fingerprint = weight_fingerprint(base_weight)
+
+    @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        """``W = V diag(s) U^T`` as a dense ``(out_features, in_features)`` tensor. Export only."""
-        return (self.V * self.s) @ self.U.mT
+        """``W = V diag(s) U^T`` (``+ R`` in residual mode) as a dense ``(out_features, in_features)``
+        tensor. Export only."""
+        w = (self.V * self.s) @ self.U.mT
+        if self.residual is not None:
+            w = w + self.residual.to(w.dtype)
+        elif self.residual_dtype is not None:
+            raise RuntimeError("this residual layer has no residual yet (attach_residual, or load_spectral "
+                               "into the base model)")
+        return w
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -293,7 +393,14 @@ class SpectralLinear(SpectralModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return spectral_linear(x, self.U, self.s, self.V, self.bias)
+        y = spectral_linear(x, self.U, self.s, self.V, self.bias)
+        if self.residual_dtype is None:
+            return y
+        r = self.residual
+        if r is None:
+            raise RuntimeError("this residual layer has no residual yet (attach_residual, or load_spectral "
+                               "into the base model)")
+        return y + F.linear(x.to(r.dtype), r).to(y.dtype)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -306,7 +413,8 @@ class SpectralLinear(SpectralModule):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"bias={self.bias is not None}, U={tuple(self.U.shape)}, V={tuple(self.V.shape)}, "
-            f"compression={self.compression:.1f}x"
+            + (f"residual={str(self.residual_dtype).removeprefix('torch.')}" if self.residual_dtype is not None
+               else f"compression={self.compression:.1f}x")
         )
 
 

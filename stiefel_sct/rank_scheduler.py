@@ -133,8 +133,13 @@ class RankScheduler:
         self.optimizer = optimizer
         self.last_step = 0
         self.history: List[Dict] = []
-        if not self._layers():
+        layers = self._layers()
+        if not layers:
             raise ValueError("the optimizer holds no spectral layer (U, s and V of one layer all in it)")
+        residual = [name for name, layer in layers if getattr(layer, "residual_dtype", None) is not None]
+        if residual:
+            raise NotImplementedError(f"RankScheduler does not support residual-mode layers yet ({residual[0]!r}): a "
+                                      "rank change there must move directions between the residual and the factors")
 
     # ------------------------------------------------------------------------------ discovery
     def _layers(self) -> List[Tuple[str, Any]]:

@@ -1,0 +1,297 @@
+"""Data-aware (whitened) conversion and residual mode: optimality against a brute reference,
+function preservation, checkpoints that rebuild the residual from the base, the PEFT LoRA export."""
+
+import copy
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from stiefel_sct import (
+    RankScheduler,
+    SpectralAdam,
+    SpectralLinear,
+    densify,
+    load_spectral,
+    orthonormality_error,
+    save_spectral,
+    spectralize,
+    stiefel_retraction,
+)
+from stiefel_sct.calibration import collect_input_moments, whitened_svd
+from stiefel_sct.checkpoint import CheckpointError
+
+
+def _inputs(n, m, seed=0, dtype=torch.float64):
+    """Correlated inputs (a random mixing of Gaussian features with decaying scales)."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -2, m, dtype=dtype)
+    return (torch.randn(n, m, generator=g, dtype=dtype) * scales) @ torch.randn(m, m, generator=g, dtype=dtype)
+
+
+def _best_in_input_metric(W, X, k):
+    """Brute reference for ``argmin_{rank W' <= k} ||X (W - W')^T||_F`` with ``X`` of full column rank:
+    ``X = Q R``, so the problem is the plain truncated SVD of ``R W^T`` (no Cholesky, no whitening)."""
+    _, R = torch.linalg.qr(X)
+    P, S, Qh = torch.linalg.svd(R @ W.mT)
+    return torch.linalg.solve(R, P[:, :k] * S[:k] @ Qh[:k]).mT
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_calibrated_conversion_minimises_the_output_error(k):
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 7).double()
+    X = _inputs(300, 10)
+    layer = spectralize(copy.deepcopy(lin), rank=k, calibration=[X], damping=0.0, convert_small=True)
+    W = lin.weight.detach()
+    ref = _best_in_input_metric(W, X, k)
+    err = lambda A: float(torch.linalg.norm(X @ (W - A).mT))
+    assert err(layer.dense_weight()) == pytest.approx(err(ref), rel=1e-10)
+    assert torch.allclose(layer.dense_weight(), ref, atol=1e-9)
+    # ... and it beats the plain truncated SVD in that metric
+    plain = SpectralLinear.from_linear(lin, rank=k).dense_weight()
+    assert err(layer.dense_weight()) <= err(plain) + 1e-12
+    assert orthonormality_error(layer.U) < 1e-12 and orthonormality_error(layer.V) < 1e-12
+    assert torch.equal(layer.bias, lin.bias)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 4))
+def test_no_rank_k_matrix_beats_the_calibrated_one(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(8, 6).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(6, 8, generator=g, dtype=torch.float64))
+    X = _inputs(100, 8, seed=seed)
+    W = lin.weight.detach()
+    best = spectralize(copy.deepcopy(lin), rank=k, calibration=[X], damping=0.0, convert_small=True).dense_weight()
+    err = lambda A: float(torch.linalg.norm(X @ (W - A).mT))
+    for _ in range(5):  # random rank-k perturbations of the optimum never do better
+        d = torch.randn(6, k, generator=g, dtype=torch.float64) @ torch.randn(k, 8, generator=g, dtype=torch.float64)
+        cand = best + 1e-2 * d
+        P, S, Qh = torch.linalg.svd(cand)
+        cand = P[:, :k] * S[:k] @ Qh[:k]
+        assert err(best) <= err(cand) + 1e-9
+
+
+def test_fp32_factors_orthonormal_and_whitened_energy_and_budget():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 32))
+    batches = [torch.randn(64, 32) for _ in range(3)]
+    fixed = sum(p.numel() for p in model.parameters()) - 2 * 32 * 48
+    m2, report = spectralize(copy.deepcopy(model), budget=fixed + 32 * 48, calibration=batches, report=True)
+    for r in report:
+        assert r.converted and 0 < r.kept_energy <= 1
+    for layer in m2.modules():
+        if isinstance(layer, SpectralLinear):
+            assert orthonormality_error(layer.U) < 1e-6 and orthonormality_error(layer.V) < 1e-6
+    assert sum(p.numel() for p in m2.parameters()) <= fixed + 32 * 48
+    # energy reads the whitened spectrum: the kept fraction is the whitened one
+    m3, rep3 = spectralize(copy.deepcopy(model), energy=0.7, calibration=batches, report=True)
+    moments = collect_input_moments(model, {"0": model[0]}, batches)
+    S = whitened_svd(model[0].weight, moments.moment("0"))[1]
+    frac = torch.cumsum(S.square(), 0) / S.square().sum()
+    assert rep3[0].rank == int((frac < 0.7).sum()) + 1
+
+
+def test_layers_reading_one_input_share_one_moment():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.o(self.q(x) * self.k(x))
+
+    block = Block()
+    moments = collect_input_moments(block, dict(block.named_children()), [torch.randn(5, 8) for _ in range(3)])
+    assert moments.moment("q") is moments.moment("k")
+    assert moments.moment("o") is not moments.moment("q")
+    assert moments.tokens("q") == 15
+    assert sorted(map(sorted, moments.shared_groups())) == [["k", "q"], ["o"]]
+
+
+def test_bad_calibration_input_is_a_clear_error_never_nan():
+    lin = nn.Linear(6, 4)
+    with pytest.raises(ValueError, match="no batch"):
+        spectralize(copy.deepcopy(lin), rank=2, calibration=[])
+    with pytest.raises(ValueError, match="all zero"):
+        spectralize(copy.deepcopy(lin), rank=2, calibration=[torch.zeros(10, 6)])
+    with pytest.raises(ValueError, match="non-finite"):
+        spectralize(copy.deepcopy(lin), rank=2, calibration=[torch.full((3, 6), float("nan"))])
+    with pytest.raises(ValueError, match="singular"):  # 2 tokens for 6 features, no damping
+        spectralize(copy.deepcopy(lin), rank=2, calibration=[torch.randn(2, 6)], damping=0.0)
+    with pytest.raises(ValueError, match="damping must be"):
+        spectralize(copy.deepcopy(lin), rank=2, calibration=[torch.randn(2, 6)], damping=-1.0)
+    with pytest.raises(ValueError, match="calibration_forward needs"):
+        spectralize(copy.deepcopy(lin), rank=2, calibration_forward=lambda m, b: m(b))
+    # rank-deficient data with the default damping: the documented regularised result, finite
+    layer = spectralize(copy.deepcopy(lin), rank=2, calibration=[torch.randn(2, 6)])
+    assert all(torch.isfinite(t).all() for t in (layer.U, layer.s, layer.V))
+    assert orthonormality_error(layer.U) < 1e-6
+
+
+def test_a_layer_the_calibration_never_reaches_is_named():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="never called"):
+        spectralize(model, rank=1, calibration=[torch.randn(3, 4)], calibration_forward=lambda m, b: m[0](b))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_residual_mode_keeps_the_function_and_densify_merges(dtype, tol):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 16)).to(dtype)
+    x = torch.randn(7, 16, dtype=dtype)
+    ref = model(x)
+    res = spectralize(copy.deepcopy(model), rank=3, residual_dtype=dtype)
+    assert all(isinstance(m, SpectralLinear) and m.residual is not None for m in (res[0], res[2]))
+    assert torch.allclose(res(x), ref, atol=tol, rtol=0)
+    assert "residual" not in res[0].state_dict()  # the model-sized part is never in a state dict
+    merged = densify(copy.deepcopy(res))
+    assert isinstance(merged[0], nn.Linear)
+    assert torch.allclose(merged(x), ref, atol=tol, rtol=0)
+    # calibrated + residual: still the same function
+    cal = spectralize(copy.deepcopy(model), rank=3, residual_dtype=dtype, calibration=[torch.randn(50, 16, dtype=dtype)])
+    assert torch.allclose(cal(x), ref, atol=tol, rtol=0)
+
+
+def test_residual_in_bf16_and_argument_errors():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    layer = spectralize(copy.deepcopy(lin), rank=2, residual_dtype=torch.bfloat16)
+    assert layer.residual.dtype == torch.bfloat16
+    x = torch.randn(4, 16)
+    assert (layer(x) - lin(x)).abs().max() < 3e-2  # the residual rounded to bf16
+    with pytest.raises(ValueError, match="residual_dtype must be one of"):
+        spectralize(copy.deepcopy(lin), rank=2, residual_dtype=torch.int8)
+    with pytest.raises(ValueError, match="embeddings"):
+        spectralize(nn.Sequential(nn.Embedding(10, 4)), rank=2, residual_dtype=torch.float32, embeddings=True)
+    empty = SpectralLinear(16, 8, 2, residual_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="no residual yet"):
+        empty(x)
+
+
+def _residual_model(seed=0):
+    torch.manual_seed(seed)
+    base = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 12), nn.LayerNorm(12))
+    model = spectralize(copy.deepcopy(base), rank=3, residual_dtype=torch.float32)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ("U", "s", "V"))
+    return base, model
+
+
+def _train(model, steps=5, optimizer=None):
+    torch.manual_seed(1)
+    x = torch.randn(16, 12)
+    opt = optimizer or SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - x).square().mean().backward()
+        opt.step()
+    return x
+
+
+def test_residual_training_stays_on_the_manifold_and_moves_only_the_factors():
+    base, model = _residual_model()
+    r0 = model[0].residual.clone()
+    x = _train(model)
+    assert not torch.allclose(model(x), base(x))
+    assert torch.equal(model[0].residual, r0)
+    assert orthonormality_error(model[0].U) < 1e-5
+    # any optimizer, through the retraction hook
+    _, other = _residual_model()
+    opt = torch.optim.SGD([p for p in other.parameters() if p.requires_grad], lr=0.1)
+    handle = stiefel_retraction(opt)
+    _train(other, optimizer=opt)
+    handle.remove()
+    assert orthonormality_error(other[2].V) < 1e-5
+
+
+def test_trained_only_checkpoint_rebuilds_the_residual_from_the_base(tmp_path):
+    base, model = _residual_model()
+    x = _train(model)
+    save_spectral(model, tmp_path / "ck", trained_only=True)
+    config = json.loads((tmp_path / "ck" / "spectral_config.json").read_text())
+    assert set(config["base_tensors"]) == {"3.weight", "3.bias"}  # the frozen norm comes from the base
+    assert config["layers"]["0"]["residual"]["dtype"] == "float32"
+    size = (tmp_path / "ck" / "model.safetensors").stat().st_size
+    fresh = copy.deepcopy(base)
+    load_spectral(fresh, tmp_path / "ck")
+    assert torch.equal(fresh(x), model(x))  # bitwise: the same base and factors give the same residual
+    assert not {"3.weight", "3.bias"} & set(config["tensors"]) and size > 0
+    # a full checkpoint of a residual model saves U0, s0, V0 but never the residual
+    save_spectral(model, tmp_path / "full")
+    assert "0.residual" not in json.loads((tmp_path / "full" / "spectral_config.json").read_text())["tensors"]
+    again = copy.deepcopy(base)
+    load_spectral(again, tmp_path / "full")
+    assert torch.equal(again(x), model(x))
+
+
+def test_residual_checkpoint_refuses_another_base_and_leaves_the_model_untouched(tmp_path):
+    base, model = _residual_model()
+    _train(model)
+    save_spectral(model, tmp_path / "ck", trained_only=True)
+    other = copy.deepcopy(base)
+    with torch.no_grad():
+        other[0].weight[0, 0] += 1e-3
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match="not the base weight"):
+        load_spectral(other, tmp_path / "ck")
+    assert isinstance(other[0], nn.Linear) and all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+    norm_changed = copy.deepcopy(base)
+    with torch.no_grad():
+        norm_changed[3].weight += 1
+    with pytest.raises(CheckpointError, match="3.weight"):
+        load_spectral(norm_changed, tmp_path / "ck")
+    with pytest.raises(CheckpointError, match="residual layer"):
+        load_spectral(copy.deepcopy(model), tmp_path / "ck")
+
+
+def test_rank_scheduler_and_fsdp2_refuse_residual_layers():
+    from stiefel_sct.distributed import shard_model
+
+    _, model = _residual_model()
+    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    with pytest.raises(NotImplementedError, match="residual"):
+        RankScheduler(opt, every=1)
+    with pytest.raises(NotImplementedError, match="residual"):
+        shard_model(model)
+
+
+def test_peft_lora_export_reproduces_the_trained_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    from stiefel_sct.export import export_peft_lora
+
+    class Net(nn.Module):  # PEFT wants named modules
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(12, 20), nn.Linear(20, 12)
+
+        def forward(self, x):
+            return self.down(torch.tanh(self.up(x)))
+
+    torch.manual_seed(0)
+    base = Net()
+    model = spectralize(copy.deepcopy(base), rank=3, residual_dtype=torch.float32)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ("U", "s", "V"))
+    x = _train(model, steps=10)
+    export_peft_lora(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 6 and config["lora_alpha"] == 6  # rank 2k, scaling 1
+    lora = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
+    assert (lora(x) - model(x)).abs().max() < 1e-5
+    # what cannot be an adapter is refused by name
+    with torch.no_grad():
+        model.down.bias.requires_grad_(True)
+    from stiefel_sct.export import export_peft_lora as export
+
+    with pytest.raises(ValueError, match="trainable bias"):
+        export(model, tmp_path / "bad")
+    plain = spectralize(copy.deepcopy(base), rank=3)
+    with pytest.raises(ValueError, match="without a residual"):
+        export(plain, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
