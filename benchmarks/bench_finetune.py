@@ -96,7 +96,7 @@ def make_step(model, opt, batch: int, seq: int, device: torch.device, autocast: 
     (parameters, gradients and optimizer state stay fp32)."""
     import contextlib
 
-    from experiments.finetune_smollm2 import lm_loss
+    from experiments.common import lm_loss
 
     gen = torch.Generator().manual_seed(1)
     vocab = SMOLLM2_CONFIG["vocab_size"]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import pathlib
 import platform
 import random
 import sys
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import numpy as np
 import torch
@@ -249,3 +250,120 @@ def progress(iterable: Iterable, desc: str = "", lines_every: Optional[int] = No
                            every=lines_every)
 
 
+
+
+# ------------------------------------------------------------------------------ language-model training
+def lm_loss(model, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next-token cross-entropy of a causal LM (``model(input_ids=...).logits``); ``mask`` marks
+    the tokens that count (the SCT reference masks padding)."""
+    logits = model(input_ids=ids[:, :-1]).logits.float()
+    targets = ids[:, 1:].clone()
+    if mask is not None:
+        targets[~mask[:, 1:]] = -100
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation term: ``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean
+    over tokens (the ``T^2`` keeps its gradient's scale independent of ``T``)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = temperature
+    s = torch.log_softmax(student_logits.float().flatten(0, -2) / t, dim=-1)
+    q = torch.log_softmax(teacher_logits.float().flatten(0, -2) / t, dim=-1)
+    return torch.nn.functional.kl_div(s, q, log_target=True, reduction="batchmean") * t * t
+
+
+def warmup_cosine(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate multiplier at ``step`` (0-based): linear warm-up over ``warmup`` steps, then
+    cosine decay to 0 at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+# ------------------------------------------------------------------------------ conversions
+class LowRankLinear(torch.nn.Module):
+    """``y = x A^T B^T + b``: an unconstrained rank-``k`` factorization (the baseline SCT is compared with)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = torch.nn.Parameter(torch.empty(rank, in_features))
+        self.B = torch.nn.Parameter(torch.empty(out_features, rank))
+        self.bias = torch.nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: torch.nn.Linear, rank: int) -> LowRankLinear:
+        """Truncated SVD ``W ~ P S Q^T`` split evenly: ``B = P sqrt(S)``, ``A = sqrt(S) Q^T``."""
+        P, S, Qh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None)
+        root = S[:rank].sqrt()
+        layer.A.copy_(root[:, None] * Qh[:rank])
+        layer.B.copy_(P[:, :rank] * root)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.A), self.B, self.bias)
+
+
+def convert(model: torch.nn.Module, method: str, include: str, *, energy: Optional[float] = None,
+            budget_fraction: Optional[float] = None, calibration: Any = None) -> Dict:
+    """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
+    fraction of the selected layers' dense size; ``calibration``: data-aware truncation on those
+    batches); ``"lowrank"`` with :class:`LowRankLinear` at the ranks SCT would choose. Returns the
+    conversion report as a dict (with the seconds it took)."""
+    import copy
+
+    from stiefel_sct import match_module, spectralize
+
+    t0 = time.perf_counter()
+    selected = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and match_module(n, include)]
+    dense = sum(m.weight.numel() for _, m in selected)
+    kwargs: Dict[str, Any] = {"energy": energy} if energy is not None else {
+        "budget": sum(p.numel() for p in model.parameters()) - dense + int(budget_fraction * dense)}  # type: ignore[operator]
+    if calibration is not None:
+        kwargs["calibration"] = calibration
+    probe = copy.deepcopy(model) if method == "lowrank" else model
+    _, report = spectralize(probe, include=include, retraction="cholqr2", report=True, **kwargs)
+    if method == "lowrank":
+        modules = dict(model.named_modules())
+        for r in report:
+            if r.converted:
+                parent, _, child = r.name.rpartition(".")
+                setattr(modules[parent], child, LowRankLinear.from_linear(modules[r.name], r.rank))
+    return {"converted_layers": sum(r.converted for r in report), "layers": len(report),
+            "selected_dense_params": dense, "params_after": sum(p.numel() for p in model.parameters()),
+            "selected_params_after": sum(r.params - (r.dense_params - r.shape[0] * r.shape[1]) for r in report),
+            "mean_rank": sum(r.rank or min(r.shape) for r in report) / max(1, len(report)),
+            "mean_kept_energy": (sum(r.kept_energy for r in report if r.kept_energy is not None)
+                                 / sum(r.kept_energy is not None for r in report)
+                                 if any(r.kept_energy is not None for r in report) else None),
+            "ranks_by_type": ranks_of_report(report), "convert_s": time.perf_counter() - t0,
+            "ranks_by_name": {r.name: r.rank for r in report}}
+
+
+def ranks_of_report(report) -> Dict[str, float]:
+    """Mean rank of each layer type (the last part of the name) in a conversion report."""
+    by: Dict[str, List[int]] = {}
+    for r in report:
+        by.setdefault(r.name.rsplit(".", 1)[-1], []).append(r.rank or 0)
+    return {t: sum(ks) / len(ks) for t, ks in sorted(by.items())}
+
+
+def spectral_layers(model) -> List[Tuple[str, Any]]:
+    """``(name, layer)`` of the model's spectral linear layers."""
+    from stiefel_sct import SpectralLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SpectralLinear)]
+
+
+def ranks_by_type(model) -> Dict[str, float]:
+    """Mean rank of each layer type (``q_proj``, ``gate_proj``, ...) over the model's spectral layers."""
+    by: Dict[str, List[int]] = {}
+    for n, m in spectral_layers(model):
+        by.setdefault(n.rsplit(".", 1)[-1], []).append(m.rank)
+    return {t: sum(ks) / len(ks) for t, ks in sorted(by.items())}

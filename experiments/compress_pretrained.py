@@ -44,7 +44,14 @@ from torch import nn
 
 from experiments import data as data_lib
 from experiments import rank_sweep
-from experiments.common import add_preset_argument, config_from_args, progress, seed_everything, write_results
+from experiments.common import (
+    add_preset_argument,
+    config_from_args,
+    convert,
+    progress,
+    seed_everything,
+    write_results,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -73,6 +80,7 @@ class Config:
     heal_steps: int = 100
     heal_lrs: List[float] = field(default_factory=lambda: [3e-4, 1e-3])
     heal_batch: int = 16
+    calib_sentences: int = 512      # sct_whitened: calibration lines (from the training lines)
     train_sentences: int = 1600
     eval_sentences: int = 256
     max_len: int = 32
@@ -95,65 +103,6 @@ PRESETS = {
     "smoke": dict(energies=[0.95], budgets=[0.5], heal_steps=2, heal_lrs=[1e-3], heal_batch=4, train_sentences=16,
                   eval_sentences=8, max_len=16, lm_pretrain_steps=2, lm_heal_steps=2, lm_lrs=[1e-3]),
 }
-
-
-# -------------------------------------------------------------------------- the low-rank baseline
-class LowRankLinear(nn.Module):
-    """``y = x A^T B^T + b``: an unconstrained rank-``k`` factorization (the baseline SCT is compared with)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.A = nn.Parameter(torch.empty(rank, in_features))
-        self.B = nn.Parameter(torch.empty(out_features, rank))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-
-    @classmethod
-    @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, rank: int) -> LowRankLinear:
-        """Truncated SVD ``W ~ P S Q^T`` split evenly: ``B = P sqrt(S)``, ``A = sqrt(S) Q^T``."""
-        P, S, Qh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
-        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None)
-        root = S[:rank].sqrt()
-        layer.A.copy_(root[:, None] * Qh[:rank])
-        layer.B.copy_(P[:, :rank] * root)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias)
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(nn.functional.linear(x, self.A), self.B, self.bias)
-
-
-def convert(model: nn.Module, method: str, include: str, *, energy=None, budget_fraction=None) -> Dict:
-    """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
-    fraction of the selected layers' dense size); ``"lowrank"`` with :class:`LowRankLinear` at the
-    ranks SCT would choose. Returns the conversion report as a dict."""
-    from stiefel_sct import match_module, spectralize
-
-    selected = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_module(n, include)]
-    dense = sum(m.weight.numel() for _, m in selected)
-    kwargs = {"energy": energy} if energy is not None else {
-        "budget": sum(p.numel() for p in model.parameters()) - dense + int(budget_fraction * dense)}
-    probe = copy.deepcopy(model) if method == "lowrank" else model
-    _, report = spectralize(probe, include=include, retraction="cholqr2", report=True, **kwargs)
-    if method == "lowrank":
-        modules = dict(model.named_modules())
-        for r in report:
-            if r.converted:
-                parent, _, child = r.name.rpartition(".")
-                setattr(modules[parent], child, LowRankLinear.from_linear(modules[r.name], r.rank))
-    by_type: Dict[str, List[int]] = {}
-    for r in report:
-        by_type.setdefault(r.name.rsplit(".", 1)[-1], []).append(r.rank or 0)
-    return {"converted_layers": sum(r.converted for r in report), "layers": len(report),
-            "selected_dense_params": dense, "params_after": sum(p.numel() for p in model.parameters()),
-            "selected_params_after": sum(r.params - (r.dense_params - r.shape[0] * r.shape[1]) for r in report),
-            "mean_rank": sum(r.rank or min(r.shape) for r in report) / max(1, len(report)),
-            "mean_kept_energy": (sum(r.kept_energy for r in report if r.kept_energy is not None)
-                                 / sum(r.kept_energy is not None for r in report)
-                                 if any(r.kept_energy is not None for r in report) else None),
-            "ranks_by_name": {r.name: r.rank for r in report}}
 
 
 def make_optimizer(model: nn.Module, method: str, lr: float):
@@ -289,19 +238,27 @@ def minilm_part(cfg: Config, cache_dir=None) -> Dict:
         best_lr[method] = float(max(sweep[method], key=sweep[method].get))
     out["heal_lr_sweep"], out["heal_lr"] = sweep, best_lr
 
+    # sct_whitened: the calibrated conversion (on the training lines' batches, the inputs the
+    # encoder is healed on), then the same distillation toward the original embeddings as sct
+    calibration = [enc for enc, _ in train.batches[: max(1, cfg.calib_sentences // cfg.heal_batch)]]
     rows = []
     policies = [("energy", e) for e in cfg.energies] + [("budget", b) for b in cfg.budgets]
     for kind, value in progress(policies, desc="minilm"):
-        for method in ("sct", "lowrank"):
+        for method in ("sct", "sct_whitened", "lowrank") if kind == "budget" else ("sct", "lowrank"):
             model = fresh()
-            rep = convert(model, method, BERT_ALL, **({"energy": value} if kind == "energy" else {"budget_fraction": value}))
+            policy = {"energy": value} if kind == "energy" else {"budget_fraction": value}
+            if method == "sct_whitened":
+                rep = convert(model, "sct", BERT_ALL, calibration=calibration, **policy)
+            else:
+                rep = convert(model, method, BERT_ALL, **policy)
             before = mean_cosine(model, held_out)
             t = time.perf_counter()
-            losses = distill(model, method, train, cfg.heal_steps, best_lr[method]) if rep["converted_layers"] else []
+            base = "sct" if method == "sct_whitened" else method  # its optimizer and heal lr are sct's
+            losses = distill(model, base, train, cfg.heal_steps, best_lr[base]) if rep["converted_layers"] else []
             rows.append({"policy": kind, "value": value, "method": method, "cosine_before": before,
                          "cosine_after": mean_cosine(model, held_out), "heal_s": time.perf_counter() - t,
                          "final_train_loss": losses[-1] if losses else None, **_brief(rep)})
-            print(f"  minilm {kind} {value:<5g} {method:8s} params {rep['params_after'] / 1e6:6.2f}M  "
+            print(f"  minilm {kind} {value:<5g} {method:12s} params {rep['params_after'] / 1e6:6.2f}M  "
                   f"cos {before:.4f} -> {rows[-1]['cosine_after']:.4f}", flush=True)
     out["rows"] = rows
     return out

@@ -33,11 +33,13 @@ Weights: SmolLM2-135M-Instruct **Q4_1 (4-bit) GGUF, dequantised to fp32** (``exp
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
 import os
 import pathlib
+import platform
 import random
 import shutil
 import statistics
@@ -46,7 +48,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -57,26 +59,22 @@ from experiments.common import (
     ROOT,
     add_preset_argument,
     atomic_torch_save,
+    atomic_write_json,
     config_from_args,
+    convert,
+    distill_loss,
+    lm_loss,
     peak_rss_mib,
     progress,
+    ranks_by_type,
+    release_free_memory,
     reset_peak_rss,
     seed_everything,
+    spectral_layers,
+    warmup_cosine,
     write_results,
 )
 
-METHODS = ("dense", "lora_match", "lora_r16", "galore", "lowrank", "sct_b50", "sct_b25", "sct_ref", "sct_adapt")
-DESCRIPTIONS = {
-    "dense": "full fine-tuning, torch AdamW",
-    "lora_match": "PEFT LoRA on every linear layer, rank matching SCT-50%'s trainable parameters",
-    "lora_r16": "PEFT LoRA on every linear layer, r=16",
-    "galore": "galore-torch GaLoreAdamW on the linear layers (rank 128, gap 200, scale 0.25)",
-    "lowrank": "plain low rank W = B A at SCT-50%'s ranks, AdamW",
-    "sct_b50": "SCT, every decoder linear spectral at 50% of their parameters, SpectralAdam",
-    "sct_b25": "SCT, every decoder linear spectral at 25% of their parameters, SpectralAdam",
-    "sct_ref": "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam",
-    "sct_adapt": "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter budget",
-}
 LINEAR = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 MLP = r".*layers\.\d+\.mlp\.(gate|up|down)_proj"
 PROMPTS = ["ROMEO:", "To be, or not to be,", "What is the capital of France?",
@@ -84,6 +82,8 @@ PROMPTS = ["ROMEO:", "To be, or not to be,", "What is the capital of France?",
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
           "Write a response that appropriately completes the request.\n\n"
           "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}")
+GENERAL_TEXT = ("the Python Language Reference as pydoc ships it (pydoc_data.topics of Python {python}, topics in name "
+                "order): general technical English the model saw in pre-training, never trained on here")
 REFERENCE = {  # the reference's own log (DESIGN.md, section 5)
     "energy": 0.95, "ranks": [412, 466], "mlp_compression": 0.94, "sct_first_loss": 8.95, "dense_first_loss": 2.15,
     "sct_time_s": 503.6, "dense_time_s": 74.6, "steps": 400,
@@ -100,10 +100,14 @@ class Config:
     batch: int = 4
     seq: int = 128
     warmup: int = 6
+    # principal-direction methods (whitened SCT, residual, PiSSA) get lower rates: they start from
+    # the directions that carry the pretrained function (PiSSA's paper: lower lr than LoRA)
     lrs: Dict[str, List[float]] = field(default_factory=lambda: {
         "dense": [1e-4, 3e-4], "lora_match": [3e-4, 1e-3], "lora_r16": [1e-3, 3e-3], "galore": [3e-4, 1e-3],
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
-        "sct_adapt": [3e-4, 1e-3]})
+        "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [1e-4, 3e-4, 1e-3],
+        "sct_w50_kd": [1e-4, 3e-4], "sct_w25_kd": [1e-4, 3e-4, 1e-3], "residual_r16": [1e-4, 3e-4, 1e-3],
+        "pissa_r16": [3e-5, 1e-4, 3e-4]})
     sweep_steps: int = 8
     eval_windows: int = 16
     budgets: Dict[str, float] = field(default_factory=lambda: {"sct_b50": 0.5, "sct_b25": 0.25})
@@ -113,6 +117,10 @@ class Config:
     adapt_grow: int = 24            # ... RankScheduler(grow=..., tol=...)
     adapt_tol: float = 1e-3
     lora_default_r: int = 16
+    residual_r: int = 16            # residual_r16: rank of the trained principal part
+    calib_tokens: int = 8192        # whitened arms: calibration tokens from the training plays
+    distill_alpha: float = 0.5      # *_kd arms: loss = (1 - a) next-token CE + a T^2 KL(teacher || student)
+    distill_temperature: float = 2.0
     galore_rank: int = 128
     galore_gap: int = 200
     galore_scale: float = 0.25
@@ -121,19 +129,6 @@ class Config:
     new_tokens: int = 16
     train_docs: Optional[int] = None  # None: every training play
     seed: int = 0
-
-
-PRESETS = {
-    "quick": dict(methods=["dense", "lora_match", "sct_b50"], steps=12, sweep_steps=0, warmup=3, ref_steps=6,
-                  eval_windows=6, seq=64, new_tokens=8, train_docs=6),
-    "fast": dict(methods=["dense", "sct_b50"], steps=6, sweep_steps=0, warmup=2, ref_steps=4, eval_windows=4,
-                 seq=64, new_tokens=8, train_docs=4),
-    "cpu": dict(steps=100, sweep_steps=20, warmup=20, ref_steps=60, eval_windows=24),
-    "paper": dict(steps=400, sweep_steps=60, warmup=20, ref_steps=400, eval_windows=64),
-    "smoke": dict(model="tiny", steps=2, sweep_steps=1, warmup=1, ref_steps=2, ref_samples=8, eval_windows=2,
-                  seq=16, batch=2, new_tokens=3, train_docs=3, galore_rank=4, galore_gap=2,
-                  lrs={m: [1e-3] for m in METHODS}),
-}
 
 
 # ----------------------------------------------------------------------------------- model, data
@@ -173,10 +168,16 @@ def prepare_tokens(cfg: Config, tokenizer, path: pathlib.Path) -> Dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids, mask = _padded(samples, enc, pad)
     vids, vmask = _padded(reference_samples(val_docs, 64), enc, pad)
-    blob = {"train": train, "val": val, "ref_ids": ids, "ref_mask": mask, "ref_val_ids": vids, "ref_val_mask": vmask}
+    # the second held-out text, of another kind: what the model knew before (general technical English)
+    general_docs = data_lib.python_reference_documents()
+    general = torch.tensor([i for _, t in general_docs for i in enc(t + "\n\n")][: 64 * (cfg.seq + 1)], dtype=torch.long)
+    blob = {"train": train, "val": val, "general": general, "ref_ids": ids, "ref_mask": mask, "ref_val_ids": vids,
+            "ref_val_mask": vmask}
     atomic_torch_save(path, blob)
     return {"train_tokens": int(train.numel()), "val_tokens": int(val.numel()), "train_documents": len(train_docs),
-            "val_documents": [n for n, _ in val_docs[:4]], "reference_samples": len(samples)}
+            "val_documents": [n for n, _ in val_docs[:4]], "reference_samples": len(samples),
+            "general_text": GENERAL_TEXT.format(python=platform.python_version()),
+            "general_text_sha256": data_lib.documents_digest(general_docs)}
 
 
 def _padded(samples: List[str], enc, pad: int, length: int = 128):
@@ -223,83 +224,214 @@ def trainable(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-FACTORS_ONLY = "_factors"  # method suffix: an SCT arm whose dense parameters stay frozen
+Built = Tuple[nn.Module, torch.optim.Optimizer, Dict]
 
 
-def build_method(method: str, model: nn.Module, cfg: Config, lr: float):
-    """Convert ``model`` for ``method`` and return ``(model, optimizer, info)``.
+def _freeze_all_but_factors(model: nn.Module) -> List[nn.Parameter]:
+    """Only the spectral layers' U, s, V train (the embedding, tied to the head, the norms and any
+    bias stay frozen, as under LoRA); returns them."""
+    from stiefel_sct.layers import SpectralModule
 
-    ``<sct method>_factors`` (e.g. ``sct_b25_factors``): that SCT arm with only the spectral
-    factors ``U, s, V`` trained; the embedding (tied to the LM head) and the norms stay frozen, as
-    LoRA leaves everything but its adapters. The plain SCT arms train them too (dense Adam)."""
-    from experiments.compress_pretrained import convert
-    from stiefel_sct import SpectralAdam
+    factors = {id(p) for m in model.modules() if isinstance(m, SpectralModule) for p in (m.U, m.s, m.V)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in factors)
+    return [p for p in model.parameters() if p.requires_grad]
 
-    factors_only = method.startswith("sct_") and method.endswith(FACTORS_ONLY)
-    if (method[: -len(FACTORS_ONLY)] if factors_only else method) not in METHODS:
-        # checked here, not per branch: "sct_b10" would otherwise get the 50% budget, "lora_x" rank 16
-        raise ValueError(f"method must be one of {METHODS} (SCT ones optionally + {FACTORS_ONLY!r}), got {method!r}")
-    if factors_only:
-        from stiefel_sct.layers import SpectralModule
 
-        model, _, info = build_method(method[: -len(FACTORS_ONLY)], model, cfg, lr)
-        spectral = {id(p) for m in model.modules() if isinstance(m, SpectralModule) for p in m.parameters()}
-        for p in model.parameters():
-            p.requires_grad_(id(p) in spectral)
-        return model, SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=lr), info
-    info: Dict = {}
-    if method == "dense":
-        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info
-    if method.startswith("sct_") or method == "lowrank":
-        if method == "sct_ref":
-            info = convert(model, "sct", MLP, energy=0.95)
-        elif method == "sct_adapt":
-            budget = int(cfg.adapt_budget * linear_params(model))  # before converting: the dense linears
-            info = convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
-            info["rank_budget"] = budget
-        else:
-            fraction = cfg.budgets.get(method, 0.5)
-            info = convert(model, "lowrank" if method == "lowrank" else "sct", LINEAR, budget_fraction=fraction)
-        info.pop("ranks_by_name", None)
-        if method == "lowrank":
-            return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info
-        return model, SpectralAdam(model.parameters(), lr=lr), info
-    if method.startswith("lora"):
+def calibration_batches(cfg: Config, data: Optional[Dict]) -> List[Dict[str, torch.Tensor]]:
+    """The whitened arms' calibration data: ``cfg.calib_tokens`` tokens of the *training* plays
+    (the new domain), windows of ``cfg.seq`` at seeded random starts, in batches of 8 windows."""
+    if data is None or "train" not in data:
+        raise ValueError("the whitened SCT arms need calibration data: build_method(..., data=<the token blob>)")
+    train = data["train"]
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    n = max(1, cfg.calib_tokens // cfg.seq)
+    starts = torch.randint(0, train.numel() - cfg.seq, (n,), generator=gen).tolist()
+    windows = torch.stack([train[s:s + cfg.seq] for s in starts])
+    return [{"input_ids": w} for w in windows.split(8)]
+
+
+def _dense(model, cfg, lr, data) -> Built:
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), {}
+
+
+def _lora(rank: Callable[[nn.Module, Config], int], init: object = True, alpha: Callable[[int], int] = lambda r: 2 * r):
+    def build(model, cfg, lr, data) -> Built:
         import peft
 
-        if method == "lora_match":
-            target = int(0.5 * linear_params(model))  # SCT-50%'s factor parameters
-            r = lora_rank_matching(model, target)
-        else:
-            r = cfg.lora_default_r
-        lora = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+        r = rank(model, cfg)
+        t0 = time.perf_counter()
+        lora = peft.LoraConfig(r=r, lora_alpha=alpha(r), lora_dropout=0.0, init_lora_weights=init,
                                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
         model = peft.get_peft_model(model, lora)
-        info = {"lora_r": r}
+        info = {"lora_r": r, "lora_alpha": alpha(r), "init": str(init), "convert_s": time.perf_counter() - t0}
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0), info
-    if method == "galore":
-        from galore_torch import GaLoreAdamW
 
-        from stiefel_sct import match_module
-
-        galore = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_module(n, LINEAR)]
-        ids = {id(p) for p in galore}
-        rest = [p for p in model.parameters() if id(p) not in ids]
-        groups = [{"params": rest},
-                  {"params": galore, "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_gap,
-                   "scale": cfg.galore_scale, "proj_type": "std"}]
-        info = {"galore_rank": cfg.galore_rank}
-        return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True), info
-    raise AssertionError(f"method {method!r} is in METHODS but build_method has no branch for it")
+    return build
 
 
-def lm_loss(model, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Next-token cross-entropy; ``mask`` marks the tokens that count (the reference masks padding)."""
-    logits = model(input_ids=ids[:, :-1]).logits.float()
-    targets = ids[:, 1:].clone()
-    if mask is not None:
-        targets[~mask[:, 1:]] = -100
-    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+def _galore(model, cfg, lr, data) -> Built:
+    from galore_torch import GaLoreAdamW
+
+    from stiefel_sct import match_module
+
+    galore = [m.weight for n, m in model.named_modules() if isinstance(m, nn.Linear) and match_module(n, LINEAR)]
+    ids = {id(p) for p in galore}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    groups = [{"params": rest},
+              {"params": galore, "rank": cfg.galore_rank, "update_proj_gap": cfg.galore_gap,
+               "scale": cfg.galore_scale, "proj_type": "std"}]
+    return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True), {"galore_rank": cfg.galore_rank}
+
+
+def _lowrank(model, cfg, lr, data) -> Built:
+    info = convert(model, "lowrank", LINEAR, budget_fraction=cfg.budgets["sct_b50"])
+    info.pop("ranks_by_name", None)
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info
+
+
+def _sct(fraction: Callable[[Config], float], calibrated: bool = False, factors_only: bool = False):
+    def build(model, cfg, lr, data) -> Built:
+        from stiefel_sct import SpectralAdam
+
+        if calibrated:
+            info = _whitened_conversion(model, cfg, fraction(cfg), data)
+        else:
+            info = convert(model, "sct", LINEAR, budget_fraction=fraction(cfg))
+            info.pop("ranks_by_name", None)
+        params = _freeze_all_but_factors(model) if factors_only else list(model.parameters())
+        return model, SpectralAdam(params, lr=lr), info
+
+    return build
+
+
+def _whitened_conversion(model: nn.Module, cfg: Config, fraction: float, data: Optional[Dict]) -> Dict:
+    """The calibrated conversion at ``fraction``; with ``data["cache_dir"]`` the converted model is
+    kept there as a spectral checkpoint, so an lr sweep's runs convert once (the info, conversion
+    time included, is the converting run's)."""
+    from stiefel_sct import load_spectral, save_spectral
+
+    cache = pathlib.Path(data["cache_dir"]) if data and data.get("cache_dir") else None
+    from stiefel_sct.calibration import DEFAULT_DAMPING
+
+    name = (f"whitened-{cfg.preset}-{cfg.model}-{fraction:g}-{cfg.calib_tokens}x{cfg.seq}-seed{cfg.seed}"
+            f"-damping{DEFAULT_DAMPING:g}")
+    if cache is not None and (cache / f"{name}.json").is_file() and (cache / name).is_dir():
+        load_spectral(model, cache / name)
+        return {**json.loads((cache / f"{name}.json").read_text()), "conversion_cached": True}
+    info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data))
+    info.pop("ranks_by_name", None)
+    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of the training plays"
+    if cache is not None:
+        save_spectral(model, cache / name)
+        atomic_write_json(cache / f"{name}.json", info)
+    return info
+
+
+def _sct_ref(model, cfg, lr, data) -> Built:
+    from stiefel_sct import SpectralAdam
+
+    info = convert(model, "sct", MLP, energy=0.95)
+    info.pop("ranks_by_name", None)
+    return model, SpectralAdam(model.parameters(), lr=lr), info
+
+
+def _sct_adapt(model, cfg, lr, data) -> Built:
+    from stiefel_sct import SpectralAdam
+
+    budget = int(cfg.adapt_budget * linear_params(model))  # before converting: the dense linears
+    info = convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
+    info.pop("ranks_by_name", None)
+    info["rank_budget"] = budget
+    return model, SpectralAdam(model.parameters(), lr=lr), info
+
+
+def _residual(model, cfg, lr, data) -> Built:
+    """Every decoder linear: its top-``cfg.residual_r`` spectral part trains on the manifold, the
+    rest of its weight is a frozen fp32 residual (the function is the pretrained one at step 0)."""
+    from stiefel_sct import SpectralAdam, spectralize
+
+    t0 = time.perf_counter()
+    _, report = spectralize(model, rank=cfg.residual_r, include=LINEAR, residual_dtype=torch.float32,
+                            retraction="cholqr2", report=True)
+    info = {"rank": cfg.residual_r, "converted_layers": sum(r.converted for r in report),
+            "residual_dtype": "float32", "convert_s": time.perf_counter() - t0}
+    return model, SpectralAdam(_freeze_all_but_factors(model), lr=lr), info
+
+
+@dataclass(frozen=True)
+class Method:
+    """One arm of the comparison: ``build(model, cfg, lr, data) -> (model, optimizer, info)``;
+    ``family`` decides how it is saved and drawn; ``distill``: trained against the dense teacher's
+    logits as well (``cfg.distill_alpha``, ``cfg.distill_temperature``)."""
+
+    name: str
+    family: str
+    description: str
+    build: Callable[[nn.Module, Config, float, Optional[Dict]], Built]
+    distill: bool = False
+
+
+_B50, _B25 = (lambda c: c.budgets["sct_b50"]), (lambda c: c.budgets["sct_b25"])
+METHOD_TABLE: Tuple[Method, ...] = (
+    Method("dense", "dense", "full fine-tuning, torch AdamW", _dense),
+    Method("lora_match", "lora", "PEFT LoRA on every linear layer, rank matching SCT-50%'s trainable parameters",
+           _lora(lambda m, c: lora_rank_matching(m, int(0.5 * linear_params(m))))),
+    Method("lora_r16", "lora", "PEFT LoRA on every linear layer, r=16", _lora(lambda m, c: c.lora_default_r)),
+    Method("pissa_r16", "lora", "PEFT PiSSA (LoRA initialised with the principal part, init_lora_weights='pissa'), "
+           "every linear layer, r=16, lora_alpha=16", _lora(lambda m, c: c.lora_default_r, "pissa", lambda r: r)),
+    Method("galore", "galore", "galore-torch GaLoreAdamW on the linear layers (rank 128, gap 200, scale 0.25)", _galore),
+    Method("lowrank", "lowrank", "plain low rank W = B A at SCT-50%'s ranks, AdamW", _lowrank),
+    Method("sct_b50", "sct", "SCT, every decoder linear spectral at 50% of their parameters (plain SVD), SpectralAdam",
+           _sct(_B50)),
+    Method("sct_b25", "sct", "SCT, every decoder linear spectral at 25% of their parameters (plain SVD), SpectralAdam",
+           _sct(_B25)),
+    Method("sct_w50", "sct", "SCT at 50%, whitened (calibrated) conversion, SpectralAdam", _sct(_B50, calibrated=True)),
+    Method("sct_w25", "sct", "SCT at 25%, whitened (calibrated) conversion, SpectralAdam", _sct(_B25, calibrated=True)),
+    Method("sct_w50_kd", "sct", "SCT at 50%, whitened conversion, healed with distillation from the dense teacher",
+           _sct(_B50, calibrated=True), distill=True),
+    Method("sct_w25_kd", "sct", "SCT at 25%, whitened conversion, healed with distillation from the dense teacher",
+           _sct(_B25, calibrated=True), distill=True),
+    Method("residual_r16", "sct", "SCT residual mode: top-16 spectral part of every decoder linear trained on the "
+           "manifold, the rest a frozen fp32 residual (starts at the pretrained model)", _residual),
+    Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),
+    Method("sct_adapt", "sct", "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter "
+           "budget", _sct_adapt),
+)
+# bench_finetune's factors-only arms (not run by this experiment)
+EXTRA_METHODS: Tuple[Method, ...] = (
+    Method("sct_b50_factors", "sct", "sct_b50 with only U, s, V trained", _sct(_B50, factors_only=True)),
+    Method("sct_b25_factors", "sct", "sct_b25 with only U, s, V trained", _sct(_B25, factors_only=True)),
+)
+METHODS = tuple(m.name for m in METHOD_TABLE)
+DESCRIPTIONS = {m.name: m.description for m in METHOD_TABLE}
+_BY_NAME = {m.name: m for m in METHOD_TABLE + EXTRA_METHODS}
+
+
+PRESETS = {
+    "quick": dict(methods=["dense", "lora_match", "sct_b50", "sct_w50", "residual_r16"], steps=12, sweep_steps=0,
+                  warmup=3, ref_steps=6, eval_windows=6, seq=64, new_tokens=8, train_docs=6, calib_tokens=2048),
+    "fast": dict(methods=["dense", "sct_b50", "sct_w50", "residual_r16"], steps=6, sweep_steps=0, warmup=2, ref_steps=4,
+                 eval_windows=4, seq=64, new_tokens=8, train_docs=4, calib_tokens=1024),
+    "cpu": dict(steps=100, sweep_steps=20, warmup=20, ref_steps=60, eval_windows=24),
+    "paper": dict(steps=400, sweep_steps=60, warmup=20, ref_steps=400, eval_windows=64),
+    "smoke": dict(model="tiny", steps=2, sweep_steps=1, warmup=1, ref_steps=2, ref_samples=8, eval_windows=2,
+                  seq=16, batch=2, new_tokens=3, train_docs=3, galore_rank=4, galore_gap=2, residual_r=2,
+                  calib_tokens=64, lrs={m: [1e-3] for m in METHODS}),
+}
+
+
+def method_spec(name: str) -> Method:
+    """The :class:`Method` called ``name`` (``ValueError`` naming the allowed ones otherwise)."""
+    if name not in _BY_NAME:
+        raise ValueError(f"method must be one of {tuple(_BY_NAME)}, got {name!r}")
+    return _BY_NAME[name]
+
+
+def build_method(name: str, model: nn.Module, cfg: Config, lr: float, data: Optional[Dict] = None) -> Built:
+    """Convert ``model`` for method ``name`` and return ``(model, optimizer, info)``; ``data``: the
+    token blob (the whitened arms calibrate on its training stream)."""
+    return method_spec(name).build(model, cfg, lr, data)
 
 
 @torch.no_grad()
@@ -326,14 +458,16 @@ def generations(model, tokenizer, n_tokens: int) -> List[str]:
 
 
 def saved_size(method: str, model: nn.Module) -> int:
-    """Bytes of the trained model in its method's own format (adapters alone for LoRA)."""
+    """Bytes of the trained model in its method's own format (adapters alone for LoRA; for SCT a
+    trained-only spectral checkpoint: the residual arm's frozen parts come from the base model)."""
     from stiefel_sct import save_spectral
 
+    family = method_spec(method).family
     folder = pathlib.Path(tempfile.mkdtemp(prefix="ft-size-"))
     try:
-        if method.startswith("sct"):
-            save_spectral(model, folder / "m")
-        elif method == "lowrank":
+        if family == "sct":
+            save_spectral(model, folder / "m", trained_only=True)
+        elif family == "lowrank":
             from safetensors.torch import save_model
 
             (folder / "m").mkdir()
@@ -345,19 +479,26 @@ def saved_size(method: str, model: nn.Module) -> int:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def cosine_lr(step: int, steps: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 # ----------------------------------------------------------------------------------- workers
+def healing_loss(model, teacher, ids: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """``(1 - a)`` next-token cross-entropy ``+ a`` distillation toward the frozen dense teacher's
+    logits at temperature ``T`` (``a = cfg.distill_alpha``, ``T = cfg.distill_temperature``)."""
+    inputs = ids[:, :-1]
+    logits = model(input_ids=inputs).logits.float()
+    with torch.no_grad():
+        target = teacher(input_ids=inputs).logits.float()
+    ce = nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    a = cfg.distill_alpha
+    return (1 - a) * ce + a * distill_loss(logits, target, cfg.distill_temperature)
+
+
 def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_path: str, measure: bool) -> Dict:
     """One run in this (fresh) process: convert, train ``steps`` steps, evaluate, measure."""
     from stiefel_sct import is_stiefel, orthonormality_error, retract_all
 
     seed_everything(cfg.seed)
     blob = torch.load(tokens_path, weights_only=True)
+    blob["cache_dir"] = str(pathlib.Path(tokens_path).parent)  # converted models shared by a sweep's runs
     t_load = time.perf_counter()
     model, tok = load_model(cfg)
     model.train()
@@ -369,26 +510,38 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     else:
         windows = blob["val"][: cfg.eval_windows * (cfg.seq + 1)].view(-1, cfg.seq + 1)
         val, vmask = list(windows.split(cfg.batch)), None
+    general = list(blob["general"][: cfg.eval_windows * (cfg.seq + 1)].view(-1, cfg.seq + 1).split(cfg.batch))
     out["val_loss_pretrained"] = evaluate(model, val, vmask)
+    if stage == "compare":
+        out["general_loss_pretrained"] = evaluate(model, general)
     if measure and stage == "compare":
         out["generations_before"] = generations(model, tok, cfg.new_tokens)
     total_before = sum(p.numel() for p in model.parameters())
+    teacher = None
     if stage == "reference":
         model, opt, info = reference_arm(method, model, lr)
     else:
-        model, opt, info = build_method(method, model, cfg, lr)
+        spec = method_spec(method)
+        if spec.distill:  # the frozen dense teacher lives in this process: its memory is in the peak
+            teacher = copy.deepcopy(model).eval().requires_grad_(False)
+        model, opt, info = spec.build(model, cfg, lr, blob)
     out.update(info=info, params_total_before=total_before, params_total=sum(p.numel() for p in model.parameters()),
                params_trainable=trainable(model))
     out["val_loss_before"] = evaluate(model, val, vmask)
+    if stage == "compare":
+        out["general_loss_before"] = evaluate(model, general)
     sched = adaptive_scheduler(opt, cfg, steps, info) if method == "sct_adapt" else None
     out["load_convert_s"] = time.perf_counter() - t_load
     out["load_convert_peak_mb"] = peak_rss_mib()
-    reset_peak_rss()  # from here on: training's own peak
+    # from here on: training's own peak, counted from what is live (the dense weights a conversion
+    # freed would otherwise stay in the count, kept by glibc: measured +0.3 GB for the residual arm)
+    release_free_memory()
+    reset_peak_rss()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses, times = [], []
     base = [g["lr"] for g in opt.param_groups]
     for step in range(steps):
-        scale = cosine_lr(step, steps, min(cfg.warmup, max(1, steps // 5)))
+        scale = warmup_cosine(step, steps, min(cfg.warmup, max(1, steps // 5)))
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * scale
         if stage == "reference":
@@ -399,7 +552,10 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
             batch, bmask = torch.stack([blob["train"][s:s + cfg.seq + 1] for s in starts.tolist()]), None
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model, batch, bmask)
+        if teacher is None:
+            loss = lm_loss(model, batch, bmask)
+        else:
+            loss = healing_loss(model, teacher, batch, cfg)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -415,6 +571,8 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     out["tokens_per_s"] = cfg.batch * cfg.seq / out["step_s_median"] if stage == "compare" else None
     out["train_wall_s"] = sum(times)
     out["val_loss_after"] = evaluate(model, val, vmask)
+    if stage == "compare":
+        out["general_loss_after"] = evaluate(model, general)
     out["val_ppl_after"] = math.exp(min(out["val_loss_after"], 50))
     errs = [orthonormality_error(p) for p in model.parameters() if is_stiefel(p)]
     out["orthonormality_error"] = max(errs) if errs else None
@@ -423,7 +581,39 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     if measure and stage == "compare":
         out["generations_after"] = generations(model, tok, cfg.new_tokens)
         out["saved_bytes"] = saved_size(method, model)
+        if method == "residual_r16":
+            out["roundtrip"] = residual_roundtrip(model, cfg, val[0])
     return out
+
+
+@torch.no_grad()
+def residual_roundtrip(model: nn.Module, cfg: Config, ids: torch.Tensor) -> Dict:
+    """The trained residual model saved trained-only and reloaded into a fresh base, and exported
+    as a PEFT LoRA adapter loaded by PEFT alone on another fresh base: each one's largest logit
+    difference to the trained model on ``ids`` (and the files' sizes)."""
+    import peft
+
+    from stiefel_sct import export_peft_lora, load_spectral, save_spectral
+
+    was = model.training
+    model.eval()
+    ref = model(input_ids=ids).logits
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="ft-roundtrip-"))
+    try:
+        save_spectral(model, folder / "spectral", trained_only=True)
+        reloaded = load_spectral(load_model(cfg)[0], folder / "spectral").eval()
+        spectral_diff = float((reloaded(input_ids=ids).logits - ref).abs().max())
+        del reloaded
+        export_peft_lora(model, folder / "adapter")
+        lora = peft.PeftModel.from_pretrained(load_model(cfg)[0], str(folder / "adapter")).eval()
+        lora_diff = float((lora(input_ids=ids).logits - ref).abs().max())
+        size = lambda d: sum(f.stat().st_size for f in (folder / d).rglob("*") if f.is_file())
+        return {"reload_max_abs_logit_diff": spectral_diff, "peft_lora_max_abs_logit_diff": lora_diff,
+                "trained_only_bytes": size("spectral"), "peft_adapter_bytes": size("adapter"),
+                "logit_scale": float(ref.abs().max())}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        model.train(was)
 
 
 def adaptive_scheduler(opt, cfg: Config, steps: int, info: Dict):
@@ -438,8 +628,6 @@ def adaptive_scheduler(opt, cfg: Config, steps: int, info: Dict):
 def adaptive_summary(model: nn.Module, sched) -> Dict:
     """The adaptive arm's end state: parameters, spectral parameters against the budget, mean rank of
     each layer type, and the rank changes of each event."""
-    from experiments.rank_sweep import ranks_by_type, spectral_layers
-
     events: Dict[int, Dict[str, int]] = {}
     for h in sched.history:
         e = events.setdefault(h["step"], {"step": h["step"], "layers": 0, "grown": 0, "dropped": 0})
@@ -529,7 +717,8 @@ def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
         if not key.endswith("/main"):
             continue
         row = {k: r.get(k) for k in ("lr", "params_total", "params_trainable", "val_loss_pretrained", "val_loss_before",
-                                     "val_loss_after", "val_ppl_after", "train_peak_mb", "load_convert_peak_mb",
+                                     "val_loss_after", "val_ppl_after", "general_loss_pretrained", "general_loss_before",
+                                     "general_loss_after", "train_peak_mb", "load_convert_s", "load_convert_peak_mb",
                                      "step_s_median", "tokens_per_s", "saved_bytes", "train_wall_s",
                                      "orthonormality_error")}
         row["train_loss_last20"] = statistics.mean(r["losses"][-20:])
@@ -572,6 +761,12 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         old = json.loads(out_path.read_text())
         if resumable(old["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))):
             runs = old["metrics"]["runs"]
+            # a compare run from before the second held-out text existed is run again when planned
+            planned = {job_key(*job[:4], job[5]) for job in plan(cfg) if job[2] is not None}
+            stale = [k for k, r in runs.items() if k.startswith("compare/") and "general_loss_after" not in r
+                     and (k in planned or k.endswith("/main") and k.split("/")[1] in cfg.methods)]
+            for k in stale:
+                del runs[k]
     weights = "Q4_1 GGUF dequantised to fp32" if cfg.model == "smollm2" else "random"
     print(f"finetune_smollm2: preset {cfg.preset}, model {cfg.model} ({weights}), "
           f"methods {cfg.methods}, {cfg.steps} steps of {cfg.batch}x{cfg.seq} tokens; {len(runs)} runs kept", flush=True)
@@ -589,7 +784,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
                        "total_wall_s": time.time() - t0}
             write_results("finetune_smollm2", dataclasses.asdict(cfg), metrics, results_dir=results_dir)
         r = runs[key]
-        print(f"  {key:34s} lr {r['lr']:.0e}  held-out {r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}  "
+        general = (f"  general {r['general_loss_before']:.3f} -> {r['general_loss_after']:.3f}"
+                   if "general_loss_after" in r else "")
+        print(f"  {key:34s} lr {r['lr']:.0e}  held-out {r['val_loss_before']:.3f} -> {r['val_loss_after']:.3f}{general}  "
               f"peak {r['train_peak_mb']:.0f} MiB  step {r['step_s_median']:.2f} s  trainable {r['params_trainable']:,}",
               flush=True)
     metrics = {"runs": runs, "table": summarise(runs, cfg), "best_lr": best_lr, "data": data_info,

@@ -326,8 +326,10 @@ def compress_section(res: Dict, figures: pathlib.Path, rel: str,
     m, cfg = res["metrics"], res["config"]
     lines = [f"## {title}", "",
              f"How obtained: `experiments/compress_pretrained.py`, {_provenance(res)}. Budgets are fractions of the "
-             "converted layers' dense size; `sct` = `spectralize` + `SpectralAdam`, `lowrank` = the same ranks as an "
-             "unconstrained `W = B A` (same truncated SVD start) + AdamW; equal steps, each method at its best lr.", ""]
+             "converted layers' dense size; `sct` = `spectralize` + `SpectralAdam`, `sct_whitened` = the same with the "
+             "calibrated (activation-whitened) conversion on training lines, `lowrank` = the same ranks as an "
+             "unconstrained `W = B A` (same truncated SVD start) + AdamW; equal steps, each method at its best lr "
+             "(`sct_whitened` at sct's).", ""]
     mini = m.get("minilm")
     if mini:
         lines += [f"**all-MiniLM-L6-v2** ({mini['params'] / 1e6:.1f}M parameters; {mini['model']}): mean cosine "
@@ -378,8 +380,10 @@ def plot_compress(m: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
     for ax, (key, part) in zip(axes[0], parts):
         before, after = ("cosine_before", "cosine_after") if key == "minilm" else ("loss_before", "loss_after")
-        for method, color in (("sct", "C1"), ("lowrank", "C2")):
+        for method, color in (("sct", "C1"), ("sct_whitened", "C0"), ("lowrank", "C2")):
             rows = sorted((r for r in part["rows"] if r["method"] == method), key=lambda r: r["params_after"])
+            if not rows:
+                continue
             if key == "lm":  # best lr per policy
                 best = {}
                 for r in rows:
@@ -440,15 +444,26 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
                   + (f"each method at the best lr of a {cfg['sweep_steps']}-step sweep over its grid):" if cfg["sweep_steps"]
                      else "each method at the first lr of its grid: this preset runs no sweep):"), "",
                   "| method | lr | total params | trainable | held-out loss: pretrained -> converted -> trained | "
+                  "second text: pretrained -> trained (rise) | "
                   "ppl after | train peak MiB | load+convert peak MiB | step s | tokens/s | saved MB |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in rows:
             saved = "n/a" if r["saved_bytes"] is None else f"{r['saved_bytes'] / 1e6:.1f}"
+            general = (f"{r['general_loss_pretrained']:.3f} -> {r['general_loss_after']:.3f} "
+                       f"({r['general_loss_after'] - r['general_loss_pretrained']:+.3f})"
+                       if r.get("general_loss_after") is not None else "not measured (run before it existed)")
             lines.append(f"| `{name}` | {r['lr']:g} | {r['params_total'] / 1e6:.1f}M | {r['params_trainable'] / 1e6:.2f}M | "
                          f"{r['val_loss_pretrained']:.3f} -> {r['val_loss_before']:.3f} -> **{r['val_loss_after']:.3f}** | "
+                         f"{general} | "
                          f"{r['val_ppl_after']:.1f} | {r['train_peak_mb']:.0f} | {r['load_convert_peak_mb']:.0f} | "
                          f"{r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | {saved} |")
         lines += [""] + [f"- `{n}`: {m['descriptions'][n]}" for n, _ in rows]
+        if m["data"].get("general_text"):
+            lines += ["", f"The second held-out text is {m['data']['general_text']} (SHA-256 prefix "
+                      f"{m['data']['general_text_sha256']}); a method must not buy the new domain by erasing what the "
+                      "model knew. The whitened arms calibrate on "
+                      f"{cfg.get('calib_tokens', 0):,} tokens of the training plays (the new domain)."]
+        lines += conversion_jump_table(table)
         lines += finetune_verdict(rows)
         lines += finetune_adaptive_paragraph(table, cfg)
         gens = [(k.split("/")[1], r) for k, r in m["runs"].items() if k.startswith("compare/") and k.endswith("/main")
@@ -465,6 +480,27 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
         if fig:
             lines += ["", f"![held-out loss against peak training memory and saved size]({rel}/{fig.name})"]
     return lines + [""]
+
+
+def conversion_jump_table(table: Dict) -> List[str]:
+    """Held-out loss right after conversion, plain truncated SVD against the calibrated (whitened)
+    one at each budget, with what the conversion cost, computed from the runs."""
+    pairs = [(f"{b}%", table.get(f"compare/sct_b{b}/main"), table.get(f"compare/sct_w{b}/main")) for b in (50, 25)]
+    pairs = [p for p in pairs if p[1] or p[2]]
+    if not pairs:
+        return []
+    cell = lambda r: f"{r['val_loss_before']:.3f}" if r else "not run"
+    cost = lambda r: (f"{r['info']['convert_s']:.0f} s, {r['load_convert_peak_mb']:.0f} MiB"
+                      if r and r.get("info") and r["info"].get("convert_s") is not None else "n/a")
+    pre = next(r["val_loss_pretrained"] for _, a, b in pairs for r in (a, b) if r)
+    lines = ["", f"**The conversion's loss jump** (held-out loss before any training step; pretrained {pre:.3f}):", "",
+             "| linear parameters kept | plain SVD | whitened (calibrated) | conversion: plain | conversion: whitened |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {label} | {cell(a)} | **{cell(b)}** | {cost(a)} | {cost(b)} |" for label, a, b in pairs]
+    lines.append("")
+    lines.append("Conversion time is `spectralize` alone (calibration forward passes and both SVD passes included); "
+                 "the peak is the whole load-and-convert process's `VmHWM`.")
+    return lines
 
 
 def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
@@ -512,8 +548,8 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
 def finetune_verdict(rows) -> List[str]:
     """Where each SCT arm wins, ties or loses against each other method: held-out loss (a tie is
     within 0.02 nats), peak training memory and saved size, as measured in this run."""
-    sct = [(n, r) for n, r in rows if n.startswith("sct")]
-    others = [(n, r) for n, r in rows if not n.startswith("sct")]
+    sct = [(n, r) for n, r in rows if n.startswith(("sct", "residual"))]
+    others = [(n, r) for n, r in rows if not n.startswith(("sct", "residual"))]
     if not sct or not others:
         return []
     lines = ["", "Where SCT wins, ties and loses (held-out loss after fine-tuning; a tie is within 0.02 nats; a LoRA "
@@ -540,7 +576,7 @@ def plot_finetune(rows, figures: pathlib.Path) -> Optional[pathlib.Path]:
                            (axes[1], "saved_bytes", "saved model (MB; LoRA: adapters only)")):
         for name, r in rows:
             x = r[key] / (1e6 if key == "saved_bytes" else 1)
-            ax.scatter(x, r["val_loss_after"], s=40, marker="o" if name.startswith("sct") else "s")
+            ax.scatter(x, r["val_loss_after"], s=40, marker="o" if name.startswith(("sct", "residual")) else "s")
             ax.annotate(name, (x, r["val_loss_after"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out loss after fine-tuning")

@@ -215,7 +215,10 @@ def save_spectral(model: nn.Module, directory: os.PathLike | str,
         for name in [n for n in tensors if n not in keep]:
             t = tensors.pop(name)
             base[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "sha256": weight_fingerprint(t)}
-        tied = {alias: source for alias, source in tied.items() if source in tensors}
+        for alias, source in list(tied.items()):
+            if source in base:  # tied to a base tensor (e.g. an LM head tied to a frozen embedding): base too
+                base[alias] = base[source]
+                del tied[alias]
     config: Dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
         "model_class": type(model).__name__, "layers": layers, "tied": tied,

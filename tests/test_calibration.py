@@ -295,3 +295,25 @@ def test_peft_lora_export_reproduces_the_trained_model(tmp_path):
     with pytest.raises(ValueError, match="without a residual"):
         export(plain, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_trained_only_checkpoint_of_a_tied_llm_with_residual_layers(tmp_path):
+    pytest.importorskip("transformers")
+    from test_checkpoint import tiny_llama
+
+    base = tiny_llama()  # tied embeddings: lm_head.weight is the frozen embedding, a base tensor
+    model = spectralize(copy.deepcopy(base), rank=2, exclude=["lm_head"], residual_dtype=torch.float32)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ("U", "s", "V"))
+    ids = torch.randint(0, 96, (2, 9))
+    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    save_spectral(model, tmp_path / "ck", trained_only=True)
+    config = json.loads((tmp_path / "ck" / "spectral_config.json").read_text())
+    assert "lm_head.weight" in config["base_tensors"] and "model.embed_tokens.weight" in config["base_tensors"]
+    fresh = load_spectral(copy.deepcopy(base), tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -7,6 +7,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from experiments import compress_pretrained as cp  # noqa: E402
+from experiments.common import LowRankLinear  # noqa: E402
 from stiefel_sct import SpectralLinear  # noqa: E402
 
 
@@ -28,10 +29,10 @@ def _batch():
 
 def test_low_rank_baseline_is_the_truncated_svd():
     lin = nn.Linear(20, 12)
-    full = cp.LowRankLinear.from_linear(lin, 12)
+    full = LowRankLinear.from_linear(lin, 12)
     x = torch.randn(5, 20)
     assert torch.allclose(full(x), lin(x), atol=1e-5)
-    low = cp.LowRankLinear.from_linear(lin, 4)
+    low = LowRankLinear.from_linear(lin, 4)
     assert sum(p.numel() for p in low.parameters()) == 4 * (20 + 12) + 12
 
 
@@ -50,7 +51,7 @@ def test_sct_and_low_rank_conversions_use_the_same_ranks(policy):
     rb = cp.convert(b, "lowrank", cp.BERT_ALL, **policy)
     assert ra["ranks_by_name"] == rb["ranks_by_name"] and ra["layers"] == 12
     n_sct = sum(isinstance(m, SpectralLinear) for m in a.modules())
-    n_low = sum(isinstance(m, cp.LowRankLinear) for m in b.modules())
+    n_low = sum(isinstance(m, LowRankLinear) for m in b.modules())
     assert n_sct == n_low == ra["converted_layers"] > 0
     assert abs(ra["params_after"] - rb["params_after"]) <= sum(r or 0 for r in ra["ranks_by_name"].values())
     if "budget_fraction" in policy:

@@ -32,6 +32,9 @@ def test_lora_rank_matches_the_target_parameters():
     assert ft.lora_rank_matching(model, 1) == 1
 
 
+DATA = {"train": torch.randint(0, 96, (400,))}  # the token blob's training stream (whitened arms calibrate on it)
+
+
 @pytest.mark.parametrize("method", ft.METHODS)
 def test_each_method_builds_trains_and_counts_its_parameters(method):
     cfg = _cfg()
@@ -39,20 +42,31 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
     total = sum(p.numel() for p in model.parameters())
     linear = ft.linear_params(model)
     per_rank = sum(m.in_features + m.out_features for _, m in _linear(model))
-    model, opt, info = ft.build_method(method, model, cfg, 1e-3)
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model, opt, info = ft.build_method(method, model, cfg, 1e-3, data=DATA)
     trainable = ft.trainable(model)
     if method in ("dense", "galore"):
         assert trainable == total
     elif method == "lora_match":
         assert trainable == info["lora_r"] * per_rank and info["lora_r"] == ft.lora_rank_matching(tiny_llama(), linear // 2)
-    elif method == "lora_r16":
+    elif method in ("lora_r16", "pissa_r16"):
         assert trainable == 16 * per_rank
-    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt"):
-        fraction = cfg.adapt_start if method == "sct_adapt" else cfg.budgets.get(method, 0.5)
+    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt", "sct_w50", "sct_w25", "sct_w50_kd", "sct_w25_kd"):
+        fraction = cfg.adapt_start if method == "sct_adapt" else (0.25 if "25" in method else 0.5)
         assert sum(p.numel() for p in model.parameters()) <= total - linear + fraction * linear
         if method != "lowrank":
             assert any(isinstance(m, SpectralLinear) for m in model.modules())
-    ids = torch.randint(0, 96, (2, 9))
+    elif method == "residual_r16":  # the principal parts alone train, and the function is the pretrained one
+        layers = [m for m in model.modules() if isinstance(m, SpectralLinear)]
+        assert layers and all(m.residual is not None and m.rank == cfg.residual_r for m in layers)
+        assert trainable == sum(m.rank * (m.in_features + m.out_features + 1) for m in layers)
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-4)
+    if method in ("pissa_r16",):  # PiSSA also starts at the pretrained function
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=ids).logits, logits, atol=1e-4)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     ft.lm_loss(model, ids).backward()
     opt.step()
@@ -129,7 +143,7 @@ def test_factors_only_sct_arm_trains_exactly_the_spectral_factors(method):
     tied to the head, and the norms stay frozen, as under LoRA)."""
     from stiefel_sct.layers import SpectralModule
 
-    model, opt, info = ft.build_method(method, tiny_llama(), _cfg(), 1e-3)
+    model, opt, info = ft.build_method(method, tiny_llama(), _cfg(), 1e-3, data=DATA)
     spectral = {id(p) for m in model.modules() if isinstance(m, SpectralModule) for p in m.parameters()}
     assert spectral and info["converted_layers"] > 0
     assert {id(p) for p in model.parameters() if p.requires_grad} == spectral
@@ -145,3 +159,33 @@ def test_factors_only_sct_arm_trains_exactly_the_spectral_factors(method):
 def test_unknown_methods_are_rejected_by_name(method):
     with pytest.raises(ValueError, match="method must be one of"):
         ft.build_method(method, tiny_llama(), _cfg(), 1e-3)
+
+
+def test_distillation_loss_and_the_healing_mix():
+    from experiments.common import distill_loss
+
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    assert float(distill_loss(a, a, 2.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(distill_loss(a, b, 2.0)) > 0
+    with pytest.raises(ValueError, match="temperature"):
+        distill_loss(a, b, 0.0)
+    model, teacher = tiny_llama(), tiny_llama()
+    ids = torch.randint(0, 96, (2, 9))
+    plain = float(ft.lm_loss(model, ids))
+    assert float(ft.healing_loss(model, teacher, ids, _cfg(distill_alpha=0.0))) == pytest.approx(plain, rel=1e-6)
+    # the student equal to its teacher: only the cross-entropy half remains
+    assert float(ft.healing_loss(model, model, ids, _cfg(distill_alpha=0.5))) == pytest.approx(0.5 * plain, rel=1e-5)
+
+
+def test_whitened_arms_calibrate_on_the_training_stream_and_convert_once(tmp_path):
+    with pytest.raises(ValueError, match="calibration data"):
+        ft.build_method("sct_w50", tiny_llama(), _cfg(), 1e-3)
+    data = {**DATA, "cache_dir": str(tmp_path)}
+    first, _, info = ft.build_method("sct_w50", tiny_llama(), _cfg(), 1e-3, data=data)
+    again, _, cached = ft.build_method("sct_w50_kd", tiny_llama(), _cfg(), 1e-3, data=data)  # the same conversion
+    assert "conversion_cached" not in info and cached["conversion_cached"] and cached["convert_s"] == info["convert_s"]
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(first(input_ids=ids).logits, again(input_ids=ids).logits)
+    assert len(ft.calibration_batches(_cfg(calib_tokens=64, seq=16), DATA)) == 1
