@@ -534,7 +534,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     out["load_convert_s"] = time.perf_counter() - t_load
     out["load_convert_peak_mb"] = peak_rss_mib()
     # from here on: training's own peak, counted from what is live (the dense weights a conversion
-    # freed would otherwise stay in the count, kept by glibc: measured +0.3 GB for the residual arm)
+    # freed would otherwise stay in the count if glibc kept their pages)
     release_free_memory()
     reset_peak_rss()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
