@@ -1,5 +1,12 @@
-"""One fine-tuning step of SmolLM2-135M: dense AdamW, PEFT LoRA r=16, and SCT at 50% and 25% of the
-linear parameters, time and peak memory, interleaved in one run.
+"""One fine-tuning step of SmolLM2-135M: dense AdamW, PEFT LoRA r=16, PEFT PiSSA r=16, SCT's residual
+mode at r=16, and SCT at 50% and 25% of the linear parameters, time and peak memory, interleaved in
+one run.
+
+Why a benchmark beside the comparison's own figures: ``transformers`` maps the real weights from
+their safetensors file, so a method that reads every weight to convert it (residual mode, PiSSA)
+leaves ~0.4 GB of clean file pages resident that LoRA never touches before training (measured:
+RssFile 522 vs 124 MiB right after conversion, the live tensors 513 MiB in both); the default
+random weights live in process memory, so every method's peak is its own.
 
 The SCT arms ``sct_b50`` / ``sct_b25`` train every parameter, the embedding (tied to the LM head)
 and the norms by dense Adam as in the fine-tuning comparison; ``sct_b50_factors`` /
@@ -52,8 +59,9 @@ from experiments.common import (
     reset_peak_rss,
 )
 
-METHODS = ("dense", "lora_r16", "sct_b50", "sct_b25", "sct_b50_factors", "sct_b25_factors")
+METHODS = ("dense", "lora_r16", "pissa_r16", "residual_r16", "sct_b50", "sct_b25", "sct_b50_factors", "sct_b25_factors")
 SCT_ARMS = tuple(m for m in METHODS if m.startswith("sct_"))
+COMPARED = SCT_ARMS + ("residual_r16", "pissa_r16")  # arms with ratios to dense and LoRA
 MALLOC_MODES = ("system", "caching", "thp")
 # SmolLM2-135M(-Instruct)'s architecture (its config.json)
 SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -164,7 +172,8 @@ def run_fresh(method: str, malloc: str, args) -> Dict:
 
 def summarise(runs: List[Dict], methods: List[str]) -> Dict:
     """Per variant (``method``, or ``method+<malloc>`` for the other allocator settings): medians
-    over rounds; ratios of the SCT arms to dense and LoRA within each allocator setting."""
+    over rounds; ratios of the SCT arms (and residual mode, PiSSA) to dense and LoRA within each
+    allocator setting."""
     table = {}
     for m in dict.fromkeys(r["variant"] for r in runs):
         mine = [r for r in runs if r["variant"] == m]
@@ -174,7 +183,7 @@ def summarise(runs: List[Dict], methods: List[str]) -> Dict:
                     "params_total": mine[0]["params_total"], "params_trainable": mine[0]["params_trainable"]}
     ratios = {}
     for suffix in ["" if mode == "system" else f"+{mode}" for mode in MALLOC_MODES]:
-        for sct in SCT_ARMS:
+        for sct in COMPARED:
             if sct + suffix not in table:
                 continue
             for other in ("dense", "lora_r16"):

@@ -81,6 +81,7 @@ class Config:
     heal_lrs: List[float] = field(default_factory=lambda: [3e-4, 1e-3])
     heal_batch: int = 16
     calib_sentences: int = 512      # sct_whitened: calibration lines (from the training lines)
+    whitened_budgets: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # budgets with an sct_whitened arm
     train_sentences: int = 1600
     eval_sentences: int = 256
     max_len: int = 32
@@ -97,7 +98,7 @@ PRESETS = {
     "quick": {},
     # first contact (the README's main command): half the healing, one learning rate per arm
     "fast": dict(heal_steps=50, heal_lrs=[1e-3], train_sentences=800, eval_sentences=256, lm_pretrain_steps=250,
-                 lm_heal_steps=75, lm_lrs=[1e-3]),
+                 lm_heal_steps=75, lm_lrs=[1e-3], whitened_budgets=[0.5]),
     "paper": dict(energies=[0.8, 0.9, 0.95, 0.99], budgets=[0.2, 0.3, 0.5, 0.7], heal_steps=1000,
                   train_sentences=20000, eval_sentences=2000, lm_pretrain_steps=2000, lm_heal_steps=500),
     "smoke": dict(energies=[0.95], budgets=[0.5], heal_steps=2, heal_lrs=[1e-3], heal_batch=4, train_sentences=16,
@@ -244,7 +245,8 @@ def minilm_part(cfg: Config, cache_dir=None) -> Dict:
     rows = []
     policies = [("energy", e) for e in cfg.energies] + [("budget", b) for b in cfg.budgets]
     for kind, value in progress(policies, desc="minilm"):
-        for method in ("sct", "sct_whitened", "lowrank") if kind == "budget" else ("sct", "lowrank"):
+        whitened = kind == "budget" and value in cfg.whitened_budgets
+        for method in ("sct", "sct_whitened", "lowrank") if whitened else ("sct", "lowrank"):
             model = fresh()
             policy = {"energy": value} if kind == "energy" else {"budget_fraction": value}
             if method == "sct_whitened":

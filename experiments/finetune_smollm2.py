@@ -101,13 +101,14 @@ class Config:
     seq: int = 128
     warmup: int = 6
     # principal-direction methods (whitened SCT, residual, PiSSA) get lower rates: they start from
-    # the directions that carry the pretrained function (PiSSA's paper: lower lr than LoRA)
+    # the directions that carry the pretrained function (PiSSA's paper: lower lr than LoRA); the
+    # distilled arms run at their twin's swept lr (lr_of), their one-entry grid is the fallback
     lrs: Dict[str, List[float]] = field(default_factory=lambda: {
         "dense": [1e-4, 3e-4], "lora_match": [3e-4, 1e-3], "lora_r16": [1e-3, 3e-3], "galore": [3e-4, 1e-3],
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
-        "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [1e-4, 3e-4, 1e-3],
-        "sct_w50_kd": [1e-4, 3e-4], "sct_w25_kd": [1e-4, 3e-4, 1e-3], "residual_r16": [1e-4, 3e-4, 1e-3],
-        "pissa_r16": [3e-5, 1e-4, 3e-4]})
+        "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [3e-4, 1e-3],
+        "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 3e-4, 1e-3],
+        "pissa_r16": [3e-5, 1e-4, 3e-4, 1e-3]})
     sweep_steps: int = 8
     eval_windows: int = 16
     budgets: Dict[str, float] = field(default_factory=lambda: {"sct_b50": 0.5, "sct_b25": 0.25})
@@ -363,13 +364,15 @@ def _residual(model, cfg, lr, data) -> Built:
 class Method:
     """One arm of the comparison: ``build(model, cfg, lr, data) -> (model, optimizer, info)``;
     ``family`` decides how it is saved and drawn; ``distill``: trained against the dense teacher's
-    logits as well (``cfg.distill_alpha``, ``cfg.distill_temperature``)."""
+    logits as well (``cfg.distill_alpha``, ``cfg.distill_temperature``); ``lr_of``: with a one-lr
+    grid, run at the lr that method's main run used (a healing variant of a swept conversion)."""
 
     name: str
     family: str
     description: str
     build: Callable[[nn.Module, Config, float, Optional[Dict]], Built]
     distill: bool = False
+    lr_of: Optional[str] = None  # without a sweep of its own: the lr this method's main run chose
 
 
 _B50, _B25 = (lambda c: c.budgets["sct_b50"]), (lambda c: c.budgets["sct_b25"])
@@ -388,10 +391,10 @@ METHOD_TABLE: Tuple[Method, ...] = (
            _sct(_B25)),
     Method("sct_w50", "sct", "SCT at 50%, whitened (calibrated) conversion, SpectralAdam", _sct(_B50, calibrated=True)),
     Method("sct_w25", "sct", "SCT at 25%, whitened (calibrated) conversion, SpectralAdam", _sct(_B25, calibrated=True)),
-    Method("sct_w50_kd", "sct", "SCT at 50%, whitened conversion, healed with distillation from the dense teacher",
-           _sct(_B50, calibrated=True), distill=True),
-    Method("sct_w25_kd", "sct", "SCT at 25%, whitened conversion, healed with distillation from the dense teacher",
-           _sct(_B25, calibrated=True), distill=True),
+    Method("sct_w50_kd", "sct", "SCT at 50%, whitened conversion, healed with distillation from the dense teacher "
+           "(at sct_w50's lr)", _sct(_B50, calibrated=True), distill=True, lr_of="sct_w50"),
+    Method("sct_w25_kd", "sct", "SCT at 25%, whitened conversion, healed with distillation from the dense teacher "
+           "(at sct_w25's lr)", _sct(_B25, calibrated=True), distill=True, lr_of="sct_w25"),
     Method("residual_r16", "sct", "SCT residual mode: top-16 spectral part of every decoder linear trained on the "
            "manifold, the rest a frozen fp32 residual (starts at the pretrained model)", _residual),
     Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),
@@ -694,13 +697,14 @@ def plan(cfg: Config) -> List[tuple]:
 def resumable(old: Dict, new: Dict) -> bool:
     """Whether the runs of a results file written with config ``old`` are runs of config ``new``.
     Runs are keyed by stage, method and lr, so the lists of methods and stages may differ, and so
-    may the per-method entries (``lrs``, ``budgets``) of methods only one side has; a setting only
-    one side has (added to the code after the old runs) could not have shaped them."""
+    may the lr grids (a sweep run is kept for its lr; a main run only while its lr is still the
+    sweep's best) and the budgets of methods only one side has; a setting only one side has
+    (added to the code after the old runs) could not have shaped them."""
     for key in old.keys() & new.keys():
-        if key in ("methods", "stages"):
+        if key in ("methods", "stages", "lrs"):
             continue
         a, b = old[key], new[key]
-        if key in ("lrs", "budgets"):
+        if key == "budgets":
             a, b = ({m: d[m] for m in a.keys() & b.keys()} for d in (a, b))
         if a != b:
             return False
@@ -720,7 +724,7 @@ def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
                                      "val_loss_after", "val_ppl_after", "general_loss_pretrained", "general_loss_before",
                                      "general_loss_after", "train_peak_mb", "load_convert_s", "load_convert_peak_mb",
                                      "step_s_median", "tokens_per_s", "saved_bytes", "train_wall_s",
-                                     "orthonormality_error")}
+                                     "orthonormality_error", "measured_on", "roundtrip")}
         row["train_loss_last20"] = statistics.mean(r["losses"][-20:])
         row["first_loss"] = r["losses"][0]
         row["info"] = r.get("info")
@@ -761,10 +765,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         old = json.loads(out_path.read_text())
         if resumable(old["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))):
             runs = old["metrics"]["runs"]
-            # a compare run from before the second held-out text existed is run again when planned
-            planned = {job_key(*job[:4], job[5]) for job in plan(cfg) if job[2] is not None}
-            stale = [k for k, r in runs.items() if k.startswith("compare/") and "general_loss_after" not in r
-                     and (k in planned or k.endswith("/main") and k.split("/")[1] in cfg.methods)]
+            # a main run from before the second held-out text existed is run again when its method is
+            # planned; sweep runs are kept (they only pick the lr, from the same held-out loss)
+            stale = [k for k, r in runs.items() if k.startswith("compare/") and k.endswith("/main")
+                     and "general_loss_after" not in r and k.split("/")[1] in cfg.methods]
             for k in stale:
                 del runs[k]
     weights = "Q4_1 GGUF dequantised to fp32" if cfg.model == "smollm2" else "random"
@@ -774,10 +778,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     for stage, method, lr, steps, measure, kind in progress(plan(cfg), desc="finetune_smollm2"):
         if lr is None:
             sweep = {k: r for k, r in runs.items() if k.startswith(f"{stage}/{method}/sweep/")}
-            lr = min(sweep.values(), key=lambda r: r["val_loss_after"])["lr"] if sweep else cfg.lrs[method][0]
+            twin = runs.get(f"{stage}/{method_spec(method).lr_of}/main") if stage == "compare" else None
+            if sweep:
+                lr = min(sweep.values(), key=lambda r: r["val_loss_after"])["lr"]
+            elif twin is not None:  # a healing variant takes its twin's swept lr
+                lr = twin["lr"]
+            else:
+                lr = cfg.lrs[method][0]
             best_lr[method] = lr
         key = job_key(stage, method, lr, steps, kind)
-        if key not in runs:
+        if key not in runs or runs[key]["lr"] != lr:  # a main run at an lr the (extended) sweep no longer picks
             runs[key] = run_fresh(cfg, stage, method, lr, steps, tokens_path, measure)
             metrics = {"runs": runs, "table": summarise(runs, cfg), "best_lr": best_lr, "data": data_info,
                        "descriptions": DESCRIPTIONS, "reference": REFERENCE, "prompts": PROMPTS,

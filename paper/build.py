@@ -452,18 +452,31 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
             general = (f"{r['general_loss_pretrained']:.3f} -> {r['general_loss_after']:.3f} "
                        f"({r['general_loss_after'] - r['general_loss_pretrained']:+.3f})"
                        if r.get("general_loss_after") is not None else "not measured (run before it existed)")
-            lines.append(f"| `{name}` | {r['lr']:g} | {r['params_total'] / 1e6:.1f}M | {r['params_trainable'] / 1e6:.2f}M | "
+            mark = " (earlier run)" if r.get("measured_on") else ""
+            lines.append(f"| `{name}`{mark} | {r['lr']:g} | {r['params_total'] / 1e6:.1f}M | {r['params_trainable'] / 1e6:.2f}M | "
                          f"{r['val_loss_pretrained']:.3f} -> {r['val_loss_before']:.3f} -> **{r['val_loss_after']:.3f}** | "
                          f"{general} | "
                          f"{r['val_ppl_after']:.1f} | {r['train_peak_mb']:.0f} | {r['load_convert_peak_mb']:.0f} | "
                          f"{r['step_s_median']:.2f} | {r['tokens_per_s']:.0f} | {saved} |")
         lines += [""] + [f"- `{n}`: {m['descriptions'][n]}" for n, _ in rows]
+        earlier = [(n, r) for n, r in rows if r.get("measured_on")]
+        if earlier:
+            lines += ["", "(earlier run): " + "; ".join(f"`{n}` was measured on {r['measured_on']}" for n, r in earlier)
+                      + ", in the previous run of this preset (same code path for its loss; its step time and peak "
+                      "are that machine's, not comparable with the rest of this table)."]
+        trip = next((r["roundtrip"] for n, r in rows if r.get("roundtrip")), None)
+        if trip:
+            lines += ["", f"The residual arm's trained model, saved with `save_spectral(..., trained_only=True)` "
+                      f"({trip['trained_only_bytes'] / 1e6:.1f} MB) and loaded into a fresh base model: largest logit "
+                      f"difference {trip['reload_max_abs_logit_diff']:.3g}; exported with `export_peft_lora` "
+                      f"({trip['peft_adapter_bytes'] / 1e6:.1f} MB) and loaded by PEFT alone on a fresh base: "
+                      f"{trip['peft_lora_max_abs_logit_diff']:.3g} (logits up to {trip['logit_scale']:.1f})."]
         if m["data"].get("general_text"):
             lines += ["", f"The second held-out text is {m['data']['general_text']} (SHA-256 prefix "
                       f"{m['data']['general_text_sha256']}); a method must not buy the new domain by erasing what the "
                       "model knew. The whitened arms calibrate on "
                       f"{cfg.get('calib_tokens', 0):,} tokens of the training plays (the new domain)."]
-        lines += conversion_jump_table(table)
+        lines += conversion_jump_table(table, m["runs"])
         lines += finetune_verdict(rows)
         lines += finetune_adaptive_paragraph(table, cfg)
         gens = [(k.split("/")[1], r) for k, r in m["runs"].items() if k.startswith("compare/") and k.endswith("/main")
@@ -482,16 +495,22 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
     return lines + [""]
 
 
-def conversion_jump_table(table: Dict) -> List[str]:
+def conversion_jump_table(table: Dict, runs: Dict) -> List[str]:
     """Held-out loss right after conversion, plain truncated SVD against the calibrated (whitened)
-    one at each budget, with what the conversion cost, computed from the runs."""
+    one at each budget, with what the conversion cost (time and peak of the run that converted:
+    the other runs of a sweep load its cached result), computed from the runs."""
     pairs = [(f"{b}%", table.get(f"compare/sct_b{b}/main"), table.get(f"compare/sct_w{b}/main")) for b in (50, 25)]
     pairs = [p for p in pairs if p[1] or p[2]]
     if not pairs:
         return []
     cell = lambda r: f"{r['val_loss_before']:.3f}" if r else "not run"
-    cost = lambda r: (f"{r['info']['convert_s']:.0f} s, {r['load_convert_peak_mb']:.0f} MiB"
-                      if r and r.get("info") and r["info"].get("convert_s") is not None else "n/a")
+
+    def cost(r) -> str:
+        if not r or not (r.get("info") or {}).get("convert_s"):
+            return "n/a"
+        peak = next((x["load_convert_peak_mb"] for x in runs.values() if (x.get("info") or {}).get("convert_s")
+                     == r["info"]["convert_s"] and not x["info"].get("conversion_cached")), None)
+        return f"{r['info']['convert_s']:.0f} s" + (f", {peak:.0f} MiB" if peak is not None else "")
     pre = next(r["val_loss_pretrained"] for _, a, b in pairs for r in (a, b) if r)
     lines = ["", f"**The conversion's loss jump** (held-out loss before any training step; pretrained {pre:.3f}):", "",
              "| linear parameters kept | plain SVD | whitened (calibrated) | conversion: plain | conversion: whitened |",

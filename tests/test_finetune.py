@@ -100,7 +100,8 @@ def test_resume_keeps_runs_when_only_methods_or_new_settings_differ():
            "budgets": {"sct_b50": 0.5}, "adapt_grow": 24}
     assert ft.resumable(old, new)
     assert not ft.resumable({**old, "steps": 99}, new)
-    assert not ft.resumable({**old, "lrs": {"dense": [3e-4]}}, new)
+    assert not ft.resumable({**old, "budgets": {"sct_b50": 0.4}}, new)
+    assert ft.resumable({**old, "lrs": {"dense": [3e-5, 1e-4]}}, new)  # sweep runs are kept by their lr
 
 
 def test_reference_arm_keeps_the_reference_truncation_even_when_larger():
