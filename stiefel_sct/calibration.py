@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_DAMPING", "InputMoments", "collect_input_moments", "whitened_factors", "whitened_spectrum",
+__all__ = ["DEFAULT_DAMPING", "InputMoments", "check_damping", "collect_input_moments", "whitened_factors", "whitened_spectrum",
            "whitened_svd"]
 
 # 1e-3 of the mean diagonal of C. Measured on SmolLM2-135M (8,192 calibration tokens of the
@@ -170,8 +170,16 @@ def collect_input_moments(model: nn.Module, layers: Mapping[str, nn.Module], bat
     return InputMoments(sums, counts, leaders)
 
 
+def check_damping(damping: object) -> float:
+    """Validate the whitening's ridge: a real number ``>= 0``."""
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= damping < math.inf:
+        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
+    return float(damping)
+
+
 def _cholesky(moment: torch.Tensor, damping: float, name: str) -> torch.Tensor:
     """The lower Cholesky factor of ``C + damping * trace(C) / m * I`` (float64)."""
+    damping = check_damping(damping)
     m = moment.shape[0]
     scale = float(torch.diagonal(moment).sum()) / m
     if not math.isfinite(scale) or scale <= 0.0:
@@ -189,12 +197,10 @@ def whitened_svd(weight: torch.Tensor, moment: torch.Tensor, damping: float = DE
     """``(P, Sigma, Qh, L)``: the SVD ``W L = P diag(Sigma) Qh`` (float64) with ``L`` the Cholesky
     factor of ``moment + lambda I``. ``Sigma`` is the whitened spectrum: dropping direction ``i``
     costs ``Sigma_i^2`` of mean squared output error per token."""
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= damping < math.inf:
-        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
     if weight.dim() != 2 or moment.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(f"calibration: layer {name!r} has weight {tuple(weight.shape)} but an input moment of "
                          f"shape {tuple(moment.shape)}")
-    chol = _cholesky(moment.to(weight.device, torch.float64), float(damping), name)
+    chol = _cholesky(moment.to(weight.device, torch.float64), damping, name)
     P, S, Qh = torch.linalg.svd(weight.detach().to(torch.float64) @ chol, full_matrices=False)
     return P, S, Qh, chol
 
@@ -202,7 +208,7 @@ def whitened_svd(weight: torch.Tensor, moment: torch.Tensor, damping: float = DE
 def whitened_spectrum(weight: torch.Tensor, moment: torch.Tensor, damping: float = DEFAULT_DAMPING,
                       name: str = "layer") -> torch.Tensor:
     """``Sigma`` of :func:`whitened_svd` alone (singular values only, ~3x cheaper than the full SVD)."""
-    chol = _cholesky(moment.to(weight.device, torch.float64), float(damping), name)
+    chol = _cholesky(moment.to(weight.device, torch.float64), damping, name)
     return torch.linalg.svdvals(weight.detach().to(torch.float64) @ chol)
 
 

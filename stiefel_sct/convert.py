@@ -14,6 +14,7 @@ from torch import nn
 from .calibration import (
     DEFAULT_DAMPING,
     InputMoments,
+    check_damping,
     collect_input_moments,
     whitened_factors,
     whitened_spectrum,
@@ -269,8 +270,7 @@ def spectralize(
         check_residual_dtype(residual_dtype)
         if embeddings:
             raise ValueError("residual_dtype: residual mode converts linear layers only; use embeddings=False")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= damping < float("inf"):
-        raise ValueError(f"damping must be a float >= 0, got {damping!r}")
+    damping = check_damping(damping)
     if calibration is None and calibration_forward is not None:
         raise ValueError("calibration_forward needs calibration data (calibration=...)")
     tied = _tied_weights(model)
