@@ -34,20 +34,26 @@ TensorList = List[torch.Tensor]
 AdamKernel = Callable[..., None]
 
 
-def fused_supported(tensors: TensorList) -> bool:
-    """Whether torch has fused Adam kernels for every tensor's device (floating point only)."""
+def fused_devices() -> List[str]:
+    """The device types torch has fused Adam kernels for (in torch's order; empty without them)."""
     if not hasattr(torch, "_fused_adamw_"):
-        return False
+        return []
     try:
         from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-        devices = set(_get_fused_kernels_supported_devices())
+        devices = list(_get_fused_kernels_supported_devices())
     except ImportError:  # pragma: no cover - very old torch
-        devices = {"cuda"}
+        devices = ["cuda"]
     # fused CPU kernels arrived in torch 2.4
     if "cpu" in devices and tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 4):
-        devices.discard("cpu")
-    return all(t.device.type in devices and t.is_floating_point() for t in tensors)
+        devices.remove("cpu")
+    return devices
+
+
+def fused_supported(tensors: TensorList) -> bool:
+    """Whether torch has fused Adam kernels for every tensor's device (floating point only)."""
+    devices = set(fused_devices())
+    return bool(devices) and all(t.device.type in devices and t.is_floating_point() for t in tensors)
 
 
 def _group_tensors(*lists: TensorList) -> Dict[tuple, Tuple[TensorList, ...]]:

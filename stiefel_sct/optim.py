@@ -32,7 +32,7 @@ import geoopt
 import torch
 from torch.optim import Optimizer
 
-from .adam import adam_kernel, fused_supported, riemannian_adam
+from .adam import adam_kernel, fused_devices, fused_supported, riemannian_adam
 from .bank import FactorBank, chunk_bytes_for
 from .distributed import is_sharded_factor, sharded_retract_
 from .manifold import RETRACTIONS, is_stiefel, plain, retract_, retract_triples_, stiefel_manifold
@@ -186,7 +186,11 @@ def first_nonfinite(grads: TensorList) -> Optional[int]:
 # ---------------------------------------------------------------------------------------------
 # Optimizer class
 # ---------------------------------------------------------------------------------------------
-def _check_float(value, name: str, low: float, high: Optional[float] = None, *, high_open: bool = True) -> float:
+def _check_float(value, name: str, low: float, high: Optional[float] = None, *, high_open: bool = True,
+                 torch_says: Optional[str] = None) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``name`` and its range. ``torch_says`` is the
+    message ``torch.optim.Adam`` raises for the same argument: ours follows it (``torch_says (ours)``),
+    so code and tests written against torch's wording (torch's own optimizer suite) match."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got a tensor of shape {tuple(value.shape)}")
@@ -200,7 +204,8 @@ def _check_float(value, name: str, low: float, high: Optional[float] = None, *, 
             rng = f"[{low}, inf)"
         else:
             rng = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
-        raise ValueError(f"{name} must be in {rng}, got {value}")
+        ours = f"{name} must be in {rng}, got {value}"
+        raise ValueError(f"{torch_says} ({ours})" if torch_says else ours)
     return value
 
 
@@ -223,7 +228,8 @@ _GROUP_KEYS = frozenset(ADAM_KEYS + SCT_KEYS + _SCHEDULER_KEYS + ("params", "par
 
 def _check_lr(group: dict) -> None:
     lr = group["lr"]
-    _check_float(lr, "lr", 0.0)  # a tensor lr stays a tensor: changing it in place changes the step
+    # a tensor lr stays a tensor: changing it in place changes the step
+    _check_float(lr, "lr", 0.0, torch_says=f"Invalid learning rate: {lr}")
     if isinstance(lr, torch.Tensor) and group["foreach"] and not group["capturable"]:
         raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
 
@@ -236,7 +242,7 @@ def _check_betas(group: dict) -> None:
     if tensors[0] != tensors[1]:
         raise ValueError("betas must be either both floats or both Tensors")
     for i, b in enumerate(betas):
-        _check_float(b, f"betas[{i}]", 0.0, 1.0)
+        _check_float(b, f"betas[{i}]", 0.0, 1.0, torch_says=f"Invalid beta parameter at index {i}: {b}")
         if tensors[i] and group["foreach"] and not group["capturable"]:
             raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
     group["betas"] = tuple(b.squeeze() if isinstance(b, torch.Tensor) else float(b) for b in betas)
@@ -276,8 +282,9 @@ def _check_group(group: dict) -> None:
             "factors in place and the factor banks re-point their storage")
     _check_lr(group)
     _check_betas(group)
-    _check_float(group["eps"], "eps", 0.0)
-    _check_float(group["weight_decay"], "weight_decay", 0.0)
+    _check_float(group["eps"], "eps", 0.0, torch_says=f"Invalid epsilon value: {group['eps']}")
+    _check_float(group["weight_decay"], "weight_decay", 0.0,
+                 torch_says=f"Invalid weight_decay value: {group['weight_decay']}")
     if group["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
     if group["retraction"] not in RETRACTIONS:
@@ -615,9 +622,12 @@ class SpectralAdam(Optimizer):
         fused, foreach = group["fused"], group["foreach"]
         if fused:
             if not fused_supported(tensors):  # at step(), as torch: building on meta parameters works
+                bad = next(t for t in tensors if not fused_supported([t]))
                 kinds = sorted({f"{t.device.type}/{t.dtype}" for t in tensors})
-                raise RuntimeError(f"fused=True needs floating-point parameters on a device with fused Adam kernels; "
-                                   f"got {kinds}")
+                # torch's words first (torch.optim.Adam raises them at the same moment)
+                raise RuntimeError(f"`fused=True` requires all the params to be floating point Tensors of supported "
+                                   f"devices: {fused_devices()} but {bad.dtype} and {bad.device.type} (fused=True needs "
+                                   f"floating-point parameters on a device with fused Adam kernels; got {kinds})")
             return "fused"
         if fused is None and foreach is None and fused_supported(tensors):
             return "fused"

@@ -107,25 +107,58 @@ def _error_inputs():
 
 @pytest.mark.skipif(_torch_db is None, reason="torch's optimizer database is not importable")
 @pytest.mark.parametrize("index", range(len(_error_inputs())))
-def test_torch_error_inputs_raise_the_same_error_type(index):
+def test_torch_error_inputs_raise_torchs_error(index):
     """torch's error inputs for Adam, verbatim: the same exception type at the same time
-    (construction or step); our message names the argument."""
+    (construction or step), matching torch's own regex (torch's ``test_errors`` uses
+    ``assertRaisesRegex``); where our message says more, it follows torch's."""
     err = _error_inputs()[index]
     inp = err.optimizer_error_input
     params = inp.params if inp.params is not None else [torch.randn(3, requires_grad=True)]
     if err.error_on == _torch_db.OptimizerErrorEnum.CONSTRUCTION_ERROR:
         if issubclass(err.error_type, Warning):
-            with pytest.warns(err.error_type):
+            with pytest.warns(err.error_type, match=err.error_regex):
                 SpectralAdam(params, **inp.kwargs)
         else:
-            with pytest.raises(err.error_type) as info:
+            with pytest.raises(err.error_type, match=err.error_regex):
                 SpectralAdam(params, **inp.kwargs)
-            words = [k for k in inp.kwargs if k in str(info.value)] or [err.error_regex]
-            assert words  # names the argument, or says what torch says
     else:
         opt = SpectralAdam(params, **inp.kwargs)
-        with pytest.raises(err.error_type):
+        with pytest.raises(err.error_type, match=err.error_regex):
             opt.step()
+
+
+@pytest.mark.parametrize("kwargs, theirs, ours", [
+    (dict(lr=-0.5), "Invalid learning rate: -0.5", "lr must be in [0.0, inf), got -0.5"),
+    (dict(eps=-1e-8), "Invalid epsilon value: -1e-08", "eps must be in [0.0, inf), got -1e-08"),
+    (dict(betas=(1.0, 0.5)), "Invalid beta parameter at index 0: 1.0", "betas[0] must be in [0.0, 1.0), got 1.0"),
+    (dict(betas=(0.9, 1.5)), "Invalid beta parameter at index 1: 1.5", "betas[1] must be in [0.0, 1.0), got 1.5"),
+    (dict(weight_decay=-1), "Invalid weight_decay value: -1", "weight_decay must be in [0.0, inf), got -1.0"),
+])
+def test_range_errors_say_torchs_words_then_ours(kwargs, theirs, ours):
+    with pytest.raises(ValueError) as torch_info:
+        torch.optim.Adam(_params(), **kwargs)
+    assert str(torch_info.value) == theirs  # the wording we promise to keep is torch's own
+    with pytest.raises(ValueError) as info:
+        SpectralAdam(_params(), **kwargs)
+    assert str(info.value) == f"{theirs} ({ours})"
+
+
+def test_fused_on_meta_parameters_raises_at_step_in_torchs_words():
+    """torch's ``test_fused_error_on_params_on_meta``: building on meta parameters works, the step
+    raises torch's message; once the model is materialised, the same optimizer steps."""
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Sigmoid(), torch.nn.Linear(3, 1))
+    opt = SpectralAdam(model.parameters(), fused=True)
+    with torch.device("meta"):
+        for p in model.parameters():
+            p.grad = torch.rand_like(p)
+    with pytest.raises(RuntimeError, match="`fused=True` requires all the params to be floating point Tensors"):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.grad = torch.rand_like(p)
+    opt.step()
 
 
 @pytest.mark.parametrize(
