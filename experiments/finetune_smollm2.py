@@ -107,8 +107,8 @@ class Config:
         "dense": [1e-4, 3e-4], "lora_match": [3e-4, 1e-3], "lora_r16": [1e-3, 3e-3], "galore": [3e-4, 1e-3],
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
         "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [3e-4, 1e-3],
-        "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 3e-4, 1e-3],
-        "pissa_r16": [3e-5, 1e-4, 3e-4, 1e-3]})
+        "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
+        "pissa_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3]})
     sweep_steps: int = 8
     eval_windows: int = 16
     budgets: Dict[str, float] = field(default_factory=lambda: {"sct_b50": 0.5, "sct_b25": 0.25})

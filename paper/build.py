@@ -2,9 +2,11 @@
 
     python -m paper.build
     python -m paper.build --results results --out paper
+    python -m paper.build --results runs/reproduce/fast/results --out runs/reproduce/fast/paper --compare results
 
 Never runs an experiment: it reads what the experiments wrote and fails with a clear message
-naming any results file that is missing.
+naming any results file that is missing. With ``--compare DIR`` the report opens with each
+experiment's key figures beside those of DIR (the committed results), and prints that table.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 # the report has one section per experiment of the registry that experiments/reproduce.py runs,
 # so the two cannot disagree
@@ -675,6 +677,101 @@ def plot_mlp_curves(res: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
     return _save(fig, figures, "mlp_proofs_curves.png")
 
 
+# ------------------------------------------------------------------------------ key figures
+# What a newcomer compares first: one or a few numbers per experiment, read from its results file
+# (None where the run did not produce that arm). ``side_by_side`` puts a run's beside the committed.
+Figure = Tuple[str, Optional[float], str]  # (label, value, kind: "loss" | "accuracy" | "ratio" | "cosine")
+
+
+def _dig(obj, *keys):
+    for key in keys:
+        if not isinstance(obj, (dict, list)):
+            return None
+        try:
+            obj = obj[key]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return obj
+
+
+def _mlp_figures(res: Dict) -> List[Figure]:
+    summary, sched = _dig(res, "metrics", "summary"), _dig(res, "config", "schedules", 0)
+    return [("sine MSE, SCT (mean over seeds)", _dig(summary, "sine", sched, "sct", "metric", "mean"), "loss"),
+            ("XOR accuracy, SCT", _dig(summary, "xor", sched, "sct", "metric", "mean"), "accuracy")]
+
+
+def _memory_figures(res: Dict) -> List[Figure]:
+    summary = _dig(res, "metrics", "summary") or {}
+    best = min((r["peak_vs_reference"] for r in summary.values() if "peak_vs_reference" in r), default=None)
+    return [("70B step: best lever's peak / no lever's", best, "ratio"),
+            ("8192x28672 at rank 32: compression", _dig(res, "metrics", "compression", -1, "ratio"), "ratio")]
+
+
+def _rank_sweep_figures(res: Dict) -> List[Figure]:
+    table = _dig(res, "metrics", "table") or {}
+    ranks = [v["val_loss"] for k, v in table.items() if k.startswith("r") and k[1:].isdigit()]
+    return [("from scratch: dense held-out loss", _dig(table, "dense", "val_loss"), "loss"),
+            ("from scratch: best fixed-rank SCT held-out loss", min(ranks, default=None), "loss")]
+
+
+def _compress_figures(res: Dict) -> List[Figure]:
+    rows = _dig(res, "metrics", "minilm", "rows") or []
+
+    def cosine(method):
+        return next((r["cosine_after"] for r in rows
+                     if r["policy"] == "budget" and r["value"] == 0.5 and r["method"] == method), None)
+
+    return [("MiniLM at 50%, SCT healed: cosine", cosine("sct"), "cosine"),
+            ("MiniLM at 50%, calibrated SCT healed: cosine", cosine("sct_whitened"), "cosine")]
+
+
+def _finetune_figures(res: Dict) -> List[Figure]:
+    table = _dig(res, "metrics", "table")
+    arms = (("dense", "dense AdamW"), ("residual_r16", "SCT residual r=16"), ("sct_w50", "SCT calibrated 50%"),
+            ("sct_b50", "SCT plain SVD 50%"))
+    return [(f"SmolLM2 held-out after training: {label}", _dig(table, f"compare/{arm}/main", "val_loss_after"), "loss")
+            for arm, label in arms]
+
+
+KEY_FIGURES: Dict[str, Callable[[Dict], List[Figure]]] = {
+    "mlp_proofs": _mlp_figures, "memory_70b": _memory_figures, "rank_sweep": _rank_sweep_figures,
+    "compress_pretrained": _compress_figures, "finetune_smollm2": _finetune_figures,
+}
+
+
+def _fmt_figure(value: Optional[float], kind: str) -> str:
+    if value is None:
+        return "n/a"
+    if kind == "accuracy":
+        return f"{100 * value:.1f}%"
+    if kind == "ratio":
+        return f"{value:.3g}x"
+    return f"{value:.4g}"
+
+
+def _where(res: Dict) -> str:
+    return f" ({_dig(res, 'config', 'preset')}, {_dig(res, 'environment', 'cpu')})"
+
+
+def side_by_side(mine: Dict[str, Dict], committed_dir: pathlib.Path) -> List[str]:
+    """A markdown table: each experiment's key figures in ``mine`` beside those of the results files in
+    ``committed_dir`` (each column headed by its preset and CPU); experiments with no committed file
+    show "n/a" there."""
+    lines = ["| experiment | figure | this run | committed |", "| --- | --- | --- | --- |"]
+    for name, figures in KEY_FIGURES.items():
+        if name not in mine:
+            continue
+        path = committed_dir / f"{name}.json"
+        theirs = json.loads(path.read_text()) if path.is_file() else None
+        ours = figures(mine[name])
+        others = figures(theirs) if theirs else [(label, None, kind) for label, _, kind in ours]
+        for i, ((label, value, kind), (_, other, _)) in enumerate(zip(ours, others)):
+            head = f"`{name}`" + (_where(mine[name]) if i == 0 else "")
+            tail = _where(theirs) if theirs and i == 0 else ""
+            lines.append(f"| {head} | {label} | {_fmt_figure(value, kind)} | {_fmt_figure(other, kind)}{tail} |")
+    return lines
+
+
 def _load_required(results_dir: pathlib.Path) -> Dict[str, Dict]:
     """Every required result (for alternatives: those present); raises before anything is written."""
     results = {}
@@ -686,12 +783,31 @@ def _load_required(results_dir: pathlib.Path) -> Dict[str, Dict]:
     return results
 
 
-def build(results_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+def _shown(path: pathlib.Path) -> str:
+    """``path`` relative to the repository when inside it (the report never names a home directory)."""
+    try:
+        return str(path.resolve().relative_to(ROOT.resolve())) or "."
+    except ValueError:
+        return str(path)
+
+
+def build(results_dir: pathlib.Path, out_dir: pathlib.Path,
+          compare: Optional[pathlib.Path] = None) -> pathlib.Path:
+    """Write ``out_dir/README.md`` (and its figures) from ``results_dir``; with ``compare``, open it with
+    the side-by-side of the key figures and those of ``compare`` (skipped when it is ``results_dir``)."""
     results = _load_required(results_dir)  # fail before writing anything
     lines = ["# stiefel-sct: the SCT paper, reproduced", "",
-             "Generated by `python -m paper.build` from `results/*.json`; do not edit by hand. "
+             f"Generated by `python -m paper.build` from `{_shown(results_dir)}/*.json`; do not edit by hand. "
              "Rerun everything with `python -m experiments.reproduce --preset quick` (the CPU-scale tables, "
-             "~30 min on 2 cores), `--preset fast` (every table from smaller runs, ~18 min) or `--preset paper`.", ""]
+             "~30 min on 2 cores), `--preset fast` (every table from smaller runs, ~20 min) or `--preset paper`; "
+             "each writes `runs/reproduce/<preset>/` unless given `--out`.", ""]
+    if compare is not None and compare.resolve() != results_dir.resolve():
+        lines += ["## This run beside the committed one", "",
+                  f"Key figures of this run (`{_shown(results_dir)}`) and of the committed results "
+                  f"(`{_shown(compare)}`), each headed by its preset and CPU. A smaller preset gives "
+                  "noisier figures (fewer seeds, steps or learning rates); the sections below say how "
+                  "each of this run's figures was obtained.", ""]
+        lines += side_by_side(results, compare) + [""]
     fast = sorted(name for name, res in results.items() if res["config"].get("preset") == "fast")
     if fast:
         lines += [f"**Smaller runs**: {', '.join(f'`{n}`' for n in fast)} below come from the `fast` preset "
@@ -721,13 +837,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", default=str(ROOT / "results"))
     ap.add_argument("--out", default=str(ROOT / "paper"))
+    ap.add_argument("--compare", default=None, metavar="DIR",
+                    help="open the report with the key figures beside those of DIR/*.json (and print them)")
     args = ap.parse_args(argv)
+    compare = pathlib.Path(args.compare) if args.compare else None
     try:
-        path = build(pathlib.Path(args.results), pathlib.Path(args.out))
+        path = build(pathlib.Path(args.results), pathlib.Path(args.out), compare)
     except MissingResults as exc:
         print(f"paper/build.py: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
+    if compare is not None and compare.resolve() != pathlib.Path(args.results).resolve():
+        results = _load_required(pathlib.Path(args.results))
+        print("\n".join(["", f"key figures: this run ({_shown(pathlib.Path(args.results))}) beside the committed "
+                          f"results ({_shown(compare)})"] + side_by_side(results, compare)))
     return 0
 
 
