@@ -19,7 +19,13 @@ A checkpoint directory holds
   and an ``optimizer`` entry in the JSON (class, param groups by parameter name, scalar state).
 
 No pickle anywhere. A directory is written whole or not at all: into a temporary sibling that
-replaces the old directory only once every file is complete.
+replaces the old directory only once every file is complete (a save killed midway leaves its
+temporary behind; the next save of that directory removes it).
+
+A checkpoint checks itself on load (:mod:`stiefel_sct.integrity`): the JSON's shape and ranges,
+each weight file's size and checksum (recorded in the JSON at save), and every spectral layer's
+values (finite, factors orthonormal). Anything wrong raises :class:`CheckpointError` naming the
+file and what is wrong, before the model changes.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
@@ -36,23 +43,21 @@ import geoopt
 import torch
 from torch import nn
 
+from .integrity import CheckpointError, check_file, check_spectral_tensors, file_checksum, validate_config
 from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, weight_fingerprint
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "AtomicDirectory", "CheckpointError",
            "load_optimizer_state", "load_spectral", "read_config", "save_spectral"]
 
 FORMAT = "stiefel-sct"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the JSON records each weight file's size and checksum ("files")
+READABLE_VERSIONS = (1, 2)
 CONFIG_NAME = "spectral_config.json"
 WEIGHTS_NAME = "model.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16,
                                                        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
                                                        torch.bool)}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not fit the model (or is not a spectral checkpoint)."""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -100,13 +105,46 @@ def _contiguous_copies(tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class AtomicDirectory:
-    """A temporary sibling of ``target`` to write into; :meth:`commit` puts it in ``target``'s place."""
+    """A temporary sibling of ``target`` to write into; :meth:`commit` puts it in ``target``'s place.
+
+    The temporary is named ``.NAME.PID.XXXX.tmp``. A writer killed before its commit leaves it
+    behind; the next :class:`AtomicDirectory` for the same target removes every such sibling whose
+    process is gone (and those of older versions, which carry no process id)."""
 
     def __init__(self, target: pathlib.Path) -> None:
         self.target = target
         target.parent.mkdir(parents=True, exist_ok=True)
-        self.path = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        self.remove_stale(target)
+        self.path = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                                                  dir=target.parent))
+
+    @staticmethod
+    def remove_stale(target: pathlib.Path) -> List[pathlib.Path]:
+        """Remove the temporaries of killed writers of ``target`` (and the ``.NAME.old`` of a commit
+        killed while deleting it, once ``target`` exists); returns what was removed."""
+        pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:(\d+)\.)?[^.]+\.tmp$")
+        removed = []
+        for sibling in target.parent.iterdir():
+            match = pattern.match(sibling.name)
+            if match and sibling.is_dir() and not (match.group(1) and _alive(int(match.group(1)))):
+                shutil.rmtree(sibling, ignore_errors=True)
+                removed.append(sibling)
+        old = target.with_name(f".{target.name}.old")
+        if old.is_dir() and target.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+        return removed
 
     def commit(self) -> None:
         old = None
@@ -223,20 +261,22 @@ def save_spectral(model: nn.Module, directory: os.PathLike | str,
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
         "model_class": type(model).__name__, "layers": layers, "tied": tied,
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
-        "base_tensors": base, "optimizer": None,
+        "base_tensors": base, "optimizer": None, "files": {},
     }
     opt_tensors: Dict[str, torch.Tensor] = {}
     if optimizer is not None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         config["optimizer"], opt_tensors = _optimizer_payload(optimizer, model)
-    text = json.dumps(config, indent=2) + "\n"  # fails here, before anything is written, if not serialisable
+    json.dumps(config)  # fails here, before anything is written, if not serialisable
     out = AtomicDirectory(pathlib.Path(directory))
     try:
-        save_file(_contiguous_copies(tensors), str(out.path / WEIGHTS_NAME), metadata={"format": "pt"})
-        if optimizer is not None:
-            save_file(_contiguous_copies(opt_tensors), str(out.path / OPTIMIZER_NAME), metadata={"format": "pt"})
-        (out.path / CONFIG_NAME).write_text(text)
+        files = {WEIGHTS_NAME: tensors} if optimizer is None else {WEIGHTS_NAME: tensors, OPTIMIZER_NAME: opt_tensors}
+        for file_name, contents in files.items():
+            path = out.path / file_name
+            save_file(_contiguous_copies(contents), str(path), metadata={"format": "pt"})
+            config["files"][file_name] = {"bytes": path.stat().st_size, "checksum": file_checksum(path)}
+        (out.path / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
         out.commit()
     except BaseException:
         out.discard()
@@ -251,17 +291,60 @@ def _library_version() -> str:
 
 
 def read_config(directory: os.PathLike | str) -> Dict[str, Any]:
-    """The checkpoint's ``spectral_config.json``, checked for format and version."""
+    """The checkpoint's ``spectral_config.json``, checked for format, version and shape (every
+    layer, tensor and file entry with values in range); :class:`CheckpointError` naming the file
+    and the entry otherwise."""
     path = pathlib.Path(directory) / CONFIG_NAME
     if not path.is_file():
+        old = pathlib.Path(directory).with_name(f".{pathlib.Path(directory).name}.old")
+        if not pathlib.Path(directory).exists() and (old / CONFIG_NAME).is_file():  # killed between two renames
+            raise CheckpointError(f"{directory} not found: a save was killed while replacing it; the previous "
+                                  f"checkpoint is {old}")
         raise CheckpointError(f"{path} not found: {directory} is not a spectral checkpoint (save_spectral writes one)")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text (a damaged file?): {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or damaged?): {exc}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}, not the object save_spectral writes")
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {config.get('format')!r} is not {FORMAT!r}")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION})")
-    return config
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this library reads "
+                              f"{READABLE_VERSIONS})")
+    return validate_config(path, config, _DTYPES, (WEIGHTS_NAME, OPTIMIZER_NAME))
+
+
+def _check_weight_file(path: pathlib.Path, config: Dict[str, Any]) -> None:
+    """``path`` exists and, for a checkpoint that records checksums (format 2), matches its record."""
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found")
+    if config["format_version"] >= 2:
+        check_file(path, config["files"].get(path.name), CONFIG_NAME)
+
+
+def _read_tensors(path: pathlib.Path, names) -> Dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file, a damaged file reported by name."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {name: f.get_tensor(name) for name in names}
+    except Exception as exc:  # SafetensorError, OSError, ...: the file's name is what the user needs
+        raise CheckpointError(f"{path} cannot be read as safetensors (a damaged file?): {exc}") from None
+
+
+def _stored_names(path: pathlib.Path) -> set:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return set(f.keys())
+    except Exception as exc:
+        raise CheckpointError(f"{path} cannot be read as safetensors (a damaged file?): {exc}") from None
 
 
 def _expected_shapes(entry: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
@@ -362,7 +445,7 @@ def _named_tensors(model: nn.Module) -> Iterator[Tuple[nn.Module, str, str, torc
 
 @torch.no_grad()
 def load_spectral(model: nn.Module, directory: os.PathLike | str,
-                  device: Optional[torch.device | str] = None) -> nn.Module:
+                  device: Optional[torch.device | str] = None, *, verify: bool = True) -> nn.Module:
     """Rebuild the checkpoint's spectral model inside ``model`` and load every tensor; returns ``model``.
 
     ``model`` has the checkpoint's architecture in its dense form (or already spectral at the
@@ -374,19 +457,27 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     loaded. Everything is checked first (the format, every layer, every tensor's name and shape):
     a checkpoint that does not fit raises :class:`CheckpointError` naming the layer or tensor and
     both shapes, and leaves ``model`` untouched.
-    """
-    from safetensors import safe_open
 
+    With ``verify=True`` (the default) the checkpoint also checks itself first
+    (:mod:`stiefel_sct.integrity`): the weight file's size and checksum against the ones recorded
+    at save time, every spectral ``s`` finite, every factor finite with orthonormal columns. A
+    damaged file raises :class:`CheckpointError` naming it, with ``model`` untouched.
+    ``verify=False`` skips those value checks (e.g. for factors deliberately trained off the
+    manifold); the structural checks always run.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
     directory = pathlib.Path(directory)
     config = read_config(directory)
     weights = directory / WEIGHTS_NAME
-    if not weights.is_file():
+    if verify:
+        _check_weight_file(weights, config)
+    elif not weights.is_file():
         raise CheckpointError(f"{weights} not found")
     plan = _plan(model, config)
-    with safe_open(str(weights), framework="pt") as f:
-        stored = set(f.keys())
+    stored = _stored_names(weights)
     listed = set(config["tensors"])
     if stored != listed:
         diff = sorted(listed ^ stored)
@@ -420,6 +511,9 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
             raise CheckpointError(f"tensor {qname!r} of the checkpoint has no place in this {type(model).__name__}")
     bases = {name: cast(nn.Linear, plan[name]).weight.detach()  # _check_residual_base made sure it is
              for name, entry in config["layers"].items() if entry.get("residual")}
+    state = _read_tensors(weights, config["tensors"])
+    if verify:
+        check_spectral_tensors(state, config["layers"], weights)
 
     # everything fits: convert, materialise, load
     result = model
@@ -462,10 +556,6 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     for module in result.modules():
         if isinstance(module, SpectralModule):
             module.register_factors()
-    state: Dict[str, torch.Tensor] = {}
-    with safe_open(str(weights), framework="pt", device="cpu") as f:
-        for name in config["tensors"]:
-            state[name] = f.get_tensor(name)
     for alias, source in config["tied"].items():
         state[alias] = state[source]
     missing, _ = result.load_state_dict(state, strict=not base)
@@ -498,9 +588,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dir
     ``optimizer``, a new optimizer of the same class over the loaded ``model``'s parameters in
     the same groups. Parameters are matched by name, so the order in which the new optimizer was
     given them does not matter. Checked first: a mismatch raises :class:`CheckpointError` and
-    leaves the optimizer untouched."""
-    from safetensors.torch import load_file
-
+    leaves the optimizer untouched. The optimizer file's size and checksum are checked too."""
     config = read_config(directory)
     saved = config.get("optimizer")
     if not saved:
@@ -526,7 +614,13 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dir
             index[name] = i
             i += 1
     opt_file = pathlib.Path(directory) / OPTIMIZER_NAME
-    tensors = load_file(str(opt_file)) if opt_file.is_file() else {}
+    tensors: Dict[str, torch.Tensor] = {}
+    if opt_file.is_file():
+        _check_weight_file(opt_file, config)
+        tensors = _read_tensors(opt_file, sorted(_stored_names(opt_file)))
+    unknown = sorted(k for k in tensors if k.rpartition("::")[0] not in index)
+    if unknown:
+        raise CheckpointError(f"{opt_file} holds state for {unknown[0]!r}, which is not a parameter of the optimizer")
     state: Dict[int, Dict[str, Any]] = {}
     for key, value in tensors.items():
         name, _, field = key.rpartition("::")

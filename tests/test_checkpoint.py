@@ -271,3 +271,202 @@ def test_dense_export_loads_and_generates_without_the_library(tmp_path):
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not got["stiefel_sct"] and not any("Spectral" in c for c in got["classes"])
     assert got["tokens"] == spectral_tokens
+
+
+# ------------------------------------------------------------------------------ damaged checkpoints
+def _edit_config(path, edit):
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+
+
+def _flip_bit(path, offset, bit=3):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def _damage(kind, ck):
+    """Damage the checkpoint directory ``ck`` one way; returns the file the error must name."""
+    config, weights = ck / CONFIG_NAME, ck / "model.safetensors"
+    if kind == "config truncated":
+        config.write_bytes(config.read_bytes()[: config.stat().st_size // 2])
+        return config, "not valid JSON"
+    if kind == "config not text":
+        config.write_bytes(b"\xff\xfe\x00garbage" + config.read_bytes())
+        return config, "not UTF-8"
+    if kind == "config a list":
+        config.write_text("[1, 2, 3]")
+        return config, "holds a JSON list"
+    if kind == "negative rank":
+        _edit_config(config, lambda c: c["layers"]["model.layers.0.self_attn.q_proj"].update(rank=-3))
+        return config, r"layers\['model.layers.0.self_attn.q_proj'\].rank must be an int \[1, 32\], got -3"
+    if kind == "unknown retraction":
+        _edit_config(config, lambda c: c["layers"]["model.layers.0.mlp.up_proj"].update(retraction="svd"))
+        return config, r"\.retraction must be one of"
+    if kind == "weights truncated":
+        weights.write_bytes(weights.read_bytes()[:-1000])
+        return weights, "bytes, spectral_config.json says"
+    if kind == "weights garbage":
+        weights.write_bytes(os.urandom(weights.stat().st_size))
+        return weights, "checksum mismatch"
+    if kind == "flipped bit":  # one bit, deep in the tensor data
+        _flip_bit(weights, weights.stat().st_size // 2)
+        return weights, "checksum mismatch"
+    if kind == "garbage with its checksum":  # what a checksum cannot catch: safetensors' own parser does
+        weights.write_bytes(b"\x00" * 8 + os.urandom(weights.stat().st_size - 8))
+        from stiefel_sct.integrity import file_checksum
+
+        _edit_config(config, lambda c: c["files"]["model.safetensors"].update(checksum=file_checksum(weights)))
+        return weights, "cannot be read as safetensors"
+    raise AssertionError(kind)
+
+
+DAMAGE = ["config truncated", "config not text", "config a list", "negative rank", "unknown retraction",
+          "weights truncated", "weights garbage", "flipped bit", "garbage with its checksum"]
+
+
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_model_untouched(tmp_path, kind):
+    save_spectral(_spectral(CASES["rank"]), tmp_path / "ck")
+    path, words = _damage(kind, tmp_path / "ck")
+    model = tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(CheckpointError, match=words) as info:
+        load_spectral(model, tmp_path / "ck")
+    assert str(path) in str(info.value)
+    _assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("what", ["nan singular value", "inf in a factor", "factor off the manifold"])
+def test_bad_values_with_a_valid_checksum_are_refused(tmp_path, what):
+    """Values saved as they are (the checksum is right) that no spectral layer may hold."""
+    spectral = _spectral(CASES["rank"])
+    layer = spectral.model.layers[1].mlp.down_proj
+    with torch.no_grad():
+        if what == "nan singular value":
+            layer.s[2] = float("nan")
+        elif what == "inf in a factor":
+            layer.V[5, 1] = float("inf")
+        else:
+            layer.U.mul_(1.1)
+    save_spectral(spectral, tmp_path / "ck")
+    model = tiny_llama()
+    snap = _snapshot(model)
+    words = {"nan singular value": r"model\.layers\.1\.mlp\.down_proj\.s .*non-finite singular values",
+             "inf in a factor": r"model\.layers\.1\.mlp\.down_proj\.V .*non-finite values",
+             "factor off the manifold": r"model\.layers\.1\.mlp\.down_proj\.U .*orthonormal.*verify=False"}[what]
+    with pytest.raises(CheckpointError, match=words):
+        load_spectral(model, tmp_path / "ck")
+    _assert_untouched(model, snap)
+    if what == "factor off the manifold":  # the escape hatch for factors trained off the manifold on purpose
+        loaded = load_spectral(model, tmp_path / "ck", verify=False)
+        assert torch.equal(loaded.model.layers[1].mlp.down_proj.U, layer.U)
+
+
+def test_a_damaged_optimizer_file_is_refused(tmp_path):
+    model = _spectral(CASES["rank"])
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    _train(model, opt, 1)
+    save_spectral(model, tmp_path / "ck", optimizer=opt)
+    _flip_bit(tmp_path / "ck" / "optimizer.safetensors", (tmp_path / "ck" / "optimizer.safetensors").stat().st_size - 5)
+    fresh = load_spectral(tiny_llama(), tmp_path / "ck")
+    new = SpectralAdam(fresh.parameters(), lr=1e-2)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors: checksum mismatch"):
+        load_optimizer_state(new, fresh, tmp_path / "ck")
+    assert not new.state
+
+
+def test_a_format_1_checkpoint_without_checksums_still_loads(tmp_path):
+    spectral = _spectral(CASES["rank"])
+    save_spectral(spectral, tmp_path / "ck")
+
+    def as_version_1(c):
+        c["format_version"] = 1
+        del c["files"]
+
+    _edit_config(tmp_path / "ck" / CONFIG_NAME, as_version_1)
+    loaded = load_spectral(tiny_llama(), tmp_path / "ck").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=IDS).logits, spectral.eval()(input_ids=IDS).logits, rtol=0, atol=0)
+
+
+def test_checksum_sees_every_single_bit_and_moved_chunks(tmp_path):
+    from stiefel_sct.integrity import file_checksum
+
+    data = bytearray(os.urandom(3 * 65536 + 13))  # three whole chunks, a partial word at the end
+    path = tmp_path / "f"
+    path.write_bytes(bytes(data))
+    ref = file_checksum(path)
+    for offset in (0, 7, 65536, len(data) - 1):  # first byte, within a word, a chunk boundary, the tail
+        for bit in (0, 7):
+            flipped = bytearray(data)
+            flipped[offset] ^= 1 << bit
+            path.write_bytes(bytes(flipped))
+            assert file_checksum(path) != ref, (offset, bit)
+    swapped = data[65536:131072] + data[:65536] + data[131072:]  # two chunks trade places: same words
+    path.write_bytes(bytes(swapped))
+    assert file_checksum(path) != ref
+    path.write_bytes(bytes(data))
+    assert file_checksum(path) == ref
+
+
+KILLED_SAVER = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    sys.path.insert(0, {root!r})
+    from stiefel_sct import save_spectral, spectralize
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(12)])
+    spectralize(model, rank=64)
+    save_spectral(model, sys.argv[1])
+    print("ready", flush=True)
+    while True:
+        save_spectral(model, sys.argv[1])
+""")
+
+
+def test_a_save_killed_at_random_moments_never_breaks_the_checkpoint(tmp_path):
+    """SIGKILL a process that saves in a loop at random moments: the directory always loads, and
+    the next save removes the temporaries the killed saves left."""
+    import random
+    import signal
+
+    rng = random.Random(0)
+    script = tmp_path / "saver.py"
+    script.write_text(KILLED_SAVER.format(root=ROOT))
+    ck = tmp_path / "ck"
+    left = []
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, str(script), str(ck)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        import time
+
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        left.append(sum(p.name.startswith(".ck.") for p in tmp_path.iterdir()))
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(12)])
+        spectralize(model, rank=64)
+        reference = [t.clone() for t in model.state_dict().values()]
+        # killed between commit's two renames (a window of two syscalls), the previous checkpoint is .ck.old
+        whole = ck if ck.exists() else tmp_path / ".ck.old"
+        loaded = load_spectral(nn.Sequential(*[nn.Linear(256, 256) for _ in range(12)]), whole)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), reference))
+    assert max(left) <= 2 and sum(left) > 0  # each saver removed its killed predecessor's temporary
+    save_spectral(loaded, ck)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "saver.py"]
+
+
+def test_a_save_removes_only_the_temporaries_of_dead_writers(tmp_path):
+    save_spectral(nn.Sequential(SpectralLinear(8, 8, 2)), tmp_path / "ck")
+    dead, legacy, live = (tmp_path / ".ck.999999999.ab12.tmp", tmp_path / ".ck.x7_q2a.tmp",
+                          tmp_path / f".ck.{os.getpid()}.cd34.tmp")
+    other = tmp_path / ".ckpt.999999999.ab12.tmp"  # another directory's temporary
+    for d in (dead, legacy, live, other):
+        d.mkdir()
+    save_spectral(nn.Sequential(SpectralLinear(8, 8, 2)), tmp_path / "ck")
+    assert not dead.exists() and not legacy.exists()
+    assert live.exists() and other.exists()
