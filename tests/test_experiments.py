@@ -149,6 +149,13 @@ def test_report_builds_from_results_and_names_missing_file(tmp_path, memory_resu
     with pytest.raises(report.MissingResults, match="mlp_proofs.json"):
         report.build(tmp_path / "empty", out)
     assert report.main(["--results", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    # beside the committed results: the report opens with both columns, each headed by its preset
+    text = report.build(results, out, compare=ROOT / "results").read_text()
+    assert "## This run beside the committed one" in text
+    committed = json.loads((ROOT / "results" / "finetune_smollm2.json").read_text())
+    dense = committed["metrics"]["table"]["compare/dense/main"]["val_loss_after"]
+    row = next(line for line in text.splitlines() if "held-out after training: dense AdamW" in line)
+    assert "(smoke," in row and f"| {dense:.4g} ({committed['config']['preset']}," in row
 
 
 @pytest.mark.parametrize("segments", [None, 1, 2, 5])
@@ -188,6 +195,49 @@ def test_reproduce_runs_what_the_report_reports():
 def test_every_experiment_has_the_reproduce_presets(name):
     module = __import__(f"experiments.{name}", fromlist=["PRESETS"])
     assert set(reproduce.PRESETS) <= set(module.PRESETS)
+
+
+def _finetune_result(preset, dense, residual):
+    table = {"compare/dense/main": {"val_loss_after": dense}}
+    if residual is not None:
+        table["compare/residual_r16/main"] = {"val_loss_after": residual}
+    return {"config": {"preset": preset}, "environment": {"cpu": "Test CPU"}, "metrics": {"table": table}}
+
+
+def test_side_by_side_puts_each_key_figure_beside_the_committed_one(tmp_path):
+    (tmp_path / "finetune_smollm2.json").write_text(json.dumps(_finetune_result("cpu", 3.679, 3.705)))
+    lines = report.side_by_side({"finetune_smollm2": _finetune_result("fast", 4.01, None)}, tmp_path)
+    rows = {line.split(" | ")[1]: line for line in lines[2:]}
+    dense = rows["SmolLM2 held-out after training: dense AdamW"]
+    assert "(fast, Test CPU)" in dense and "| 4.01 | 3.679 (cpu, Test CPU) |" in dense
+    assert rows["SmolLM2 held-out after training: SCT residual r=16"].endswith("| n/a | 3.705 |")  # not run here
+    # no committed file for an experiment: its column says so instead of failing
+    lines = report.side_by_side({"finetune_smollm2": _finetune_result("fast", 4.01, None)}, tmp_path / "none")
+    assert lines[2].endswith("| 4.01 | n/a |")
+    assert set(report.KEY_FIGURES) == {e.name for e in report.EXPERIMENTS}  # every experiment has key figures
+
+
+def test_reproduce_writes_outside_the_committed_tables_by_default(tmp_path, monkeypatch):
+    calls = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(reproduce.subprocess, "run", lambda cmd, cwd: calls.append(cmd) or Done())
+    assert reproduce.main(["--preset", "fast", "--only", "mlp_proofs", "--out", str(tmp_path)]) == 0
+    experiment, build = calls
+    assert experiment[-2:] == ["--results-dir", str(tmp_path / "results")]
+    assert build[build.index("--out") + 1] == str(tmp_path / "paper")
+    assert build[build.index("--compare") + 1] == str(ROOT / "results")
+    # a partial run still builds a whole report: the experiments not run come from the committed files
+    assert (tmp_path / "results" / "rank_sweep.json").read_bytes() == (ROOT / "results" / "rank_sweep.json").read_bytes()
+    assert not (tmp_path / "results" / "mlp_proofs.json").exists()
+    calls.clear()
+    assert reproduce.main(["--preset", "fast", "--no-report"]) == 0
+    assert all(c[-1] == str(ROOT / "runs" / "reproduce" / "fast" / "results") for c in calls)
+    calls.clear()
+    assert reproduce.main(["--preset", "quick", "--no-report", "--out", str(ROOT)]) == 0  # the maintainers' refresh
+    assert all(c[-1] == str(ROOT.resolve() / "results") for c in calls)
 
 
 def test_progress_prints_a_line_per_item_when_stderr_is_not_a_terminal(capsys):
