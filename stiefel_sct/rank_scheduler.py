@@ -14,7 +14,9 @@ Every ``every`` calls of :meth:`RankScheduler.step` (after ``optimizer.step()``,
    core, so the ``|s_i|`` are the singular values of ``W`` and the weight moves by exactly the
    dropped ones: ``||W - W'||_F = sqrt(sum of dropped s_i^2)``;
 2. **grows**: appends ``r`` new orthonormal columns to ``U`` (the top ``r`` left singular vectors of
-   ``D_U``, orthogonalised again against ``U``) and ``r`` to ``V`` (from ``D_V``), with new
+   ``D_U``, orthogonalised again against ``U``; ``U`` here is every column the layer had at the
+   event, so a direction the shrink just dropped is never grown back) and ``r`` to ``V`` (from
+   ``D_V``), with new
    singular values ``0``: the layer's function is unchanged at the moment of growth, and the
    next steps decide whether the new directions earn a singular value (those that do not are
    dropped by the next shrink). ``r`` is ``grow``, capped by ``max_rank``, ``min(m, n)``, the
@@ -71,13 +73,17 @@ def _new_directions(basis: torch.Tensor, grad: Optional[torch.Tensor], r: int) -
         return empty
     work = basis.to(torch.float64)
     d = grad.to(torch.float64)
+    scale = float(torch.linalg.matrix_norm(d, ord=2)) if d.numel() else 0.0
     d = d - work @ (work.mT @ d)
     if not bool(torch.isfinite(d).all()):
         return empty
     p, sv, _ = torch.linalg.svd(d, full_matrices=False)
-    if sv.numel() == 0 or float(sv[0]) == 0.0:
+    # what is left of a gradient inside the basis is rounding (~sqrt(eps) of it, from the basis's
+    # own orthonormality): relative to the gradient, not to that rounding, or a full basis "grows"
+    floor = max(float(sv[0]) * 1e-6, scale * torch.finfo(basis.dtype).eps ** 0.5) if sv.numel() else 0.0
+    if sv.numel() == 0 or float(sv[0]) <= floor:
         return empty
-    take = int((sv > sv[0] * 1e-6).sum().clamp(max=r))
+    take = int((sv > floor).sum().clamp(max=r))
     q = p[:, :take]
     for _ in range(2):  # orthogonal to the basis to rounding (Gram-Schmidt twice), then orthonormal
         q = q - work @ (work.mT @ q)
@@ -213,14 +219,17 @@ class RankScheduler:
             r = min(self.grow, cap - len(keep))
             if r <= 0:
                 continue
-            ku, kv = u[:, keep], v[:, keep]
-            new_u = _new_directions(ku, layer.U.grad, r)
-            new_v = _new_directions(kv, layer.V.grad, r)
+            # new directions are orthogonal to every column the layer had at this event, the ones the
+            # shrink just dropped included: a layer must not drop a direction and grow it back at
+            # s = 0 with fresh moments (a full-rank layer did exactly that: the only direction
+            # outside its kept basis was the one it dropped)
+            new_u = _new_directions(u, layer.U.grad, r)
+            new_v = _new_directions(v, layer.V.grad, r)
             r = min(new_u.shape[1], new_v.shape[1])
             if r == 0:
                 continue
             energy = sum(float(((g.double() - b.double() @ (b.double().mT @ g.double())) ** 2).sum())
-                         for b, g in ((ku, layer.U.grad), (kv, layer.V.grad)))
+                         for b, g in ((u, layer.U.grad), (v, layer.V.grad)))
             candidates.append((energy / self._cost(layer), name, new_u[:, :r], new_v[:, :r], layer))
         if self.budget is None:
             return {name: (nu, nv) for _, name, nu, nv, _ in candidates}

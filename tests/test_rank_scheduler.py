@@ -243,3 +243,41 @@ def test_sharded_parameters_are_refused_clearly():
     opt.param_groups[0]["params"][0] = model[0].U.as_subclass(FakeShard)
     with pytest.raises(NotImplementedError, match="FSDP2"):
         RankScheduler(opt)
+
+
+def test_a_full_rank_layer_does_not_drop_a_direction_and_grow_it_back():
+    """Issue 27: a 6-input layer at rank 6 used to drop its smallest direction and re-grow exactly
+    that direction with s = 0 and fresh moments. The only directions growth may take are
+    orthogonal to every column the layer had at the event."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SpectralLinear(6, 8, 6, dtype=torch.float64))
+    layer = model[0]
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5, 1e-4], dtype=torch.float64))
+    x = torch.randn(32, 6, dtype=torch.float64)
+    opt = SpectralAdam(model.parameters(), lr=1e-3)
+    sched = RankScheduler(opt, every=1, tol=1e-2, grow=2)
+    model.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    dropped_u = layer.U.detach()[:, -1].clone()
+    kept_s = layer.s.detach()[:-1].clone()
+    sched.step()
+    assert layer.rank == 5 and torch.equal(layer.s.detach(), kept_s)  # the drop stands, nothing grew back
+    assert sched.history[-1]["grown"] == 0
+    assert float((layer.U.detach().mT @ dropped_u).abs().max()) < 1e-12
+
+    # a layer below full rank whose gradient points only at the direction it drops grows nothing either
+    torch.manual_seed(1)
+    model = nn.Sequential(SpectralLinear(6, 8, 3, dtype=torch.float64))
+    layer = model[0]
+    with torch.no_grad():
+        layer.s.copy_(torch.tensor([3.0, 2.0, 1e-4], dtype=torch.float64))
+    opt = SpectralAdam(model.parameters(), lr=1e-3)
+    sched = RankScheduler(opt, every=1, tol=1e-2, grow=1)
+    dropped_u, dropped_v = layer.U.detach()[:, 2].clone(), layer.V.detach()[:, 2].clone()
+    layer.U.grad = torch.outer(dropped_u, torch.ones(3, dtype=torch.float64))
+    layer.V.grad = torch.outer(dropped_v, torch.ones(3, dtype=torch.float64))
+    layer.s.grad = torch.zeros(3, dtype=torch.float64)
+    sched.step()
+    assert layer.rank == 2 and sched.history[-1]["grown"] == 0
