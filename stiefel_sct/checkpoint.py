@@ -37,7 +37,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
 
 import geoopt
 import torch
@@ -318,32 +318,23 @@ def read_config(directory: os.PathLike | str) -> Dict[str, Any]:
     return validate_config(path, config, _DTYPES, (WEIGHTS_NAME, OPTIMIZER_NAME))
 
 
-def _check_weight_file(path: pathlib.Path, config: Dict[str, Any]) -> None:
-    """``path`` exists and, for a checkpoint that records checksums (format 2), matches its record."""
+def _check_weight_file(path: pathlib.Path, config: Dict[str, Any], verify: bool = True) -> None:
+    """``path`` exists and, with ``verify`` and a checkpoint that records checksums (format 2),
+    matches its record."""
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
-    if config["format_version"] >= 2:
+    if verify and config["format_version"] >= 2:
         check_file(path, config["files"].get(path.name), CONFIG_NAME)
 
 
-def _read_tensors(path: pathlib.Path, names) -> Dict[str, torch.Tensor]:
-    """The named tensors of a safetensors file, a damaged file reported by name."""
+def _from_safetensors(path: pathlib.Path, read: Callable[[Any], Any]) -> Any:
+    """``read(f)`` on the open safetensors file ``path``; a damaged file is reported by name."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {name: f.get_tensor(name) for name in names}
+            return read(f)
     except Exception as exc:  # SafetensorError, OSError, ...: the file's name is what the user needs
-        raise CheckpointError(f"{path} cannot be read as safetensors (a damaged file?): {exc}") from None
-
-
-def _stored_names(path: pathlib.Path) -> set:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return set(f.keys())
-    except Exception as exc:
         raise CheckpointError(f"{path} cannot be read as safetensors (a damaged file?): {exc}") from None
 
 
@@ -472,12 +463,9 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     directory = pathlib.Path(directory)
     config = read_config(directory)
     weights = directory / WEIGHTS_NAME
-    if verify:
-        _check_weight_file(weights, config)
-    elif not weights.is_file():
-        raise CheckpointError(f"{weights} not found")
+    _check_weight_file(weights, config, verify)
     plan = _plan(model, config)
-    stored = _stored_names(weights)
+    stored = _from_safetensors(weights, lambda f: set(f.keys()))
     listed = set(config["tensors"])
     if stored != listed:
         diff = sorted(listed ^ stored)
@@ -511,7 +499,7 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
             raise CheckpointError(f"tensor {qname!r} of the checkpoint has no place in this {type(model).__name__}")
     bases = {name: cast(nn.Linear, plan[name]).weight.detach()  # _check_residual_base made sure it is
              for name, entry in config["layers"].items() if entry.get("residual")}
-    state = _read_tensors(weights, config["tensors"])
+    state = _from_safetensors(weights, lambda f: {name: f.get_tensor(name) for name in config["tensors"]})
     if verify:
         check_spectral_tensors(state, config["layers"], weights)
 
@@ -617,7 +605,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dir
     tensors: Dict[str, torch.Tensor] = {}
     if opt_file.is_file():
         _check_weight_file(opt_file, config)
-        tensors = _read_tensors(opt_file, sorted(_stored_names(opt_file)))
+        tensors = _from_safetensors(opt_file, lambda f: {name: f.get_tensor(name) for name in f.keys()})
     unknown = sorted(k for k in tensors if k.rpartition("::")[0] not in index)
     if unknown:
         raise CheckpointError(f"{opt_file} holds state for {unknown[0]!r}, which is not a parameter of the optimizer")
