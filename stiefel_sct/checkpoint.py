@@ -37,13 +37,13 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, cast
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import geoopt
 import torch
 from torch import nn
 
-from .integrity import CheckpointError, check_file, check_spectral_tensors, file_checksum, validate_config
+from .integrity import CheckpointError, ValueCheck, file_checksum, read_header, read_weights, validate_config
 from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, weight_fingerprint
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "AtomicDirectory", "CheckpointError",
@@ -71,7 +71,8 @@ def _layer_entry(module: SpectralModule) -> Dict[str, Any]:
         if module.residual_dtype is not None:
             if module.residual is None or module.base_fingerprint is None:
                 raise CheckpointError("cannot save a residual layer whose residual is not attached")
-            residual = {"dtype": _dtype_name(module.residual_dtype), "base_fingerprint": module.base_fingerprint}
+            residual = {"dtype": _dtype_name(module.residual_dtype), "base_fingerprint": module.base_fingerprint,
+                        "blocks": list(module.residual_blocks)}
         return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
                 "bias": module.bias is not None, "residual": residual, **common}
     if isinstance(module, SpectralEmbedding):
@@ -318,24 +319,12 @@ def read_config(directory: os.PathLike | str) -> Dict[str, Any]:
     return validate_config(path, config, _DTYPES, (WEIGHTS_NAME, OPTIMIZER_NAME))
 
 
-def _check_weight_file(path: pathlib.Path, config: Dict[str, Any], verify: bool = True) -> None:
-    """``path`` exists and, with ``verify`` and a checkpoint that records checksums (format 2),
-    matches its record."""
+def _weight_file(path: pathlib.Path, config: Dict[str, Any], verify: bool = True) -> Optional[Dict[str, Any]]:
+    """``path`` exists; the config's record of its size and checksum to check it against, where
+    ``verify`` asks for it and the checkpoint has one (format 2), else ``None``."""
     if not path.is_file():
         raise CheckpointError(f"{path} not found")
-    if verify and config["format_version"] >= 2:
-        check_file(path, config["files"].get(path.name), CONFIG_NAME)
-
-
-def _from_safetensors(path: pathlib.Path, read: Callable[[Any], Any]) -> Any:
-    """``read(f)`` on the open safetensors file ``path``; a damaged file is reported by name."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return read(f)
-    except Exception as exc:  # SafetensorError, OSError, ...: the file's name is what the user needs
-        raise CheckpointError(f"{path} cannot be read as safetensors (a damaged file?): {exc}") from None
+    return config["files"] if verify and config["format_version"] >= 2 else None
 
 
 def _expected_shapes(entry: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
@@ -347,7 +336,8 @@ def _expected_shapes(entry: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
     else:
         shapes = {"U": (entry["num_embeddings"], k), "s": (k,), "V": (entry["embedding_dim"], k)}
     if entry["kind"] == "linear" and entry.get("residual"):
-        shapes.update(U0=shapes["U"], s0=(k,), V0=shapes["V"])
+        k0 = sum(entry["residual"].get("blocks") or [k])  # the conversion's rank plus every move's columns
+        shapes.update(U0=(entry["in_features"], k0), s0=(k0,), V0=(entry["out_features"], k0))
     return shapes
 
 
@@ -409,9 +399,12 @@ def _build(entry: Dict[str, Any]) -> SpectralModule:
     dtype = _DTYPES[entry["dtype"]]
     if entry["kind"] == "linear":
         residual = entry.get("residual")
-        return SpectralLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"],
-                              device="meta", dtype=dtype, retraction=entry["retraction"],
-                              residual_dtype=_DTYPES[residual["dtype"]] if residual else None)
+        layer = SpectralLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"],
+                               device="meta", dtype=dtype, retraction=entry["retraction"],
+                               residual_dtype=_DTYPES[residual["dtype"]] if residual else None)
+        if residual and residual.get("blocks"):
+            layer.set_residual_blocks(residual["blocks"])
+        return layer
     return SpectralEmbedding(entry["num_embeddings"], entry["embedding_dim"], entry["rank"],
                              padding_idx=entry["padding_idx"], device="meta", dtype=dtype, retraction=entry["retraction"])
 
@@ -463,12 +456,12 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     directory = pathlib.Path(directory)
     config = read_config(directory)
     weights = directory / WEIGHTS_NAME
-    _check_weight_file(weights, config, verify)
+    files = _weight_file(weights, config, verify)
     plan = _plan(model, config)
-    stored = _from_safetensors(weights, lambda f: set(f.keys()))
+    stored, _ = read_header(weights, files, CONFIG_NAME)
     listed = set(config["tensors"])
-    if stored != listed:
-        diff = sorted(listed ^ stored)
+    if set(stored) != listed:
+        diff = sorted(listed ^ set(stored))
         raise CheckpointError(f"{weights} does not hold the tensors {CONFIG_NAME} lists (e.g. {diff[0]!r})")
 
     # the state-dict names and shapes the converted model will have, checked against the file
@@ -497,11 +490,15 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     for qname in list(config["tensors"]) + list(config["tied"]) + list(base):
         if qname not in expected:
             raise CheckpointError(f"tensor {qname!r} of the checkpoint has no place in this {type(model).__name__}")
+    for qname, record in stored.items():
+        entry = config["tensors"][qname]
+        if list(record.shape) != entry["shape"] or record.dtype != _DTYPES[entry["dtype"]]:
+            raise CheckpointError(f"{weights}: tensor {qname!r} is {_dtype_name(record.dtype)} {list(record.shape)}, "
+                                  f"{CONFIG_NAME} says {entry['dtype']} {entry['shape']} (a damaged or hand-edited checkpoint?)")
     bases = {name: cast(nn.Linear, plan[name]).weight.detach()  # _check_residual_base made sure it is
              for name, entry in config["layers"].items() if entry.get("residual")}
-    state = _from_safetensors(weights, lambda f: {name: f.get_tensor(name) for name in config["tensors"]})
-    if verify:
-        check_spectral_tensors(state, config["layers"], weights)
+    # one pass over the file, checksummed and probed block by block while each block is in cache
+    state = read_weights(weights, files, ValueCheck(config["layers"], weights) if verify else None, CONFIG_NAME)
 
     # everything fits: convert, materialise, load
     result = model
@@ -604,8 +601,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dir
     opt_file = pathlib.Path(directory) / OPTIMIZER_NAME
     tensors: Dict[str, torch.Tensor] = {}
     if opt_file.is_file():
-        _check_weight_file(opt_file, config)
-        tensors = _from_safetensors(opt_file, lambda f: {name: f.get_tensor(name) for name in f.keys()})
+        # clones: views into read_weights' one buffer would each drag the whole file along (torch.save)
+        tensors = {k: v.clone() for k, v in read_weights(opt_file, _weight_file(opt_file, config), None,
+                                                           CONFIG_NAME).items()}
     unknown = sorted(k for k in tensors if k.rpartition("::")[0] not in index)
     if unknown:
         raise CheckpointError(f"{opt_file} holds state for {unknown[0]!r}, which is not a parameter of the optimizer")

@@ -8,29 +8,34 @@ wrong; :func:`~stiefel_sct.load_spectral` runs them all before it changes anythi
 The file checksum is a position-weighted 64-bit sum of the file's 64-bit words (:func:`file_checksum`),
 not a cryptographic hash: it guards against damage (any single flipped bit, truncation, a garbage
 tail), not against tampering. Measured on SmolLM2-135M at 50% (a 326 MB ``model.safetensors``, AMD
-EPYC, 2 cores): 11 ms, where SHA-256 takes 270 ms and CRC-32 210 ms, against 230-660 ms for the
-whole ``load_spectral``. The orthonormality check is a sketch for the same reason: ``Y = U z`` for a
-fixed random ``z`` and ``| ||Y||^2 - ||z||^2 | <= tol ||z||^2``, one matrix-vector product per factor
-(27 ms for that model's 420 factors, where the ``k x k`` Gram matrices take 200 ms); a non-finite
-factor makes ``Y`` non-finite.
+EPYC, 2 cores): 11-18 ms, where SHA-256 takes 270 ms and CRC-32 210 ms. The orthonormality check
+is a sketch for the same reason: ``Y = U z`` for a fixed random ``z`` and
+``| ||Y||^2 - ||z||^2 | <= tol ||z||^2``, one matrix-vector product per factor (27-45 ms for that
+model's 420 factors, where the ``k x k`` Gram matrices take 200 ms); a non-finite factor makes ``Y``
+non-finite. :func:`read_weights` runs both on the memory-mapped file as it hands out the tensors.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import mmap
 import pathlib
-import warnings
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
 from .manifold import RETRACTIONS
 
-__all__ = ["CheckpointError", "check_spectral_tensors", "file_checksum", "validate_config"]
+__all__ = ["CheckpointError", "TensorRecord", "ValueCheck", "check_spectral_tensors", "file_checksum", "read_header",
+           "read_weights", "validate_config"]
 
 CHECKSUM_ALGORITHM = "sum64-chunked"
 _CHUNK_WORDS = 8192  # 64 KiB chunks: each chunk's sum is weighted by its position (odd weights)
+_CHUNK_BYTES = 8 * _CHUNK_WORDS
+# a weight file is read (and checksummed, and its factors probed) 2 MiB at a time, so each block is
+# still in cache when it is summed: measured in benchmarks/bench_checkpoint.py (see read_weights)
+_BLOCK_BYTES = 32 * _CHUNK_BYTES
 
 # |Y^T Y - z^T z| / |z|^2 a saved factor may show, by dtype: ~1000x what a factor retracted in that
 # dtype shows (fp32 ~1e-6, bf16 ~4e-4 measured as max |U^T U - I|), far below what damage does
@@ -41,34 +46,68 @@ class CheckpointError(ValueError):
     """A checkpoint directory that does not fit the model, is damaged, or is not a spectral checkpoint."""
 
 
+class _Checksum:
+    """The running state of :func:`file_checksum` over a file read front to back in blocks whose
+    lengths are whole chunks (only the last block may be shorter), so a reader can checksum each
+    block while it is still in cache."""
+
+    def __init__(self) -> None:
+        self._sums: List[torch.Tensor] = []
+        self._done = False
+
+    def block(self, data: torch.Tensor) -> None:
+        """Add the next ``data`` (uint8) of the file; a block that is not whole chunks ends the file."""
+        if self._done:
+            raise RuntimeError("_Checksum.block after the file's last block")
+        n = data.numel()
+        whole = n - n % 8
+        words = data[:whole].view(torch.int64)
+        full = words.numel() - words.numel() % _CHUNK_WORDS
+        if full:
+            self._sums.append(words[:full].view(-1, _CHUNK_WORDS).sum(dim=1))
+        if full < words.numel():
+            self._sums.append(words[full:].sum().view(1))
+        if whole < n:  # the file's last bytes, zero-padded to one more word
+            tail = bytes(data[whole:].tolist()).ljust(8, b"\0")
+            self._sums.append(torch.tensor([int.from_bytes(tail, "little", signed=True)], dtype=torch.int64))
+        self._done = n % _CHUNK_BYTES != 0
+
+    def hexdigest(self) -> str:
+        if not self._sums:
+            return f"{CHECKSUM_ALGORITHM}:{0:016x}"
+        chunk_sums = torch.cat(self._sums)
+        weights = torch.arange(1, 2 * chunk_sums.numel(), 2, dtype=torch.int64)
+        value = int((chunk_sums * weights).sum()) & (2**64 - 1)
+        return f"{CHECKSUM_ALGORITHM}:{value:016x}"
+
+
+def _mapped(path: pathlib.Path) -> torch.Tensor:
+    """The file as a uint8 tensor over a private (copy-on-write) memory map: no copy is made, the
+    page cache is read in place, and writing into the tensor never reaches the file. The tensor
+    (and every view of it) keeps the mapping alive."""
+    with open(path, "rb") as fh:
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mm, dtype=torch.uint8)
+
+
 def file_checksum(path: pathlib.Path) -> str:
     """The 64-bit checksum :func:`~stiefel_sct.save_spectral` records for each weight file: the file
     read as little-endian 64-bit words (the tail zero-padded), summed per 64 KiB chunk with
     wrap-around, the chunk sums weighted by ``1, 3, 5, ...`` and summed again. An odd weight times
     ``2^b`` is never ``0 mod 2^64``, so any single flipped bit changes it; the weights make it see
-    chunks that moved. One pass at memory speed, on torch's threads."""
-    path = pathlib.Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        return f"{CHECKSUM_ALGORITHM}:{0:016x}"
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        with warnings.catch_warnings():  # read-only mapping: nothing here writes through it
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(mm, dtype=torch.uint8)
-        whole = size - size % 8
-        words = raw[:whole].view(torch.int64)
-        full = words.numel() - words.numel() % _CHUNK_WORDS
-        sums = [words[:full].view(-1, _CHUNK_WORDS).sum(dim=1)] if full else []
-        if full < words.numel():
-            sums.append(words[full:].sum().view(1))
-        tail = bytes(raw[whole:].tolist()) if whole < size else b""
-        del raw, words  # the mapping cannot close while a tensor points into it
-    if tail:
-        sums.append(torch.tensor([int.from_bytes(tail.ljust(8, b"\0"), "little", signed=True)], dtype=torch.int64))
-    chunk_sums = torch.cat(sums) if sums else torch.zeros(1, dtype=torch.int64)
-    weights = torch.arange(1, 2 * chunk_sums.numel(), 2, dtype=torch.int64)
-    value = int((chunk_sums * weights).sum()) & (2**64 - 1)
-    return f"{CHECKSUM_ALGORITHM}:{value:016x}"
+    chunks that moved. One pass over the memory-mapped file at memory speed, on torch's threads."""
+    checksum = _Checksum()
+    if pathlib.Path(path).stat().st_size:
+        data = _mapped(path)
+        for at in range(0, data.numel(), _BLOCK_BYTES):
+            checksum.block(data[at:at + _BLOCK_BYTES])
+    return checksum.hexdigest()
+
+
+def _compare(path: pathlib.Path, got: str, entry: Mapping[str, Any]) -> None:
+    if got != entry["checksum"]:
+        raise CheckpointError(f"{path}: checksum mismatch, the file is damaged (flipped bits or overwritten bytes); "
+                              "save the checkpoint again")
 
 
 # ------------------------------------------------------------------------------ the JSON's shape
@@ -118,6 +157,12 @@ def _layer(path: pathlib.Path, name: str, entry: Any, dtypes: Mapping[str, torch
                 raise _fail(path, f"{where}.residual.dtype", f"must be a dtype name, got {residual['dtype']!r}")
             if not isinstance(_need(path, residual, "base_fingerprint", f"{where}.residual"), str):
                 raise _fail(path, f"{where}.residual.base_fingerprint", "must be a string")
+            blocks = residual.get("blocks")
+            if blocks is not None:
+                if not isinstance(blocks, list) or not blocks:
+                    raise _fail(path, f"{where}.residual.blocks", f"must be a non-empty list of ints, got {blocks!r}")
+                for i, b in enumerate(blocks):
+                    _int(path, b, f"{where}.residual.blocks[{i}]", 1, min(m, n))
     else:
         pad = _need(path, entry, "padding_idx", where)
         if pad is not None:
@@ -164,67 +209,211 @@ def validate_config(path: pathlib.Path, config: Any, dtypes: Mapping[str, torch.
     return config
 
 
-def check_file(path: pathlib.Path, entry: Optional[Mapping[str, Any]], config_name: str) -> None:
-    """``path`` has the size and checksum ``entry`` (from the config's ``files``) recorded at save time."""
+def _record(path: pathlib.Path, files: Mapping[str, Any], config_name: str) -> Mapping[str, Any]:
+    """``path``'s entry in the config's ``files``, its size checked against the file's."""
+    entry = files.get(path.name)
     if entry is None:
         raise CheckpointError(f"{path}: {config_name} records no checksum for it (a damaged {config_name}?)")
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise CheckpointError(f"{path} is {size} bytes, {config_name} says {entry['bytes']}: the file is damaged "
                               "(truncated or overwritten); save the checkpoint again")
-    if file_checksum(path) != entry["checksum"]:
-        raise CheckpointError(f"{path}: checksum mismatch, the file is damaged (flipped bits or overwritten bytes); "
-                              "save the checkpoint again")
+    return entry
+
+
+def check_file(path: pathlib.Path, files: Mapping[str, Any], config_name: str) -> None:
+    """``path`` has the size and checksum recorded for it in the config's ``files`` at save time."""
+    _compare(path, file_checksum(path), _record(path, files, config_name))
+
+
+# ------------------------------------------------------------------------------ the safetensors file
+# The header's dtype names (https://github.com/huggingface/safetensors, format.md): those this torch has
+_SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {
+    name: getattr(torch, attr) for name, attr in {
+        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+        "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+        "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}.items() if hasattr(torch, attr)}
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own bound
+
+
+class TensorRecord(NamedTuple):
+    """One tensor of a safetensors header: its dtype, shape and byte range in the data section."""
+    dtype: torch.dtype
+    shape: Tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _unreadable(path: pathlib.Path, what: str, files: Optional[Mapping[str, Any]], config_name: str) -> CheckpointError:
+    if files is not None:  # a file whose bytes changed is reported as that, whatever its header now says
+        _compare(path, file_checksum(path), _record(path, files, config_name))
+    return CheckpointError(f"{path} cannot be read as safetensors (a damaged file?): {what}")
+
+
+def read_header(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
+                config_name: str = "spectral_config.json") -> Tuple[Dict[str, TensorRecord], int]:
+    """The tensors a safetensors file holds, by name, and where its data section starts; every
+    entry checked (a known dtype, a shape of ints, a byte range inside the file that fits the
+    shape). ``files`` (the config's record of the checkpoint's files) makes a file that fails these
+    checks report a checksum mismatch instead, where its bytes changed since it was saved."""
+    path = pathlib.Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= min(_MAX_HEADER_BYTES, size - 8):
+            raise _unreadable(path, f"a header of {n} bytes in a file of {size}", files, config_name)
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _unreadable(path, f"its header is not JSON ({exc})", files, config_name) from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, f"its header is a JSON {type(header).__name__}, not an object", files, config_name)
+    start, records = 8 + n, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            ok = (all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                  and all(isinstance(b, int) and not isinstance(b, bool) for b in (begin, end))
+                  and 0 <= begin <= end <= size - start
+                  and end - begin == math.prod(shape) * dtype.itemsize)
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise _unreadable(path, f"its header's entry {name!r} is malformed: {entry!r}", files, config_name)
+        records[name] = TensorRecord(dtype, shape, begin, end)
+    return records, start
+
+
+def read_weights(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
+                 values: Optional[ValueCheck] = None, config_name: str = "spectral_config.json",
+                 ) -> Dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file ``path``, read in one pass and checked on the way.
+
+    The file is memory-mapped (copy-on-write) and the tensors are views into the mapping: no copy
+    is made here, the caller's own copy (``load_state_dict``) is the only one. With ``files`` (the
+    config's record of the checkpoint's files) the file's size is checked first and its checksum
+    computed 2 MiB block by block; with ``values``, each tensor it checks is probed as soon as the
+    block holding its last byte is summed, while that block is in cache. Measured on SmolLM2-135M at
+    50% (a 326 MB file, AMD EPYC, 2 cores; ``benchmarks/bench_checkpoint.py``): ``load_spectral``
+    took 250 ms through ``safetensors``' reader (which copies every tensor) plus separate check
+    passes, and takes 223 ms this way (168 ms with ``verify=False``); the checks cost 51 ms of it,
+    the first touch of the file's pages (the checksum) and one matrix-vector product per factor.
+
+    A mismatch raises :class:`CheckpointError` naming the file, after the whole file was read and
+    before anything is returned.
+    """
+    path = pathlib.Path(path)
+    entry = _record(path, files, config_name) if files is not None else None
+    records, start = read_header(path, files, config_name)
+    data = _mapped(path)
+    checksum = _Checksum() if entry is not None else None
+    pending = sorted(records, key=lambda name: (records[name].end, records[name].begin))
+    tensors: Dict[str, torch.Tensor] = {}
+    for at in range(0, data.numel(), _BLOCK_BYTES):
+        if checksum is not None:
+            checksum.block(data[at:at + _BLOCK_BYTES])
+        done = min(at + _BLOCK_BYTES, data.numel())
+        while pending and start + records[pending[0]].end <= done:  # every tensor now wholly seen
+            name = pending.pop(0)
+            rec = records[name]
+            raw = data[start + rec.begin:start + rec.end]
+            if (start + rec.begin) % rec.dtype.itemsize:  # an unaligned tensor (never written by safetensors)
+                raw = raw.clone()
+            tensors[name] = raw.view(rec.dtype).view(rec.shape)
+            if values is not None:
+                values.add(name, tensors[name])
+    if checksum is not None and entry is not None:
+        _compare(path, checksum.hexdigest(), entry)
+    if values is not None:
+        values.finish()
+    return tensors
 
 
 # ------------------------------------------------------------------------------ the values
-@torch.no_grad()
+class ValueCheck:
+    """Every spectral layer's ``s`` finite and its ``U`` and ``V`` finite with orthonormal columns
+    (the sketch above), fed one tensor at a time (:meth:`add`) and judged at the end
+    (:meth:`finish`, which raises :class:`CheckpointError` for the first layer, in ``layers``'
+    order, that fails). A residual layer's frozen ``U0``, ``s0``, ``V0`` are checked alike.
+    Tensors a check does not name are ignored; names it lists but never gets are a base model's
+    (their SHA-256 is checked elsewhere)."""
+
+    def __init__(self, layers: Mapping[str, Mapping[str, Any]], weights: pathlib.Path) -> None:
+        self.weights = weights
+        self._targets: Dict[str, Tuple[int, str]] = {}  # tensor name -> (order, layer name)
+        self._blocks: Dict[str, List[int]] = {}  # U0/V0 of a residual that saw moves: orthonormal per block
+        for name, entry in layers.items():
+            prefix = f"{name}." if name else ""
+            residual = entry.get("residual")
+            for keys in [("U", "s", "V")] + ([("U0", "s0", "V0")] if residual else []):
+                for key in keys:
+                    self._targets[prefix + key] = (len(self._targets), name)
+            if residual and len(residual.get("blocks") or []) > 1:
+                self._blocks[prefix + "U0"] = self._blocks[prefix + "V0"] = residual["blocks"]
+        self._probes: Dict[tuple, torch.Tensor] = {}
+        self._spectra: List[Tuple[str, torch.Tensor]] = []
+        self._factors: List[Tuple[str, torch.Tensor, torch.Tensor, torch.dtype]] = []  # name, U z, z, dtype
+
+    @torch.no_grad()
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self._targets:
+            return
+        if name.rpartition(".")[2].startswith("s"):
+            self._spectra.append((name, tensor))
+            return
+        work = tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+        start = 0
+        for k in self._blocks.get(name, [work.shape[1]]):
+            z = self._probes.get((k, work.dtype))
+            if z is None:
+                z = self._probes[(k, work.dtype)] = torch.randn(k, generator=torch.Generator().manual_seed(k),
+                                                                dtype=work.dtype)
+            self._factors.append((name, torch.mv(work[:, start:start + k], z), z, tensor.dtype))
+            start += k
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """One batched norm over all the probes (a per-factor norm and comparison cost as much again)."""
+        failures: List[Tuple[int, str]] = []  # (order, message)
+        if self._spectra:
+            norms = torch.stack([n.float() for n in torch._foreach_norm([t for _, t in self._spectra])])
+            for i in (~torch.isfinite(norms)).nonzero().flatten().tolist():
+                key = self._spectra[i][0]
+                order, layer = self._targets[key]
+                failures.append((order, f"{self.weights}: {key} (layer {layer!r}) holds non-finite singular values"))
+        if self._factors:
+            got = torch.stack([n.double() for n in torch._foreach_norm([y for _, y, _, _ in self._factors])]) ** 2
+            want = torch.stack([n.double() for n in torch._foreach_norm([z for _, _, z, _ in self._factors])]) ** 2
+            err = (got - want).abs() / want
+            tol = torch.tensor([ORTHONORMALITY_TOLERANCE.get(d, 5e-2) for _, _, _, d in self._factors],
+                               dtype=torch.float64)
+            for i in (~(err <= tol)).nonzero().flatten().tolist():  # NaN compares False: non-finite fails too
+                key, _, _, dtype = self._factors[i]
+                order, layer = self._targets[key]
+                e = float(err[i])
+                if not math.isfinite(e):
+                    failures.append((order, f"{self.weights}: {key} (layer {layer!r}) holds non-finite values"))
+                    continue
+                failures.append((order, (
+                    f"{self.weights}: {key} (layer {layer!r}) does not have orthonormal columns (sketch error "
+                    f"{e:.2e} > {float(tol[i]):.0e} for {str(dtype).removeprefix('torch.')}): the file is damaged, "
+                    "or the model was trained without a retraction (SpectralAdam and stiefel_retraction keep factors "
+                    "on the manifold); load_spectral(..., verify=False) loads it anyway")))
+        if failures:
+            raise CheckpointError(min(failures)[1])
+
+
 def check_spectral_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, Mapping[str, Any]],
                            weights: pathlib.Path) -> None:
-    """Every spectral layer's ``s`` finite and its ``U`` and ``V`` finite with orthonormal columns
-    (the sketch above), read from ``state`` before the model changes. A residual layer's frozen
-    ``U0``, ``s0``, ``V0`` are checked alike. One matrix-vector product per factor, then one
-    batched norm over all of them (a per-factor norm and comparison cost as much again)."""
-    probes: Dict[tuple, torch.Tensor] = {}
-    spectra: List[Tuple[str, str, torch.Tensor]] = []  # (tensor name, layer name, tensor)
-    factors: List[Tuple[str, str, torch.Tensor]] = []
-    for name, entry in layers.items():
-        prefix = f"{name}." if name else ""
-        for keys in [("U", "s", "V")] + ([("U0", "s0", "V0")] if entry.get("residual") else []):
-            for key in keys:
-                tensor = state.get(prefix + key)  # absent: a tensor the base model provides (SHA-256 checked)
-                if tensor is not None:
-                    (spectra if key.startswith("s") else factors).append((prefix + key, name, tensor))
-    if spectra:
-        norms = torch.stack([n.float() for n in torch._foreach_norm([t for _, _, t in spectra])])
-        bad = (~torch.isfinite(norms)).nonzero().flatten().tolist()
-        if bad:
-            key, name, _ = spectra[bad[0]]
-            raise CheckpointError(f"{weights}: {key} (layer {name!r}) holds non-finite singular values")
-    if not factors:
-        return
-    outputs, expected = [], []
-    for _, _, factor in factors:
-        work = factor if factor.dtype in (torch.float32, torch.float64) else factor.float()
-        k = work.shape[1]
-        z = probes.get((k, work.dtype))
-        if z is None:
-            z = probes[(k, work.dtype)] = torch.randn(k, generator=torch.Generator().manual_seed(k), dtype=work.dtype)
-        outputs.append(torch.mv(work, z))
-        expected.append(z)
-    got = torch.stack([n.double() for n in torch._foreach_norm(outputs)]) ** 2
-    want = torch.stack([n.double() for n in torch._foreach_norm(expected)]) ** 2
-    err = (got - want).abs() / want
-    tol = torch.tensor([ORTHONORMALITY_TOLERANCE.get(f.dtype, 5e-2) for _, _, f in factors], dtype=torch.float64)
-    failing = (~(err <= tol)).nonzero().flatten().tolist()  # NaN compares False: non-finite fails too
-    if not failing:
-        return
-    i = failing[0]
-    key, name, factor = factors[i]
-    if not math.isfinite(float(err[i])):
-        raise CheckpointError(f"{weights}: {key} (layer {name!r}) holds non-finite values")
-    raise CheckpointError(
-        f"{weights}: {key} (layer {name!r}) does not have orthonormal columns (sketch error {float(err[i]):.2e} > "
-        f"{float(tol[i]):.0e} for {str(factor.dtype).removeprefix('torch.')}): the file is damaged, or the model was "
-        "trained without a retraction (SpectralAdam and stiefel_retraction keep factors on the manifold); "
-        "load_spectral(..., verify=False) loads it anyway")
+    """:class:`ValueCheck` over a state dict already in memory (``load_spectral`` runs it fused
+    into :func:`read_weights` instead)."""
+    check = ValueCheck(layers, weights)
+    for name, tensor in state.items():
+        check.add(name, tensor)
+    check.finish()

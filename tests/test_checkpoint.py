@@ -411,6 +411,82 @@ def test_checksum_sees_every_single_bit_and_moved_chunks(tmp_path):
     assert file_checksum(path) == ref
 
 
+def _checksum_reference(data: bytes) -> str:
+    """The documented algorithm in one shot, written apart from the library's blockwise reader."""
+    import numpy as np
+
+    whole = len(data) - len(data) % 8
+    words = np.frombuffer(data[:whole], dtype="<u8")
+    sums = [int(words[i:i + 8192].sum(dtype=np.uint64)) for i in range(0, len(words), 8192)]
+    if whole < len(data):
+        sums.append(int.from_bytes(data[whole:].ljust(8, b"\0"), "little"))
+    return f"sum64-chunked:{sum((2 * i + 1) * c for i, c in enumerate(sums)) % 2**64:016x}"
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 65536, 65536 + 3, 2 * 2**20, 2 * 2**20 + 5, 4 * 2**20 + 65536 + 8])
+def test_blockwise_checksum_equals_the_one_shot_algorithm_at_every_boundary(tmp_path, size):
+    """Sizes at the word, 64 KiB chunk and 2 MiB block boundaries: what save_spectral recorded
+    before the reader went blockwise must still verify."""
+    from stiefel_sct.integrity import file_checksum
+
+    data = os.urandom(size)
+    (tmp_path / "f").write_bytes(data)
+    assert file_checksum(tmp_path / "f") == _checksum_reference(data)
+
+
+def test_read_weights_equals_safetensors_own_reader(tmp_path):
+    """Every dtype and shape a model state holds (bf16 of odd length, so later tensors sit at odd
+    offsets; bool; 0-d; empty), bitwise, with the checksum fused into the read."""
+    from safetensors.torch import load_file, save_file
+
+    from stiefel_sct.integrity import file_checksum, read_weights
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g, dtype=torch.float64), "b": torch.randn(7, generator=g).bfloat16(),
+               "c": torch.randn(3, 333, 1000, generator=g), "d": torch.tensor([True, False, True]),
+               "e": torch.arange(5, dtype=torch.int64), "f": torch.tensor(2.5), "g": torch.empty(0, 4),
+               "h": torch.randn(11, generator=g).half()}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    files = {path.name: {"bytes": path.stat().st_size, "checksum": file_checksum(path)}}
+    got = read_weights(path, files)
+    want = load_file(str(path))
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name], t), name
+    _flip_bit(path, path.stat().st_size - 3)
+    with pytest.raises(CheckpointError, match="w.safetensors: checksum mismatch"):
+        read_weights(path, files)
+
+
+@pytest.mark.parametrize("edit", ["offsets past the end", "offsets that do not fit the shape", "unknown dtype",
+                                  "header longer than the file"])
+def test_a_malformed_safetensors_header_is_refused_by_name(tmp_path, edit):
+    from safetensors.torch import save_file
+
+    from stiefel_sct.integrity import read_weights
+
+    path = tmp_path / "w.safetensors"
+    save_file({"x": torch.zeros(4, 4), "y": torch.ones(3)}, str(path))
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if edit == "offsets past the end":
+        header["y"]["data_offsets"] = [70, 82]  # 12 bytes as its shape wants, 6 of them past the end
+    elif edit == "offsets that do not fit the shape":
+        header["x"]["data_offsets"] = [0, 60]
+    elif edit == "unknown dtype":
+        header["x"]["dtype"] = "Q32"
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    assert len(raw) <= n  # the edited header still fits in the original's place, so only the edit is wrong
+    size = n if edit != "header longer than the file" else 10**7
+    path.write_bytes(size.to_bytes(8, "little") + raw.ljust(n) + data[8 + n:])
+    why = "a header of" if edit == "header longer than the file" else "header's entry"
+    with pytest.raises(CheckpointError, match=f"w.safetensors cannot be read as safetensors .*{why}"):
+        read_weights(path)
+
+
 KILLED_SAVER = textwrap.dedent("""
     import sys, torch
     from torch import nn
