@@ -30,7 +30,8 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 @torch.no_grad()
 def lora_factors(layer: SpectralLinear) -> tuple:
     """``(A, B)`` of the residual layer's trained change ``B @ A = V diag(s) U^T - V0 diag(s0) U0^T``:
-    ``A`` is ``(2k, in_features)``, ``B`` is ``(out_features, 2k)``, in the layer's dtype."""
+    ``A`` is ``(k + k0, in_features)``, ``B`` is ``(out_features, k + k0)``, in the layer's dtype
+    (``k0``, the columns of ``U0``, is ``k`` until a :class:`~stiefel_sct.RankScheduler` moves rank)."""
     if not isinstance(layer, SpectralLinear) or layer.residual_dtype is None:
         raise ValueError("lora_factors needs a residual-mode SpectralLinear (spectralize(..., residual_dtype=...))")
     A = torch.cat([layer.U.detach(), layer.U0], dim=1).mT
@@ -45,7 +46,8 @@ def export_peft_lora(model: nn.Module, directory: os.PathLike | str,
     Every spectral layer of ``model`` must be a residual-mode :class:`SpectralLinear`, and nothing
     else in ``model`` may have been trained: an adapter carries only the residual layers' change, so
     every other parameter must have ``requires_grad=False`` (a trainable bias of a residual layer
-    is refused too: PEFT's LoRA adds no bias). Per layer the adapter's rank is ``2k``, with
+    is refused too: PEFT's LoRA adds no bias). Per layer the adapter's rank is ``2k`` (``k + k0``
+    after rank moves), with
     ``lora_alpha = r`` (scaling 1); ranks that differ go in ``rank_pattern``/``alpha_pattern``.
 
     Load it on the untouched base model: ``PeftModel.from_pretrained(base, directory)``.

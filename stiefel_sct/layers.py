@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import geoopt
 import torch
@@ -250,6 +250,7 @@ class SpectralLinear(SpectralModule):
     s0: torch.Tensor
     V0: torch.Tensor
     base_fingerprint: Optional[str] = None
+    _residual_work: torch.dtype = torch.float32  # set by attach_residual
 
     def __init__(
         self,
@@ -280,6 +281,8 @@ class SpectralLinear(SpectralModule):
             self.register_buffer("U0", torch.empty(in_features, rank, **factory))
             self.register_buffer("s0", torch.empty(rank, **factory))
             self.register_buffer("V0", torch.empty(out_features, rank, **factory))
+        # the column blocks of U0/s0/V0: the conversion's, then one per move (see move_residual)
+        self.residual_blocks: List[int] = [rank] if self.residual_dtype is not None else []
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init and conversion
@@ -358,14 +361,65 @@ class SpectralLinear(SpectralModule):
         if base_weight.is_meta:
             raise ValueError("attach_residual needs the base weight's values; it is on the meta device")
         if reset_principal:
-            self.U0.copy_(self.U.detach())
-            self.s0.copy_(self.s.detach())
-            self.V0.copy_(self.V.detach())
+            for key, factor in (("U0", self.U), ("s0", self.s), ("V0", self.V)):
+                setattr(self, key, factor.detach().clone())
+            self.residual_blocks = [self.rank]
         work = compute_dtype(base_weight.dtype)
         w = base_weight.detach().to(self.U0.device, work)
-        principal = (self.V0.to(work) * self.s0.to(work)) @ self.U0.to(work).mT
-        self.residual = (w - principal).to(self.residual_dtype)
+        self._residual_work = work  # the arithmetic every later move_residual repeats
+        residual = (w - self._block_product(0, work)).to(self.residual_dtype)
+        for b in range(1, len(self.residual_blocks)):  # the moves since conversion, replayed as they ran
+            residual = (residual.to(work) - self._block_product(b, work)).to(self.residual_dtype)
+        self.residual = residual
         self.base_fingerprint = weight_fingerprint(base_weight)
+
+    def _block_product(self, b: int, work: torch.dtype) -> torch.Tensor:
+        """``V0_b diag(s0_b) U0_b^T`` of column block ``b`` of the frozen factors, in ``work``."""
+        start = sum(self.residual_blocks[:b])
+        cols = slice(start, start + self.residual_blocks[b])
+        return (self.V0[:, cols].to(work) * self.s0[cols].to(work)) @ self.U0[:, cols].to(work).mT
+
+    def set_residual_blocks(self, blocks: List[int]) -> None:
+        """Size ``U0``, ``s0``, ``V0`` for a residual that saw moves (``blocks``: the conversion's rank,
+        then each move's column count, as :func:`~stiefel_sct.load_spectral` reads them from a
+        checkpoint). Their values are left empty, to be loaded; then :meth:`attach_residual`."""
+        if self.residual_dtype is None:
+            raise ValueError("set_residual_blocks: not a residual layer")
+        if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+            raise ValueError(f"blocks must be a non-empty list of ints >= 1, got {blocks!r}")
+        total = sum(blocks)
+        self.U0 = self.U0.new_empty(self.in_features, total)
+        self.s0 = self.s0.new_empty(total)
+        self.V0 = self.V0.new_empty(self.out_features, total)
+        self.residual_blocks = list(blocks)
+
+    @torch.no_grad()
+    def move_residual(self, V: torch.Tensor, s: torch.Tensor, U: torch.Tensor) -> None:
+        """Take ``V diag(s) U^T`` out of the frozen residual: ``R <- R - V diag(s) U^T``.
+
+        The caller adds the same piece to the trained factors (growth: the residual's directions
+        move into ``U``, ``s``, ``V``) or has just taken it out of them (``s`` negated: a dropped
+        direction goes back into ``R``), so the layer's function changes only by ``R``'s rounding
+        (exactly nothing in float64; ``R``'s storage dtype bounds it: ~1e-7 relative in float32, ~4e-3
+        in bfloat16). The piece is logged as a new column block of ``U0``, ``s0``, ``V0``, and
+        :meth:`attach_residual` replays the log in the same order and arithmetic, so a checkpoint
+        rebuilds this ``R`` bit for bit from the base weight; the PEFT export's change
+        ``V diag(s) U^T - V0 diag(s0) U0^T`` stays the trained change."""
+        if self.residual is None:
+            raise RuntimeError("move_residual: this residual layer has no residual yet (attach_residual)")
+        g = s.shape[0]
+        if g == 0:
+            return
+        if U.shape != (self.in_features, g) or V.shape != (self.out_features, g) or s.dim() != 1:
+            raise ValueError(f"move_residual: U must be ({self.in_features}, {g}), V ({self.out_features}, {g}), "
+                             f"s ({g},); got {tuple(U.shape)}, {tuple(V.shape)}, {tuple(s.shape)}")
+        dtype, work = self.U0.dtype, self._residual_work
+        self.U0 = torch.cat([self.U0, U.to(dtype)], dim=1)
+        self.s0 = torch.cat([self.s0, s.to(dtype)])
+        self.V0 = torch.cat([self.V0, V.to(dtype)], dim=1)
+        self.residual_blocks = self.residual_blocks + [g]
+        self.residual = (self.residual.to(work) - self._block_product(len(self.residual_blocks) - 1, work)
+                         ).to(self.residual_dtype)
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:

@@ -24,6 +24,25 @@ Every ``every`` calls of :meth:`RankScheduler.step` (after ``optimizer.step()``,
    are served in the order of ``(||D_U||^2 + ||D_V||^2) / (m + n + 1)`` (gradient energy per
    parameter a column costs), the greedy idea of :func:`~stiefel_sct.convert.budget_ranks`.
 
+**Residual-mode layers** (``spectralize(..., residual_dtype=...)``, ``W = V diag(s) U^T + R`` with
+``R`` frozen) move rank instead of creating and destroying it, and their function never changes
+(to ``R``'s rounding: exactly in float64, ~1e-7 relative in float32):
+
+- a dropped direction goes back into the residual, ``R <- R + s_i v_i u_i^T``: nothing is lost;
+- growth takes the leading singular triplets of the residual's part outside every column the
+  layer had at the event, ``(I - V V^T) R (I - U U^T)``, *with their singular values*:
+  ``R <- R - P diag(sigma) Q^T``, ``U <- [U, Q]``, ``s <- [s, sigma]``, ``V <- [V, P]``. A direction
+  arrives at full strength, so it is compared with the trained spectrum on equal terms (a new
+  direction of a compact layer starts at ``s = 0``). With a budget, residual layers are served by
+  ``sum sigma^2 / (m + n + 1)``; a budget over residual and compact layers together is refused (the
+  two scores are not comparable).
+
+Each move is logged as a column block of the layer's frozen ``U0``, ``s0``, ``V0``
+(:meth:`~stiefel_sct.SpectralLinear.move_residual`), so a checkpoint rebuilds ``R`` from the base
+weight by replaying the moves bit for bit, and the PEFT export's change is still
+``V diag(s) U^T - V0 diag(s0) U0^T``. This is rank adaptivity no peer we know of offers: PiSSA and
+StelLA fix the split at conversion; DLRT, GeoLoRA and AdaLoRA have no residual to draw from.
+
 Where this departs from DLRT's rank-adaptive integrator (Schotthoefer et al., NeurIPS 2022): the
 new directions come from the gradients of the factors (scaled by ``s``, so a direction
 ``i`` with ``s_i == 0`` contributes none) rather than from separate K- and L-steps, and the
@@ -40,11 +59,13 @@ autograd remembers a leaf's shape, so resizing ``p.data`` would break the next b
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import geoopt
 import torch
 
+from .manifold import compute_dtype
 from .quant import dequantize, quantize_, quantized_zeros
 from .triples import owner_of, spectral_triples
 
@@ -89,6 +110,50 @@ def _new_directions(basis: torch.Tensor, grad: Optional[torch.Tensor], r: int) -
         q = q - work @ (work.mT @ q)
         q, _ = torch.linalg.qr(q)
     return q.to(basis.dtype)
+
+
+def _seed(name: str, step: int) -> int:
+    """A seed that is the same in every process (``hash`` of a str is not): resume is bitwise."""
+    return (zlib.crc32(name.encode()) * 1_000_003 + step) % 2**63
+
+
+@torch.no_grad()
+def _residual_directions(residual: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: int,
+                         seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P, sigma, Q)``: up to ``r`` leading singular triplets of the residual's part outside the
+    layer's bases, ``N = (I - V V^T) R (I - U U^T)`` (``u``, ``v``: every column the layer had at
+    the event), so ``[V, P]`` and ``[U, Q]`` stay orthonormal and ``P diag(sigma) Q^T = P P^T R Q Q^T``
+    is exactly what leaves ``R``. A randomized range finder (Halko, Martinsson and Tropp, 2011:
+    ``r + 8`` probes, two power iterations, seeded) keeps the cost at a few passes over ``R``; an
+    inexact subspace only picks slightly worse directions, the function is kept either way.
+    Directions with ``sigma`` at rounding level are not taken."""
+    work = compute_dtype(residual.dtype)
+    R, U, V = residual.to(work), u.to(work), v.to(work)
+    m, n = U.shape[0], V.shape[0]
+    room = min(m - U.shape[1], n - V.shape[1])
+    empty = (v.new_zeros(n, 0), v.new_zeros(0), u.new_zeros(m, 0))
+    if r <= 0 or room <= 0:
+        return empty
+
+    def outside(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(2):  # twice: orthogonal to the basis to rounding
+            x = x - basis @ (basis.mT @ x)
+        return x
+
+    probes = min(r + 8, room)
+    gen = torch.Generator().manual_seed(seed)
+    y = outside(V, R @ outside(U, torch.randn(m, probes, generator=gen, dtype=work).to(R.device)))
+    for _ in range(2):
+        y = torch.linalg.qr(y).Q
+        y = outside(V, R @ outside(U, R.mT @ y))
+    p = torch.linalg.qr(outside(V, torch.linalg.qr(y).Q)).Q
+    q = torch.linalg.qr(outside(U, R.mT @ p)).Q
+    a, sigma, bt = torch.linalg.svd(p.mT @ R @ q)
+    scale = float(torch.linalg.matrix_norm(R, ord="fro")) if R.numel() else 0.0
+    take = int((sigma > max(scale, 1e-300) * torch.finfo(residual.dtype).eps ** 0.5).sum().clamp(max=r))
+    if take == 0:
+        return empty
+    return ((p @ a[:, :take]).to(v.dtype), sigma[:take].to(v.dtype), (q @ bt[:take].mT).to(u.dtype))
 
 
 class RankScheduler:
@@ -142,10 +207,11 @@ class RankScheduler:
         layers = self._layers()
         if not layers:
             raise ValueError("the optimizer holds no spectral layer (U, s and V of one layer all in it)")
-        residual = [name for name, layer in layers if getattr(layer, "residual_dtype", None) is not None]
-        if residual:
-            raise NotImplementedError(f"RankScheduler does not support residual-mode layers yet ({residual[0]!r}): a "
-                                      "rank change there must move directions between the residual and the factors")
+        kinds = {getattr(layer, "residual_dtype", None) is not None for _, layer in layers}
+        if self.budget is not None and self.grow and len(kinds) == 2:
+            raise NotImplementedError("a budget over residual-mode and compact spectral layers together: their growth "
+                                      "scores (a residual's singular values, a compact layer's gradient energy) are "
+                                      "not comparable; schedule the two kinds with two RankSchedulers")
 
     # ------------------------------------------------------------------------------ discovery
     def _layers(self) -> List[Tuple[str, Any]]:
@@ -187,11 +253,11 @@ class RankScheduler:
         replaced: Dict[int, Tuple[torch.Tensor, torch.Tensor, int, Optional[int]]] = {}
         for name, (layer, keep) in plans.items():
             k = layer.s.shape[0]
-            new_u, new_v = grown.get(name, (None, None))
+            new_u, new_v, new_s = grown.get(name, (None, None, None))
             r = 0 if new_u is None else new_u.shape[1]
             if len(keep) == k and r == 0:
                 continue
-            self._resize(layer, keep, new_u, new_v, replaced)
+            self._resize(layer, keep, new_u, new_v, new_s, replaced)
             self.history.append({"step": self.last_step, "layer": name, "old_rank": k, "new_rank": len(keep) + r,
                                  "dropped": k - len(keep), "grown": r})
         if replaced:
@@ -208,8 +274,9 @@ class RankScheduler:
             keep[torch.topk(mag, floor).indices] = True
         return keep.nonzero().flatten().tolist()
 
-    def _growth(self, plans: Dict[str, tuple]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-        """New ``U`` and ``V`` columns per layer, within ``max_rank`` and the budget."""
+    def _growth(self, plans: Dict[str, tuple]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """New ``U`` and ``V`` columns per layer (and their ``s``: ``None`` for zeros), within
+        ``max_rank`` and the budget."""
         if not self.grow:
             return {}
         candidates = []
@@ -223,37 +290,55 @@ class RankScheduler:
             # shrink just dropped included: a layer must not drop a direction and grow it back at
             # s = 0 with fresh moments (a full-rank layer did exactly that: the only direction
             # outside its kept basis was the one it dropped)
-            new_u = _new_directions(u, layer.U.grad, r)
-            new_v = _new_directions(v, layer.V.grad, r)
-            r = min(new_u.shape[1], new_v.shape[1])
+            new_s: Optional[torch.Tensor] = None
+            if getattr(layer, "residual_dtype", None) is not None:
+                new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step))
+                r = new_s.numel()
+                energy = float((new_s.double() ** 2).sum())
+            else:
+                new_u = _new_directions(u, layer.U.grad, r)
+                new_v = _new_directions(v, layer.V.grad, r)
+                r = min(new_u.shape[1], new_v.shape[1])
+                energy = sum(float(((g.double() - b.double() @ (b.double().mT @ g.double())) ** 2).sum())
+                             for b, g in ((u, layer.U.grad), (v, layer.V.grad))) if r else 0.0
             if r == 0:
                 continue
-            energy = sum(float(((g.double() - b.double() @ (b.double().mT @ g.double())) ** 2).sum())
-                         for b, g in ((u, layer.U.grad), (v, layer.V.grad)))
-            candidates.append((energy / self._cost(layer), name, new_u[:, :r], new_v[:, :r], layer))
+            candidates.append((energy / self._cost(layer), name, new_u[:, :r], new_v[:, :r],
+                               None if new_s is None else new_s[:r], layer))
         if self.budget is None:
-            return {name: (nu, nv) for _, name, nu, nv, _ in candidates}
+            return {name: (nu, nv, ns) for _, name, nu, nv, ns, _ in candidates}
         left = self.budget - sum(len(keep) * self._cost(layer) for layer, keep in plans.values())
         out = {}
-        for _, name, nu, nv, layer in sorted(candidates, key=lambda c: -c[0]):
+        for _, name, nu, nv, ns, layer in sorted(candidates, key=lambda c: -c[0]):
             r = min(nu.shape[1], max(0, left) // self._cost(layer))
             if r:
-                out[name] = (nu[:, :r], nv[:, :r])
+                out[name] = (nu[:, :r], nv[:, :r], None if ns is None else ns[:r])
                 left -= r * self._cost(layer)
         return out
 
     @staticmethod
     def _resize(layer, keep: List[int], new_u: Optional[torch.Tensor], new_v: Optional[torch.Tensor],
-                replaced: Dict[int, tuple]) -> None:
-        """Replace the layer's U, s, V by new parameters; record (old, new, kept, grown) per id."""
+                new_s: Optional[torch.Tensor], replaced: Dict[int, tuple]) -> None:
+        """Replace the layer's U, s, V by new parameters; record (old, new, kept, grown) per id. A
+        residual layer's dropped directions go back into its residual, and the grown ones (taken
+        from it) leave it: its function does not change."""
         idx = torch.tensor(keep, dtype=torch.long, device=layer.s.device)
         r = 0 if new_u is None else new_u.shape[1]
+        if getattr(layer, "residual_dtype", None) is not None:
+            dropped = [i for i in range(layer.s.shape[0]) if i not in set(keep)]
+            if dropped:
+                out = torch.tensor(dropped, dtype=torch.long, device=layer.s.device)
+                layer.move_residual(layer.V.detach().index_select(-1, out), -layer.s.detach().index_select(-1, out),
+                                    layer.U.detach().index_select(-1, out))
+            if r:
+                layer.move_residual(new_v, new_s, new_u)
         new_params = {}
-        for name, extra in (("U", new_u), ("s", None), ("V", new_v)):
+        for name, extra in (("U", new_u), ("s", new_s), ("V", new_v)):
             old = getattr(layer, name)
             value = old.detach().index_select(-1, idx)
             if r:
-                value = torch.cat([value, value.new_zeros(r) if extra is None else extra], dim=-1)  # s: zeros
+                fill = value.new_zeros(r) if extra is None else extra.to(value.dtype)  # s: zeros unless given
+                value = torch.cat([value, fill], dim=-1)
             if isinstance(old, geoopt.ManifoldParameter):
                 new = geoopt.ManifoldParameter(value.contiguous(), manifold=old.manifold, requires_grad=old.requires_grad)
             else:

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 from stiefel_sct import (
-    RankScheduler,
     SpectralAdam,
     SpectralLinear,
     densify,
@@ -250,13 +249,10 @@ def test_residual_checkpoint_refuses_another_base_and_leaves_the_model_untouched
         load_spectral(copy.deepcopy(model), tmp_path / "ck")
 
 
-def test_rank_scheduler_and_fsdp2_refuse_residual_layers():
+def test_fsdp2_refuses_residual_layers():
     from stiefel_sct.distributed import shard_model
 
     _, model = _residual_model()
-    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    with pytest.raises(NotImplementedError, match="residual"):
-        RankScheduler(opt, every=1)
     with pytest.raises(NotImplementedError, match="residual"):
         shard_model(model)
 

@@ -19,6 +19,7 @@ from stiefel_sct import (
     load_spectral,
     orthonormality_error,
     save_spectral,
+    spectralize,
     stiefel_retraction,
 )
 
@@ -281,3 +282,116 @@ def test_a_full_rank_layer_does_not_drop_a_direction_and_grow_it_back():
     layer.s.grad = torch.zeros(3, dtype=torch.float64)
     sched.step()
     assert layer.rank == 2 and sched.history[-1]["grown"] == 0
+
+
+# ------------------------------------------------------------------------------ residual mode (issue 27)
+def _residual(dtype=torch.float32, rank=3):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 12)).to(dtype)
+    model = spectralize(copy.deepcopy(base), rank=rank, residual_dtype=dtype)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ("U", "s", "V"))
+    return base, model
+
+
+def _steps(model, opt, sched, n, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 12, generator=gen, dtype=dtype)
+    for _ in range(n):
+        opt.zero_grad()
+        (model(x) - x).square().mean().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return x
+
+
+def _normal_part(layer, u, v):
+    R = layer.residual.double()
+    pu = torch.eye(u.shape[0], dtype=torch.float64) - u.double() @ u.double().mT
+    pv = torch.eye(v.shape[0], dtype=torch.float64) - v.double() @ v.double().mT
+    return pv @ R @ pu
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+def test_rank_moves_between_the_residual_and_the_factors_keep_the_function(dtype, tol):
+    """A grown direction arrives from the residual with its singular value (the largest of the
+    residual's part outside the bases), a dropped one goes back into the residual: the function
+    does not change (1e-6 fp32, 1e-12 fp64, relative to the output)."""
+    _, model = _residual(dtype)
+    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = _steps(model, opt, None, 3, dtype)
+    layer = model[0]
+    u, v, s = layer.U.detach().clone(), layer.V.detach().clone(), layer.s.detach().clone()
+    want = torch.linalg.svdvals(_normal_part(layer, u, v))[:2]
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=2)
+    before = model(x).detach()
+    _steps(model, opt, None, 0)
+    sched.step()
+    assert [m.rank for m in (model[0], model[2])] == [5, 5]
+    assert (model(x).detach() - before).abs().max() <= tol * before.abs().max()
+    assert torch.equal(layer.s.detach()[:3], s)  # kept as they were, then the residual's values
+    torch.testing.assert_close(layer.s.detach()[3:].double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-10,
+                               atol=0)
+    assert max(orthonormality_error(layer.U), orthonormality_error(layer.V)) <= 1e-6 if dtype == torch.float32 else 1e-12
+    assert layer.residual_blocks == [3, 2]
+    # a shrink gives directions back to the residual, the function again unchanged
+    shrink = RankScheduler(opt, every=1, tol=0.5, grow=0)
+    kept_before = model(x).detach()
+    shrink.step()
+    assert layer.rank < 5 and layer.residual_blocks[-1] == 5 - layer.rank
+    assert (model(x).detach() - kept_before).abs().max() <= tol * kept_before.abs().max()
+    assert float(layer.s0[-1]) < 0  # logged as a negative piece: the direction went back
+
+
+def test_a_residual_layer_does_not_grow_back_what_it_just_gave_back():
+    """Growth in the same event takes only directions outside every column the layer had, so a
+    dropped direction (now in the residual) is not grown back."""
+    _, model = _residual(torch.float64)
+    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _steps(model, opt, None, 2, torch.float64)
+    layer = model[0]
+    with torch.no_grad():
+        layer.s[2] = 1e-9  # will be dropped
+    dropped_u = layer.U.detach()[:, 2].clone()
+    RankScheduler(opt, every=1, tol=1e-3, grow=1).step()
+    assert layer.rank == 3 and float((layer.U.detach().mT @ dropped_u).abs().max()) < 1e-10
+
+
+def test_residual_rank_moves_checkpoint_resume_and_export_bitwise(tmp_path):
+    """After moves, a trained-only checkpoint rebuilds the residual by replaying the logged moves:
+    the reloaded model's outputs are bitwise equal, training resumes bitwise, and the PEFT export
+    still gives the trained model."""
+    base, model = _residual()
+    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    sched = RankScheduler(opt, every=2, tol=0.3, grow=2)
+    x = _steps(model, opt, sched, 6)
+    assert len(model[0].residual_blocks) > 2  # grew and gave back
+    save_spectral(model, tmp_path / "ck", optimizer=opt, trained_only=True)
+    state = copy.deepcopy(sched.state_dict())
+    twin = load_spectral(copy.deepcopy(base), tmp_path / "ck")
+    assert twin[0].residual_blocks == model[0].residual_blocks
+    assert torch.equal(twin[0].residual, model[0].residual) and torch.equal(twin(x), model(x))
+    for name, p in twin.named_parameters():  # as the model was trained (requires_grad is not saved)
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ("U", "s", "V"))
+    twin_opt = SpectralAdam([p for p in twin.parameters() if p.requires_grad], lr=1e-2)
+    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
+    twin_sched = RankScheduler(twin_opt)
+    twin_sched.load_state_dict(state)
+    _steps(model, opt, sched, 4)
+    _steps(twin, twin_opt, twin_sched, 4)
+    assert torch.equal(twin(x), model(x)) and twin_sched.history == sched.history
+    peft = pytest.importorskip("peft")
+    from stiefel_sct.export import export_peft_lora
+
+    class Net(nn.Module):  # PEFT wants named modules
+        def __init__(self, seq):
+            super().__init__()
+            self.up, self.act, self.down = seq[0], seq[1], seq[2]
+
+        def forward(self, inp):
+            return self.down(self.act(self.up(inp)))
+
+    export_peft_lora(Net(model), tmp_path / "adapter")
+    lora = peft.PeftModel.from_pretrained(Net(copy.deepcopy(base)), str(tmp_path / "adapter"))
+    assert (lora(x) - model(x)).abs().max() < 1e-5
