@@ -22,7 +22,11 @@ Two stages, each method in a fresh process (so its peak memory is its own):
    (the model itself shrinks); SCT on the reference's recipe (MLP only, energy 0.95); SCT with an
    adaptive rank (``sct_adapt``: starts at SCT-25%'s ranks, a ``RankScheduler`` grows each layer
    from its factors' gradients, shrinks by ``tol``, within SCT-50%'s parameter budget, the best
-   budgeted fixed-rank arm: does adapting the rank reach SCT-50% with fewer parameters?).
+   budgeted fixed-rank arm: does adapting the rank reach SCT-50% with fewer parameters?), and the
+   residual mode with an adaptive rank (``residual_adapt``: every decoder linear starts at rank 8
+   of the residual split, a ``RankScheduler`` gives weak directions back to the frozen residual
+   and takes the residual's strongest ones, with their singular values, within ``residual_r16``'s
+   parameters: does moving rank between the residual and the factors beat a uniform rank 16?).
 
 Weights: SmolLM2-135M-Instruct **Q4_1 (4-bit) GGUF, dequantised to fp32** (``experiments/smollm2.py``).
 
@@ -108,6 +112,7 @@ class Config:
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
         "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [3e-4, 1e-3],
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
+        "residual_adapt": [1e-4, 2e-4],
         "pissa_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3]})
     sweep_steps: int = 8
     eval_windows: int = 16
@@ -119,6 +124,10 @@ class Config:
     adapt_tol: float = 1e-3
     lora_default_r: int = 16
     residual_r: int = 16            # residual_r16: rank of the trained principal part
+    radapt_start: int = 8           # residual_adapt: starting rank of every layer; its budget is
+    radapt_grow: int = 4            # residual_r16's spectral parameters; RankScheduler(grow=..., tol=...,
+    radapt_tol: float = 0.05        # grace=...) at cfg.adapt_events events
+    radapt_grace: int = 1
     calib_tokens: int = 8192        # whitened arms: calibration tokens from the training plays
     distill_alpha: float = 0.5      # *_kd arms: loss = (1 - a) next-token CE + a T^2 KL(teacher || student)
     distill_temperature: float = 2.0
@@ -347,17 +356,29 @@ def _sct_adapt(model, cfg, lr, data) -> Built:
     return model, SpectralAdam(model.parameters(), lr=lr), info
 
 
-def _residual(model, cfg, lr, data) -> Built:
-    """Every decoder linear: its top-``cfg.residual_r`` spectral part trains on the manifold, the
-    rest of its weight is a frozen fp32 residual (the function is the pretrained one at step 0)."""
-    from stiefel_sct import SpectralAdam, spectralize
+def _residual_at(rank: Callable[[Config], int]) -> Callable[..., Built]:
+    """Every decoder linear: its top-``rank(cfg)`` spectral part trains on the manifold, the rest of
+    its weight is a frozen fp32 residual (the function is the pretrained one at step 0). ``info``
+    also carries what ``cfg.residual_r`` would cost in spectral parameters: the adaptive arm's
+    budget."""
 
-    t0 = time.perf_counter()
-    _, report = spectralize(model, rank=cfg.residual_r, include=LINEAR, residual_dtype=torch.float32,
-                            retraction="cholqr2", report=True)
-    info = {"rank": cfg.residual_r, "converted_layers": sum(r.converted for r in report),
-            "residual_dtype": "float32", "convert_s": time.perf_counter() - t0}
-    return model, SpectralAdam(_freeze_all_but_factors(model), lr=lr), info
+    def build(model, cfg, lr, data) -> Built:
+        from stiefel_sct import SpectralAdam, spectralize
+
+        t0 = time.perf_counter()
+        k = rank(cfg)
+        _, report = spectralize(model, rank=k, include=LINEAR, residual_dtype=torch.float32,
+                                retraction="cholqr2", report=True)
+        layers = [m for _, m in spectral_layers(model)]
+        info = {"rank": k, "converted_layers": sum(r.converted for r in report), "residual_dtype": "float32",
+                "convert_s": time.perf_counter() - t0,
+                "rank_budget": sum(cfg.residual_r * (m.in_features + m.out_features + 1) for m in layers)}
+        return model, SpectralAdam(_freeze_all_but_factors(model), lr=lr), info
+
+    return build
+
+
+_residual = _residual_at(lambda c: c.residual_r)
 
 
 @dataclass(frozen=True)
@@ -400,7 +421,10 @@ METHOD_TABLE: Tuple[Method, ...] = (
     Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),
     Method("sct_adapt", "sct", "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter "
            "budget", _sct_adapt),
+    Method("residual_adapt", "sct", "SCT residual mode from rank 8, a RankScheduler moving rank between the residual "
+           "and the factors within residual_r16's parameters", _residual_at(lambda c: c.radapt_start)),
 )
+ADAPTIVE = ("sct_adapt", "residual_adapt")  # the arms a RankScheduler drives
 # bench_finetune's factors-only arms (not run by this experiment)
 EXTRA_METHODS: Tuple[Method, ...] = (
     Method("sct_b50_factors", "sct", "sct_b50 with only U, s, V trained", _sct(_B50, factors_only=True)),
@@ -535,7 +559,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     out["val_loss_before"] = evaluate(model, val, vmask)
     if stage == "compare":
         out["general_loss_before"] = evaluate(model, general)
-    sched = adaptive_scheduler(opt, cfg, steps, info) if method == "sct_adapt" else None
+    sched = adaptive_scheduler(method, opt, cfg, steps, info) if method in ADAPTIVE else None
     out["load_convert_s"] = time.perf_counter() - t_load
     out["load_convert_peak_mb"] = peak_rss_mib()
     # from here on: training's own peak, counted from what is live (the dense weights a conversion
@@ -586,7 +610,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     if measure and stage == "compare":
         out["generations_after"] = generations(model, tok, cfg.new_tokens)
         out["saved_bytes"] = saved_size(method, model)
-        if method == "residual_r16":
+        if method in ("residual_r16", "residual_adapt"):  # after rank moves too: replayed bitwise
             out["roundtrip"] = residual_roundtrip(model, cfg, val[0])
     return out
 
@@ -621,13 +645,19 @@ def residual_roundtrip(model: nn.Module, cfg: Config, ids: torch.Tensor) -> Dict
         model.train(was)
 
 
-def adaptive_scheduler(opt, cfg: Config, steps: int, info: Dict):
-    """``sct_adapt``'s RankScheduler: ``cfg.adapt_events`` events evenly spaced over ``steps``."""
+def adaptive_scheduler(method: str, opt, cfg: Config, steps: int, info: Dict):
+    """An adaptive arm's RankScheduler: ``cfg.adapt_events`` events evenly spaced over ``steps``;
+    ``sct_adapt`` grows compact layers from their gradients, ``residual_adapt`` moves rank between
+    each layer's residual and its factors."""
     from stiefel_sct import RankScheduler
 
     every = max(1, steps // (cfg.adapt_events + 1))
-    info.update(every=every, grow=cfg.adapt_grow, tol=cfg.adapt_tol)
-    return RankScheduler(opt, every=every, tol=cfg.adapt_tol, grow=cfg.adapt_grow, budget=info["rank_budget"])
+    if method == "residual_adapt":
+        grow, tol, grace = cfg.radapt_grow, cfg.radapt_tol, cfg.radapt_grace
+    else:
+        grow, tol, grace = cfg.adapt_grow, cfg.adapt_tol, 0
+    info.update(every=every, grow=grow, tol=tol, grace=grace)
+    return RankScheduler(opt, every=every, tol=tol, grow=grow, budget=info["rank_budget"], grace=grace)
 
 
 def adaptive_summary(model: nn.Module, sched) -> Dict:
@@ -641,7 +671,8 @@ def adaptive_summary(model: nn.Module, sched) -> Dict:
         e["dropped"] += h["dropped"]
     return {"params_total_after": sum(p.numel() for p in model.parameters()),
             "spectral_params_after": sum(m.rank * (m.in_features + m.out_features + 1) for _, m in spectral_layers(model)),
-            "budget": sched.budget, "ranks_by_type": ranks_by_type(model), "events": list(events.values())}
+            "budget": sched.budget, "ranks_by_type": ranks_by_type(model), "events": list(events.values()),
+            "survival": sched.survival()}
 
 
 def reference_arm(arm: str, model: nn.Module, lr: float):

@@ -244,8 +244,11 @@ def adaptive_paragraph(m: Dict, cfg: Dict) -> List[str]:
     final = a["curve"]["ranks"][-1]
     order = sorted(final, key=final.get, reverse=True)
     verdict = "reaches" if a["val_loss"] <= best["val_loss"] else "does not reach"
+    grace = cfg.get("adaptive_grace", 0)
     lines = ["", f"**Adaptive rank** (`RankScheduler`, every {cfg['adaptive_every']} steps: drop "
-             f"`|s_i| < {cfg['adaptive_tol']:g} ||s||`, grow up to {cfg['adaptive_grow']} directions per layer; every layer "
+             f"`|s_i| < {cfg['adaptive_tol']:g} ||s||`"
+             + (f" (a direction is safe for {grace} event{'s' if grace > 1 else ''} after it is grown)" if grace else "")
+             + f", grow up to {cfg['adaptive_grow']} directions per layer; every layer "
              f"starts at rank {a['rank']}, budget = rank {cfg['adaptive_budget_rank']}'s spectral parameters, at that "
              f"rank's lr {a['lr']:g}): validation loss **{a['val_loss']:.3f}** with "
              f"{a['converted']['spectral_params']:,} spectral parameters at the end, against rank {best_k} (the best "
@@ -255,7 +258,7 @@ def adaptive_paragraph(m: Dict, cfg: Dict) -> List[str]:
              + f": the adaptive arm {verdict} the best fixed rank's held-out loss ({a['val_loss'] - best['val_loss']:+.3f}). "
              f"{len(a['rank_changes'])} rank changes; final mean rank per layer type: "
              + ", ".join(f"{t} {final[t]:.1f}" for t in order) + f" (most rank went to `{order[0]}`, least to "
-             f"`{order[-1]}`)."]
+             f"`{order[-1]}`)." + _survival_text(a.get("survival") or [])]
     return lines
 
 
@@ -481,6 +484,7 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
         lines += conversion_jump_table(table, m["runs"])
         lines += finetune_verdict(rows)
         lines += finetune_adaptive_paragraph(table, cfg)
+        lines += residual_adaptive_paragraph(table, cfg)
         gens = [(k.split("/")[1], r) for k, r in m["runs"].items() if k.startswith("compare/") and k.endswith("/main")
                 and r.get("generations_after")]
         if gens:
@@ -563,6 +567,53 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
                  f"steps it is still below `{info['tol']:g} ||s||` of a pretrained spectrum; only the last event's "
                  f"{survived:,} directions remain, near `s = 0`. Growth from zero adds the gradient's directions, "
                  "not the pretrained spectrum a 25% truncation discarded, and cannot rebuild it at this length.")
+    return ["", text]
+
+
+def _survival_text(survival: List[Dict]) -> str:
+    """'of the directions grown at step t, a of g survived the first event allowed to drop them; ...'"""
+    judged = [e for e in survival if e.get("dropped_next") is not None]
+    if not judged:
+        return ""
+    grown = sum(e["grown"] for e in judged)
+    kept = grown - sum(e["dropped_next"] for e in judged)
+    per = "; ".join(f"step {e['step']}: {e['grown'] - e['dropped_next']:,} of {e['grown']:,}" for e in judged)
+    return (f" Of the directions grown at an event, {kept:,} of {grown:,} ({kept / max(grown, 1):.0%}) survived the "
+            f"first event allowed to drop them ({per}).")
+
+
+def residual_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
+    """``residual_adapt`` against the fixed-rank residual arm at its budget, from the runs."""
+    a, fixed = table.get("compare/residual_adapt/main"), table.get("compare/residual_r16/main")
+    if not a or not a.get("adaptive"):
+        return []
+    end, info = a["adaptive"], a["info"]
+    order = sorted(end["ranks_by_type"], key=end["ranks_by_type"].get, reverse=True)
+    grown = sum(e["grown"] for e in end["events"])
+    dropped = sum(e["dropped"] for e in end["events"])
+    text = (f"**Adaptive rank in residual mode** (`residual_adapt`: every decoder linear starts at rank "
+            f"{cfg['radapt_start']} of the residual split; a `RankScheduler` every {info['every']} steps gives "
+            f"directions with `|s_i| < {info['tol']:g} ||s||` back to the frozen residual and takes up to {info['grow']} "
+            f"of the residual's strongest directions per layer, with their singular values, within `residual_r16`'s "
+            f"{end['budget']:,} spectral parameters; a newborn is safe for {info['grace']} event; the function never "
+            f"changes at an event): held-out loss **{a['val_loss_after']:.3f}** at lr {a['lr']:g}, "
+            f"{end['spectral_params_after']:,} spectral parameters at the end "
+            f"({end['spectral_params_after'] / end['budget']:.0%} of the budget), {grown:,} directions taken from "
+            f"the residual and {dropped:,} given back over {len(end['events'])} events")
+    if fixed:
+        verdict = ("no worse than" if a["val_loss_after"] <= fixed["val_loss_after"] + 0.02 else "worse than")
+        text += (f"; `residual_r16` {fixed['val_loss_after']:.3f} ({a['val_loss_after'] - fixed['val_loss_after']:+.3f}"
+                 f"): {verdict} the fixed rank 16 at equal parameters (a tie is within 0.02 nats)")
+        if "general_loss_after" in a and "general_loss_after" in fixed:
+            text += (f"; general text {a['general_loss_after']:.3f} vs {fixed['general_loss_after']:.3f}")
+    text += (". Mean rank per layer type at the end: "
+             + ", ".join(f"`{t}` {end['ranks_by_type'][t]:.1f}" for t in order) + ".")
+    text += _survival_text(end.get("survival") or [])
+    trip = a.get("roundtrip")
+    if trip:
+        text += (f" After the moves, the trained-only checkpoint reloads with a largest logit difference of "
+                 f"{trip['reload_max_abs_logit_diff']:.1e} and the PEFT LoRA export of "
+                 f"{trip['peft_lora_max_abs_logit_diff']:.1e} (logits up to {trip['logit_scale']:.1f}).")
     return ["", text]
 
 

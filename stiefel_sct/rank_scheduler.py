@@ -24,6 +24,19 @@ Every ``every`` calls of :meth:`RankScheduler.step` (after ``optimizer.step()``,
    are served in the order of ``(||D_U||^2 + ||D_V||^2) / (m + n + 1)`` (gradient energy per
    parameter a column costs), the greedy idea of :func:`~stiefel_sct.convert.budget_ranks`.
 
+**Judging newborns.** A compact layer's new direction starts at ``s = 0`` (its ``u``, ``v`` get no
+gradient until ``s`` moves) and Adam moves ``s`` about one lr per step, so the plain test
+``|s_i| < tol ||s||`` drops it at the next event whenever ``||s||`` is a pretrained spectrum
+(every one of 5,040 grown directions in ``finetune_smollm2``'s adaptive arm). Two rules judge it by
+its own history instead: ``grace`` (GeoLoRA waits ~50 steps without rank changes; DLRT truncates
+only after a full integrator step) keeps it for a number of events, and ``newborn_rate`` keeps it
+while ``|s_j|`` keeps up with a fraction of the distance the optimizer could have moved it, the sum
+of the learning rates since its birth (our rule: a test relative to its change, not to the
+spectrum; AdaLoRA's sensitivity ``|s_j dL/ds_j|`` is another such score). Neither gives a newborn
+a value at birth: DLRT/GeoLoRA's augmented-core step does, through the core block
+``V_new^T G U_new``, which needs the layer's activations (``G`` is never formed here) and is not
+implemented; a residual layer's newborns (below) arrive with their values instead.
+
 **Residual-mode layers** (``spectralize(..., residual_dtype=...)``, ``W = V diag(s) U^T + R`` with
 ``R`` frozen) move rank instead of creating and destroying it, and their function never changes
 (to ``R``'s rounding: exactly in float64, ~1e-7 relative in float32):
@@ -33,7 +46,8 @@ Every ``every`` calls of :meth:`RankScheduler.step` (after ``optimizer.step()``,
   layer had at the event, ``(I - V V^T) R (I - U U^T)``, *with their singular values*:
   ``R <- R - P diag(sigma) Q^T``, ``U <- [U, Q]``, ``s <- [s, sigma]``, ``V <- [V, P]``. A direction
   arrives at full strength, so it is compared with the trained spectrum on equal terms (a new
-  direction of a compact layer starts at ``s = 0``). With a budget, residual layers are served by
+  direction of a compact layer starts at ``s = 0``). Only directions with ``sigma >= tol ||s||``
+  arrive: a weaker one would go back at the next event. With a budget, residual layers are served by
   ``sum sigma^2 / (m + n + 1)``; a budget over residual and compact layers together is refused (the
   two scores are not comparable).
 
@@ -119,14 +133,14 @@ def _seed(name: str, step: int) -> int:
 
 @torch.no_grad()
 def _residual_directions(residual: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: int,
-                         seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                         seed: int, floor: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(P, sigma, Q)``: up to ``r`` leading singular triplets of the residual's part outside the
     layer's bases, ``N = (I - V V^T) R (I - U U^T)`` (``u``, ``v``: every column the layer had at
     the event), so ``[V, P]`` and ``[U, Q]`` stay orthonormal and ``P diag(sigma) Q^T = P P^T R Q Q^T``
     is exactly what leaves ``R``. A randomized range finder (Halko, Martinsson and Tropp, 2011:
     ``r + 8`` probes, two power iterations, seeded) keeps the cost at a few passes over ``R``; an
     inexact subspace only picks slightly worse directions, the function is kept either way.
-    Directions with ``sigma`` at rounding level are not taken."""
+    Directions with ``sigma`` at rounding level, or below ``floor``, are not taken."""
     work = compute_dtype(residual.dtype)
     R, U, V = residual.to(work), u.to(work), v.to(work)
     m, n = U.shape[0], V.shape[0]
@@ -150,7 +164,8 @@ def _residual_directions(residual: torch.Tensor, u: torch.Tensor, v: torch.Tenso
     q = torch.linalg.qr(outside(U, R.mT @ p)).Q
     a, sigma, bt = torch.linalg.svd(p.mT @ R @ q)
     scale = float(torch.linalg.matrix_norm(R, ord="fro")) if R.numel() else 0.0
-    take = int((sigma > max(scale, 1e-300) * torch.finfo(residual.dtype).eps ** 0.5).sum().clamp(max=r))
+    least = max(max(scale, 1e-300) * torch.finfo(residual.dtype).eps ** 0.5, floor)
+    take = int((sigma > least).sum().clamp(max=r))
     if take == 0:
         return empty
     return ((p @ a[:, :take]).to(v.dtype), sigma[:take].to(v.dtype), (q @ bt[:take].mT).to(u.dtype))
@@ -177,14 +192,28 @@ class RankScheduler:
         max_rank: no layer goes above it (``None``: ``min(m, n)``).
         budget: ``None`` or the most spectral parameters (``sum k (m + n + 1)`` over the scheduled
             layers) growth may reach; shrinking is never blocked by it.
+        grace: a direction grown at an event may not be dropped at the next ``grace`` events
+            (``>= 0``; 0, the default, is the behaviour before this option). A compact layer's new
+            direction starts at ``s = 0`` and its ``s`` moves about one lr per step, so at the next
+            event it is compared with a spectrum it has had no time to reach; DLRT and GeoLoRA
+            likewise leave new directions tens of steps before truncating.
+        newborn_rate: ``None`` (default: a grown direction is judged by ``tol`` like every other),
+            or ``rho`` in ``(0, 1]``: a grown direction is also kept while ``|s_j| >= rho * L``,
+            ``L`` the sum of its parameter group's learning rates since it was grown, i.e. while the
+            optimizer kept moving it away from 0 at ``rho`` of Adam's full speed (about one lr per
+            step). This judges a newborn by its own change, never against a pretrained spectrum it
+            cannot reach in a run's length; one that stalls falls behind ``rho * L`` and is dropped.
 
     Attributes:
         history: one dict per layer and event that changed a rank: ``step``, ``layer``,
-            ``old_rank``, ``new_rank``, ``dropped``, ``grown``.
+            ``old_rank``, ``new_rank``, ``dropped``, ``grown``, ``dropped_born`` (the events at
+            which the dropped directions were grown; directions the layer had before any event
+            are not listed). :meth:`survival` sums it per event.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, every: int = 100, tol: float = 1e-2, grow: int = 4,
-                 min_rank: int = 1, max_rank: Optional[int] = None, budget: Optional[int] = None) -> None:
+                 min_rank: int = 1, max_rank: Optional[int] = None, budget: Optional[int] = None,
+                 grace: int = 0, newborn_rate: Optional[float] = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.every = _check_int(every, "every", 1)
@@ -195,6 +224,11 @@ class RankScheduler:
         self.min_rank = _check_int(min_rank, "min_rank", 1)
         self.max_rank = _check_optional_int(max_rank, "max_rank", self.min_rank)
         self.budget = _check_optional_int(budget, "budget", 1)
+        self.grace = _check_int(grace, "grace", 0)
+        if newborn_rate is not None and (isinstance(newborn_rate, bool) or not isinstance(newborn_rate, (int, float))
+                                         or not 0.0 < newborn_rate <= 1.0):
+            raise ValueError(f"newborn_rate must be None or a float in (0, 1], got {newborn_rate!r}")
+        self.newborn_rate = None if newborn_rate is None else float(newborn_rate)
         if self.grow and getattr(optimizer, "step_in_backward", False):
             raise ValueError("grow > 0 needs the factors' gradients, which step_in_backward=True frees; "
                              "use grow=0 (shrink only) or step_in_backward=False")
@@ -204,6 +238,11 @@ class RankScheduler:
         self.optimizer = optimizer
         self.last_step = 0
         self.history: List[Dict] = []
+        # per layer, per column: the step of the event that grew it (None: there before any event)
+        self.born: Dict[str, List[Optional[int]]] = {}
+        # the running sum of each param group's lr over the steps, and its value at each event
+        self.lr_sums: List[float] = [0.0] * len(optimizer.param_groups)
+        self.lr_at: Dict[int, List[float]] = {}
         layers = self._layers()
         if not layers:
             raise ValueError("the optimizer holds no spectral layer (U, s and V of one layer all in it)")
@@ -241,13 +280,27 @@ class RankScheduler:
     def step(self) -> None:
         """Count one optimizer step; every ``every`` steps, shrink then grow every layer."""
         self.last_step += 1
+        groups = self.optimizer.param_groups
+        if len(self.lr_sums) != len(groups):
+            self.lr_sums = self.lr_sums[:len(groups)] + [0.0] * (len(groups) - len(self.lr_sums))
+        for i, group in enumerate(groups):
+            self.lr_sums[i] += float(group["lr"])
         if self.last_step % self.every:
             return
+        self.lr_at[self.last_step] = list(self.lr_sums)
+        group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         layers = self._layers()
         plans = {}
         for name, layer in layers:
             s = layer.s.detach()
-            keep = self._kept(s)
+            born = self._born(name, s.shape[0])
+            young = [b is not None and self.last_step - b <= self.grace * self.every for b in born]
+            if self.newborn_rate is not None:
+                gi = group_of.get(id(layer.s), 0)
+                reach = [None if b is None or b not in self.lr_at else self.lr_sums[gi] - self.lr_at[b][gi] for b in born]
+                mags = s.abs().tolist()
+                young = [y or (L is not None and mag >= self.newborn_rate * L) for y, L, mag in zip(young, reach, mags)]
+            keep = self._kept(s, young)
             plans[name] = (layer, keep)
         grown = self._growth(plans)
         replaced: Dict[int, Tuple[torch.Tensor, torch.Tensor, int, Optional[int]]] = {}
@@ -258,16 +311,42 @@ class RankScheduler:
             if len(keep) == k and r == 0:
                 continue
             self._resize(layer, keep, new_u, new_v, new_s, replaced)
+            born = self._born(name, k)
+            kept = set(keep)
             self.history.append({"step": self.last_step, "layer": name, "old_rank": k, "new_rank": len(keep) + r,
-                                 "dropped": k - len(keep), "grown": r})
+                                 "dropped": k - len(keep), "grown": r,
+                                 "dropped_born": [b for i, b in enumerate(born) if i not in kept and b is not None]})
+            self.born[name] = [born[i] for i in keep] + [self.last_step] * r
         if replaced:
             self._update_optimizer(replaced)
 
-    def _kept(self, s: torch.Tensor) -> List[int]:
-        """Indices (in order) of the directions the shrink keeps."""
+    def _born(self, name: str, k: int) -> List[Optional[int]]:
+        born = self.born.get(name)
+        return born if born is not None and len(born) == k else [None] * k
+
+    def survival(self) -> List[Dict[str, Optional[int]]]:
+        """Per event that grew directions: ``step``, ``grown``, and ``dropped_next``, how many of
+        them the first event allowed to drop them (``grace + 1`` events later) dropped; ``None``
+        where that event has not happened yet."""
+        grown: Dict[int, int] = {}
+        dropped: Dict[int, int] = {}
+        for h in self.history:
+            grown[h["step"]] = grown.get(h["step"], 0) + h["grown"]
+            for b in h.get("dropped_born", []):
+                if h["step"] - b == (self.grace + 1) * self.every:
+                    dropped[b] = dropped.get(b, 0) + 1
+        return [{"step": step, "grown": g, "dropped_next": (dropped.get(step, 0) if
+                 step + (self.grace + 1) * self.every <= self.last_step else None)}
+                for step, g in sorted(grown.items()) if g]
+
+    def _kept(self, s: torch.Tensor, young: Optional[List[bool]] = None) -> List[int]:
+        """Indices (in order) of the directions the shrink keeps (``young``: newborns kept whatever
+        their ``s``: within the grace window, or still growing at ``newborn_rate``)."""
         mag = s.abs().to(torch.float64)
         k = mag.numel()
         keep = mag >= self.tol * float(mag.norm())
+        if young is not None and any(young):
+            keep |= torch.tensor(young, device=keep.device)
         floor = min(self.min_rank, k)
         if int(keep.sum()) < floor:
             keep = torch.zeros_like(keep)
@@ -292,7 +371,10 @@ class RankScheduler:
             # outside its kept basis was the one it dropped)
             new_s: Optional[torch.Tensor] = None
             if getattr(layer, "residual_dtype", None) is not None:
-                new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step))
+                # only directions the next shrink would keep: one weaker than tol * ||s|| would go
+                # back at the next event and come out again at the one after, forever
+                floor = self.tol * float(layer.s.detach()[keep].double().norm()) if keep else 0.0
+                new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step), floor)
                 r = new_s.numel()
                 energy = float((new_s.double() ** 2).sum())
             else:
@@ -370,19 +452,25 @@ class RankScheduler:
     def state_dict(self) -> Dict:
         """The scheduler's counters, settings and history (the ranks live in the model)."""
         return {"last_step": self.last_step, "history": [dict(h) for h in self.history],
-                **{key: getattr(self, key) for key in _SETTINGS}}
+                "born": {k: list(v) for k, v in self.born.items()}, "lr_sums": list(self.lr_sums),
+                "lr_at": {k: list(v) for k, v in self.lr_at.items()}, **{key: getattr(self, key) for key in _SETTINGS}}
 
     def load_state_dict(self, state_dict: Dict) -> None:
         """Restore :meth:`state_dict` (load the model at its saved ranks and the optimizer first).
         The settings are checked as the constructor checks them; on an error nothing changes."""
-        checked = RankScheduler(self.optimizer, *(state_dict[k] for k in _SETTINGS))
+        settings: List[Any] = [state_dict[k] if k in state_dict else _DEFAULTS[k] for k in _SETTINGS]
+        checked = RankScheduler(self.optimizer, *settings)
         for key in _SETTINGS:
             setattr(self, key, getattr(checked, key))
         self.last_step = int(state_dict["last_step"])
         self.history = [dict(h) for h in state_dict["history"]]
+        self.born = {k: list(v) for k, v in (state_dict.get("born") or {}).items()}
+        self.lr_sums = list(state_dict.get("lr_sums") or [0.0] * len(self.optimizer.param_groups))
+        self.lr_at = {int(k): list(v) for k, v in (state_dict.get("lr_at") or {}).items()}
 
 
-_SETTINGS = ("every", "tol", "grow", "min_rank", "max_rank", "budget")  # the constructor's order
+_SETTINGS = ("every", "tol", "grow", "min_rank", "max_rank", "budget", "grace", "newborn_rate")  # constructor order
+_DEFAULTS = {"grace": 0, "newborn_rate": None}  # settings a state dict saved before they existed may lack
 
 
 def _resize_state(state: Dict, old: torch.Tensor, keep: List[int], r: int, riemannian: bool, owner: str) -> Dict:

@@ -80,7 +80,7 @@ def test_adaptive_arm_grows_its_ranks_within_the_budget():
     budget = int(cfg.adapt_budget * ft.linear_params(model))
     model, opt, info = ft.build_method("sct_adapt", model, cfg, 1e-3)
     assert info["rank_budget"] == budget
-    sched = ft.adaptive_scheduler(opt, cfg, 6, info)
+    sched = ft.adaptive_scheduler("sct_adapt", opt, cfg, 6, info)
     assert info["every"] == 2 and sched.budget == budget
     before = ft.adaptive_summary(model, sched)
     for _ in range(6):
@@ -92,6 +92,30 @@ def test_adaptive_arm_grows_its_ranks_within_the_budget():
     assert before["spectral_params_after"] < after["spectral_params_after"] <= budget
     assert [e["step"] for e in after["events"]] == [2, 4, 6] and all(e["grown"] > 0 for e in after["events"][:1])
     assert set(after["ranks_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def test_residual_adaptive_arm_moves_rank_within_residual_r16s_budget_and_keeps_the_function():
+    cfg = _cfg(adapt_events=2, residual_r=4, radapt_start=2, radapt_grow=2, radapt_tol=0.0)
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 9))
+    model, opt, info = ft.build_method("residual_adapt", model, cfg, 1e-3)
+    layers = [m for _, m in ft.spectral_layers(model)]
+    assert all(m.rank == 2 for m in layers)
+    assert info["rank_budget"] == sum(4 * (m.in_features + m.out_features + 1) for m in layers)
+    sched = ft.adaptive_scheduler("residual_adapt", opt, cfg, 6, info)
+    assert sched.grace == cfg.radapt_grace and sched.budget == info["rank_budget"]
+    for _ in range(6):
+        opt.zero_grad()
+        ft.lm_loss(model, ids).backward()
+        opt.step()
+        with torch.no_grad():
+            before = model(input_ids=ids).logits
+        sched.step()
+        with torch.no_grad():  # a rank event moves directions, it does not change the function
+            assert (model(input_ids=ids).logits - before).abs().max() <= 1e-5 * before.abs().max()
+    after = ft.adaptive_summary(model, sched)
+    assert after["spectral_params_after"] <= info["rank_budget"] and any(m.rank > 2 for m in layers)
+    assert after["survival"] and after["survival"][0]["grown"] > 0
 
 
 def test_resume_keeps_runs_when_only_methods_or_new_settings_differ():

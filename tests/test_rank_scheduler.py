@@ -395,3 +395,64 @@ def test_residual_rank_moves_checkpoint_resume_and_export_bitwise(tmp_path):
     export_peft_lora(Net(model), tmp_path / "adapter")
     lora = peft.PeftModel.from_pretrained(Net(copy.deepcopy(base)), str(tmp_path / "adapter"))
     assert (lora(x) - model(x)).abs().max() < 1e-5
+
+
+def test_grace_window_keeps_newborn_directions_and_survival_counts_them():
+    """A direction grown at an event (s = 0) is not dropped at the next ``grace`` events; survival()
+    counts, per growing event, how many the first event allowed to drop them dropped."""
+    model = _model()
+    x, y = _data()
+
+    def run(grace):
+        m = copy.deepcopy(model)
+        opt = SpectralAdam(m.parameters(), lr=1e-4)  # too small for a newborn's s to reach tol * ||s||
+        sched = RankScheduler(opt, every=1, tol=0.05, grow=1, grace=grace)
+        for _ in range(4):
+            _backward(m, x, y)
+            opt.step()
+            sched.step()
+        return sched
+
+    eager = run(0)
+    assert [h["dropped_born"] for h in eager.history if h["step"] == 2] == [[1], [1]]  # the newborns, at once
+    assert eager.survival()[0] == {"step": 1, "grown": 2, "dropped_next": 2}
+    patient = run(2)
+    assert all(h["dropped_born"] == [] for h in patient.history if h["step"] <= 3)  # protected for two events
+    assert patient.survival()[0] == {"step": 1, "grown": 2, "dropped_next": 2}  # then judged, and dropped
+    assert patient.survival()[-1]["dropped_next"] is None  # grown at step 4: not judged yet
+    assert patient.state_dict()["grace"] == 2 and patient.state_dict()["born"] == patient.born
+    with pytest.raises(ValueError, match="grace must be"):
+        RankScheduler(SpectralAdam(_model().parameters()), grace=-1)
+
+
+def test_newborn_rate_judges_a_grown_direction_by_its_own_growth():
+    """With newborn_rate, a grown direction whose |s| kept up with rho x (the lrs since its birth)
+    stays although it is far below tol * ||s||; one that stalled is dropped."""
+    model = _model()
+    x, y = _data()
+
+    def run(rate, stall=False):
+        m = copy.deepcopy(model)
+        opt = SpectralAdam(m.parameters(), lr=1e-2)
+        sched = RankScheduler(opt, every=2, tol=0.5, grow=1, newborn_rate=rate)
+        for step in range(1, 5):
+            _backward(m, x, y)
+            opt.step()
+            if stall and step == 4:
+                with torch.no_grad():
+                    m[0].s[-1] = 0.0  # the direction grown at step 2 did not move
+            sched.step()
+        return sched, m
+
+    judged_by_tol, _ = run(None)
+    assert [h["dropped_born"] for h in judged_by_tol.history if h["step"] == 4 and h["layer"] == "layer0"] == [[2]]
+    growing, m = run(0.25)
+    assert not any(h["dropped_born"] for h in growing.history if h["step"] == 4)
+    s = m[0].s.detach()
+    assert 0.25 * 2 * 1e-2 <= float(s[-2].abs()) < 0.5 * float(s.norm())  # kept on its growth alone
+    stalled, _ = run(0.25, stall=True)
+    assert [h["dropped_born"] for h in stalled.history if h["step"] == 4 and h["layer"] == "layer0"] == [[2]]
+    state = growing.state_dict()
+    assert state["newborn_rate"] == 0.25 and set(state["lr_at"]) == {2, 4}
+    with pytest.raises(ValueError, match="newborn_rate must be"):
+        RankScheduler(SpectralAdam(_model().parameters()), newborn_rate=0.0)
