@@ -8,7 +8,7 @@ torch.manual_seed(0)
 x = torch.linspace(-3.14, 3.14, 256).unsqueeze(1)
 y = torch.sin(3 * x)
 model = nn.Sequential(nn.Linear(1, 128), nn.Tanh(), nn.Linear(128, 128), nn.Tanh(), nn.Linear(128, 1))
-spectralize(model, rank=16)               # the 128x128 layer becomes U diag(s) V^T, rank 16
+spectralize(model, rank=16)               # the 128x128 layer becomes V diag(s) U^T, rank 16
 opt = SpectralAdam(model.parameters(), lr=1e-2)  # was: torch.optim.Adam(model.parameters(), lr=1e-2)
 for _ in range(2000):
     opt.zero_grad()

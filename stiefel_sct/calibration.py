@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from ._checks import is_real
+
 __all__ = ["DEFAULT_DAMPING", "InputMoments", "check_damping", "collect_input_moments", "whitened_factors", "whitened_spectrum",
            "whitened_svd"]
 
@@ -172,7 +174,7 @@ def collect_input_moments(model: nn.Module, layers: Mapping[str, nn.Module], bat
 
 def check_damping(damping: object) -> float:
     """Validate the whitening's ridge: a real number ``>= 0``."""
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0.0 <= damping < math.inf:
+    if not is_real(damping) or not 0.0 <= damping < math.inf:
         raise ValueError(f"damping must be a float >= 0, got {damping!r}")
     return float(damping)
 

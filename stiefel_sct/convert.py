@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from ._checks import is_int
 from .calibration import (
     DEFAULT_DAMPING,
     InputMoments,
@@ -156,7 +157,7 @@ def budget_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
     largest rank that still shrinks the layer. Afterwards ``sum k (m + n + 1) <= budget`` and no
     layer below its cap has room for one more triplet.
     """
-    if isinstance(budget, bool) or not isinstance(budget, int):
+    if not is_int(budget):
         raise TypeError(f"budget must be an int (parameters), got {type(budget).__name__}")
     cost = {n: sum(shapes[n]) + 1 for n in spectra}
     floor = sum(cost.values())
@@ -260,7 +261,7 @@ def spectralize(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if sum(x is not None for x in (rank, energy, budget)) != 1:
         raise ValueError("give exactly one of rank, energy or budget")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    if rank is not None and (not is_int(rank) or rank < 1):
         raise ValueError(f"rank must be an int >= 1, got {rank!r}")
     if energy is not None:
         energy = check_energy(energy)

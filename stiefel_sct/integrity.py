@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
+from ._checks import is_int
 from .manifold import RETRACTIONS
 
 __all__ = ["CheckpointError", "TensorRecord", "ValueCheck", "check_spectral_tensors", "file_checksum", "read_header",
@@ -122,7 +123,7 @@ def _need(path: pathlib.Path, obj: Mapping[str, Any], key: str, where: str) -> A
 
 
 def _int(path: pathlib.Path, value: Any, where: str, low: int, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+    if not is_int(value) or value < low or (high is not None and value > high):
         allowed = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise _fail(path, where, f"must be an int {allowed}, got {value!r}")
     return value
@@ -278,8 +279,7 @@ def read_header(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
             dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
             shape = tuple(entry["shape"])
             begin, end = entry["data_offsets"]
-            ok = (all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
-                  and all(isinstance(b, int) and not isinstance(b, bool) for b in (begin, end))
+            ok = (all(is_int(d) and d >= 0 for d in shape) and all(is_int(b) for b in (begin, end))
                   and 0 <= begin <= end <= size - start
                   and end - begin == math.prod(shape) * dtype.itemsize)
         except (TypeError, KeyError, ValueError):

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import is_int
 from .manifold import Stiefel, compute_dtype, is_stiefel, retract, stiefel_manifold
 from .rank import select_rank
 from .triples import register_factors
@@ -40,7 +41,7 @@ def check_residual_dtype(dtype: object) -> torch.dtype:
 
 def check_rank(rank: object, in_features: int, out_features: int) -> int:
     """Validate ``rank`` for an ``in_features -> out_features`` layer and return it as an int."""
-    if isinstance(rank, bool) or not isinstance(rank, int):
+    if not is_int(rank):
         raise TypeError(f"rank must be an int, got {type(rank).__name__}")
     limit = min(in_features, out_features)
     if not 1 <= rank <= limit:
@@ -51,7 +52,7 @@ def check_rank(rank: object, in_features: int, out_features: int) -> int:
 
 
 def _check_features(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
@@ -385,7 +386,7 @@ class SpectralLinear(SpectralModule):
         checkpoint). Their values are left empty, to be loaded; then :meth:`attach_residual`."""
         if self.residual_dtype is None:
             raise ValueError("set_residual_blocks: not a residual layer")
-        if not blocks or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in blocks):
+        if not blocks or any(not is_int(b) or b < 1 for b in blocks):
             raise ValueError(f"blocks must be a non-empty list of ints >= 1, got {blocks!r}")
         total = sum(blocks)
         self.U0 = self.U0.new_empty(self.in_features, total)

@@ -32,6 +32,7 @@ import geoopt
 import torch
 from torch.optim import Optimizer
 
+from ._checks import is_int, is_real
 from .adam import adam_kernel, fused_devices, fused_supported, riemannian_adam
 from .bank import FactorBank, chunk_bytes_for
 from .distributed import is_sharded_factor, sharded_retract_
@@ -195,7 +196,7 @@ def _check_float(value, name: str, low: float, high: Optional[float] = None, *, 
         if value.numel() != 1:
             raise ValueError(f"Tensor {name} must be 1-element, got a tensor of shape {tuple(value.shape)}")
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_real(value):
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     value = float(value)
     ok = math.isfinite(value) and value >= low and (high is None or (value < high if high_open else value <= high))
@@ -293,7 +294,7 @@ def _check_group(group: dict) -> None:
         raise ValueError("preserve_function=True needs mode='sct'")
     stabilize = group["stabilize"]
     if stabilize is not None:
-        if isinstance(stabilize, bool) or not isinstance(stabilize, int) or stabilize < 1:
+        if not is_int(stabilize) or stabilize < 1:
             raise ValueError(f"stabilize must be None or an int >= 1, got {stabilize!r}")
         if group["mode"] != "riemannian":
             raise ValueError("stabilize applies to mode='riemannian' (mode='sct' retracts at every step)")
@@ -356,7 +357,7 @@ class SpectralAdam(Optimizer):
             ``diag(R)`` is unique); CholeskyQR runs at GEMM speed: ~5x faster here, and as
             accurate (orthonormality error 4.7e-7 vs 6.2e-7 in fp32).
         preserve_function: retract each spectral layer's ``(U, s, V)`` together so that its
-            weight ``U diag(s) V^T`` is kept to rounding (the ``R`` factors of the QRs are folded
+            weight (``V diag(s) U^T``) is kept to rounding (the ``R`` factors of the QRs are folded
             into a re-diagonalised ``s``: :func:`~stiefel_sct.manifold.preserving_retraction`)
             instead of dropping ``R``, which moves the weight at every step. Every Stiefel factor
             of such a group must belong to a ``SpectralLinear``/``SpectralEmbedding`` whose

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import is_real
+
 __all__ = ["check_energy", "kept_energy", "select_rank"]
 
 
 def check_energy(energy: object) -> float:
     """Validate a retained-energy fraction: a real number in ``(0, 1]``."""
-    if isinstance(energy, bool) or not isinstance(energy, (int, float)):
+    if not is_real(energy):
         raise TypeError(f"energy must be a float in (0, 1], got {type(energy).__name__}")
     energy = float(energy)
     if not 0.0 < energy <= 1.0:

@@ -74,30 +74,17 @@ autograd remembers a leaf's shape, so resizing ``p.data`` would break the next b
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 import geoopt
 import torch
 
+from ._checks import check_int, is_real
 from .manifold import compute_dtype
 from .quant import dequantize, quantize_, quantized_zeros
 from .triples import owner_of, spectral_triples
 
 __all__ = ["RankScheduler"]
-
-
-def _check_int(value, name: str, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
-
-
-def _check_optional_int(value, name: str, low: int) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low} or None, got {value!r}")
-    return value
 
 
 def _new_directions(basis: torch.Tensor, grad: Optional[torch.Tensor], r: int) -> torch.Tensor:
@@ -216,17 +203,16 @@ class RankScheduler:
                  grace: int = 0, newborn_rate: Optional[float] = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.every = _check_int(every, "every", 1)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 <= tol < 1.0:
+        self.every = cast(int, check_int(every, "every", 1))
+        if not is_real(tol) or not 0.0 <= tol < 1.0:
             raise ValueError(f"tol must be a float in [0, 1), got {tol!r}")
         self.tol = float(tol)
-        self.grow = _check_int(grow, "grow", 0)
-        self.min_rank = _check_int(min_rank, "min_rank", 1)
-        self.max_rank = _check_optional_int(max_rank, "max_rank", self.min_rank)
-        self.budget = _check_optional_int(budget, "budget", 1)
-        self.grace = _check_int(grace, "grace", 0)
-        if newborn_rate is not None and (isinstance(newborn_rate, bool) or not isinstance(newborn_rate, (int, float))
-                                         or not 0.0 < newborn_rate <= 1.0):
+        self.grow = cast(int, check_int(grow, "grow", 0))
+        self.min_rank = cast(int, check_int(min_rank, "min_rank", 1))
+        self.max_rank = check_int(max_rank, "max_rank", self.min_rank, optional=True)
+        self.budget = check_int(budget, "budget", 1, optional=True)
+        self.grace = cast(int, check_int(grace, "grace", 0))
+        if newborn_rate is not None and (not is_real(newborn_rate) or not 0.0 < newborn_rate <= 1.0):
             raise ValueError(f"newborn_rate must be None or a float in (0, 1], got {newborn_rate!r}")
         self.newborn_rate = None if newborn_rate is None else float(newborn_rate)
         if self.grow and getattr(optimizer, "step_in_backward", False):
