@@ -601,13 +601,17 @@ def residual_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
             f"({end['spectral_params_after'] / end['budget']:.0%} of the budget), {grown:,} directions taken from "
             f"the residual and {dropped:,} given back over {len(end['events'])} events")
     if fixed:
-        verdict = ("no worse than" if a["val_loss_after"] <= fixed["val_loss_after"] + 0.02 else "worse than")
-        text += (f"; `residual_r16` {fixed['val_loss_after']:.3f} ({a['val_loss_after'] - fixed['val_loss_after']:+.3f}"
-                 f"): {verdict} the fixed rank 16 at equal parameters (a tie is within 0.02 nats)")
+        diff = a["val_loss_after"] - fixed["val_loss_after"]
+        verdict = "better than" if diff < -0.02 else ("tied with" if diff <= 0.02 else "worse than")
+        text += (f"; `residual_r16` {fixed['val_loss_after']:.3f} ({diff:+.3f}): {verdict} the fixed rank 16 at equal "
+                 "parameters (a tie is within 0.02 nats)")
         if "general_loss_after" in a and "general_loss_after" in fixed:
             text += (f"; general text {a['general_loss_after']:.3f} vs {fixed['general_loss_after']:.3f}")
     text += (". Mean rank per layer type at the end: "
              + ", ".join(f"`{t}` {end['ranks_by_type'][t]:.1f}" for t in order) + ".")
+    if len(set(end["ranks_by_type"].values())) == 1 and not dropped:
+        text += (" Every layer type ended at the same mean rank and no direction went back: the budget was spent evenly, "
+                 "so this run measures the moves and a delayed start, not a reallocation of rank between layers.")
     text += _survival_text(end.get("survival") or [])
     trip = a.get("roundtrip")
     if trip:
