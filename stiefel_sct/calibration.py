@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ._checks import is_real
+from .checks import is_real
 
 __all__ = ["DEFAULT_DAMPING", "InputMoments", "check_damping", "collect_input_moments", "whitened_factors", "whitened_spectrum",
            "whitened_svd"]

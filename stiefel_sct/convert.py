@@ -11,7 +11,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from ._checks import is_int
 from .calibration import (
     DEFAULT_DAMPING,
     InputMoments,
@@ -21,6 +20,7 @@ from .calibration import (
     whitened_spectrum,
     whitened_svd,
 )
+from .checks import is_int
 from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank, check_residual_dtype
 from .rank import check_energy, select_rank
 

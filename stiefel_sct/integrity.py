@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._checks import is_int
+from .checks import is_int
 from .manifold import RETRACTIONS
 
 __all__ = ["CheckpointError", "TensorRecord", "ValueCheck", "check_spectral_tensors", "file_checksum", "read_header",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import is_int
+from .checks import is_int
 from .manifold import Stiefel, compute_dtype, is_stiefel, retract, stiefel_manifold
 from .rank import select_rank
 from .triples import register_factors

@@ -32,9 +32,9 @@ import geoopt
 import torch
 from torch.optim import Optimizer
 
-from ._checks import is_int, is_real
 from .adam import adam_kernel, fused_devices, fused_supported, riemannian_adam
 from .bank import FactorBank, chunk_bytes_for
+from .checks import is_int, is_real
 from .distributed import is_sharded_factor, sharded_retract_
 from .manifold import RETRACTIONS, is_stiefel, plain, retract_, retract_triples_, stiefel_manifold
 from .quant import dequantize, quantize_, quantized_zeros

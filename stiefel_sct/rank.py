@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import is_real
+from .checks import is_real
 
 __all__ = ["check_energy", "kept_energy", "select_rank"]
 

@@ -79,7 +79,7 @@ from typing import Any, Dict, List, Optional, Tuple, cast
 import geoopt
 import torch
 
-from ._checks import check_int, is_real
+from .checks import check_int, is_real
 from .manifold import compute_dtype
 from .quant import dequantize, quantize_, quantized_zeros
 from .triples import owner_of, spectral_triples

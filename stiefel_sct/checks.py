@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Optional, TypeGuard, Union
 
+__all__ = ["check_int", "is_int", "is_real"]
+
 
 def is_int(value: object) -> TypeGuard[int]:
     """``value`` is an int and not a bool."""
