@@ -528,17 +528,26 @@ def conversion_jump_table(table: Dict, runs: Dict) -> List[str]:
     return lines
 
 
+def _adaptive_run(table: Dict, method: str) -> Optional[Tuple[Dict, Dict, Dict, List[str], int, int]]:
+    """An adaptive arm's main run, its end state and settings, its layer types by final rank (most
+    first) and the directions it grew and dropped over all events; ``None`` without such a run."""
+    a = table.get(f"compare/{method}/main")
+    if not a or not a.get("adaptive"):
+        return None
+    end = a["adaptive"]
+    order = sorted(end["ranks_by_type"], key=end["ranks_by_type"].get, reverse=True)
+    return (a, end, a["info"], order, sum(e["grown"] for e in end["events"]),
+            sum(e["dropped"] for e in end["events"]))
+
+
 def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
     """The adaptive arm against the fixed-rank SCT arms at its start and at its budget, computed
     from the runs: held-out loss, the spectral parameters it ended with, and where the rank went."""
-    a = table.get("compare/sct_adapt/main")
-    if not a or not a.get("adaptive"):
+    run = _adaptive_run(table, "sct_adapt")
+    if run is None:
         return []
-    end, info = a["adaptive"], a["info"]
+    a, end, info, order, grown, dropped = run
     start, at_budget = table.get("compare/sct_b25/main"), table.get("compare/sct_b50/main")
-    order = sorted(end["ranks_by_type"], key=end["ranks_by_type"].get, reverse=True)
-    grown = sum(e["grown"] for e in end["events"])
-    dropped = sum(e["dropped"] for e in end["events"])
     text = (f"**Adaptive rank** (`sct_adapt`: starts at {cfg['adapt_start']:.0%} of the linear parameters, a "
             f"`RankScheduler` every {info['every']} steps drops `|s_i| < {info['tol']:g} ||s||` and grows up to "
             f"{info['grow']} directions per layer within {cfg['adapt_budget']:.0%} of them, "
@@ -584,13 +593,11 @@ def _survival_text(survival: List[Dict]) -> str:
 
 def residual_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
     """``residual_adapt`` against the fixed-rank residual arm at its budget, from the runs."""
-    a, fixed = table.get("compare/residual_adapt/main"), table.get("compare/residual_r16/main")
-    if not a or not a.get("adaptive"):
+    run = _adaptive_run(table, "residual_adapt")
+    if run is None:
         return []
-    end, info = a["adaptive"], a["info"]
-    order = sorted(end["ranks_by_type"], key=end["ranks_by_type"].get, reverse=True)
-    grown = sum(e["grown"] for e in end["events"])
-    dropped = sum(e["dropped"] for e in end["events"])
+    a, end, info, order, grown, dropped = run
+    fixed = table.get("compare/residual_r16/main")
     text = (f"**Adaptive rank in residual mode** (`residual_adapt`: every decoder linear starts at rank "
             f"{cfg['radapt_start']} of the residual split; a `RankScheduler` every {info['every']} steps gives "
             f"directions with `|s_i| < {info['tol']:g} ||s||` back to the frozen residual and takes up to {info['grow']} "

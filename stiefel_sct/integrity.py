@@ -222,11 +222,6 @@ def _record(path: pathlib.Path, files: Mapping[str, Any], config_name: str) -> M
     return entry
 
 
-def check_file(path: pathlib.Path, files: Mapping[str, Any], config_name: str) -> None:
-    """``path`` has the size and checksum recorded for it in the config's ``files`` at save time."""
-    _compare(path, file_checksum(path), _record(path, files, config_name))
-
-
 # ------------------------------------------------------------------------------ the safetensors file
 # The header's dtype names (https://github.com/huggingface/safetensors, format.md): those this torch has
 _SAFETENSORS_DTYPES: Dict[str, torch.dtype] = {

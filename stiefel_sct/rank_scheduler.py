@@ -393,7 +393,8 @@ class RankScheduler:
         idx = torch.tensor(keep, dtype=torch.long, device=layer.s.device)
         r = 0 if new_u is None else new_u.shape[1]
         if getattr(layer, "residual_dtype", None) is not None:
-            dropped = [i for i in range(layer.s.shape[0]) if i not in set(keep)]
+            kept = set(keep)
+            dropped = [i for i in range(layer.s.shape[0]) if i not in kept]
             if dropped:
                 out = torch.tensor(dropped, dtype=torch.long, device=layer.s.device)
                 layer.move_residual(layer.V.detach().index_select(-1, out), -layer.s.detach().index_select(-1, out),
