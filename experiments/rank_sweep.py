@@ -113,6 +113,9 @@ class Config:
     # a direction grown at an event is safe at the next one (RankScheduler(grace=...)): at grace 0
     # and grow 8 it reached 5.665 against rank 64's 5.287 (quick preset, Intel Xeon)
     adaptive_grace: int = 1
+    adaptive_growth: str = "factors"   # RankScheduler(growth=...): "gradient" sketches dL/dW outside the bases
+    adaptive_newborn_rate: Optional[float] = None  # RankScheduler(newborn_rate=...)
+    adaptive_sketch_steps: int = 1     # RankScheduler(sketch_steps=...)
     eval_every: int = 50
     eval_batches: int = 16
     ckpt_every: int = 100
@@ -336,7 +339,9 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
         from stiefel_sct import RankScheduler
 
         sched = RankScheduler(opt, every=cfg.adaptive_every, tol=cfg.adaptive_tol, grow=cfg.adaptive_grow,
-                              budget=rank_budget(model, cfg.adaptive_budget_rank), grace=cfg.adaptive_grace)
+                              budget=rank_budget(model, cfg.adaptive_budget_rank), grace=cfg.adaptive_grace,
+                              newborn_rate=cfg.adaptive_newborn_rate, growth=cfg.adaptive_growth,
+                              sketch_steps=cfg.adaptive_sketch_steps)
     if blob is not None:
         model.load_state_dict(blob["model"])
         opt.load_state_dict(blob["optimizer"])

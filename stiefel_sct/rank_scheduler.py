@@ -32,10 +32,25 @@ its own history instead: ``grace`` (GeoLoRA waits ~50 steps without rank changes
 only after a full integrator step) keeps it for a number of events, and ``newborn_rate`` keeps it
 while ``|s_j|`` keeps up with a fraction of the distance the optimizer could have moved it, the sum
 of the learning rates since its birth (our rule: a test relative to its change, not to the
-spectrum; AdaLoRA's sensitivity ``|s_j dL/ds_j|`` is another such score). Neither gives a newborn
-a value at birth: DLRT/GeoLoRA's augmented-core step does, through the core block
-``V_new^T G U_new``, which needs the layer's activations (``G`` is never formed here) and is not
-implemented; a residual layer's newborns (below) arrive with their values instead.
+spectrum; AdaLoRA's sensitivity ``|s_j dL/ds_j|`` is another such score).
+
+**Growth with values** (``growth="gradient"``). The factor gradients only hold the blocks of ``G``
+that touch the bases (``G U``, ``G^T V``), and the default growth pairs the top column of ``D_U``
+with the top column of ``D_V`` from two separate SVDs, so ``v_j^T G u_j``, the gradient the
+newborn's ``s_j`` then sees, can be anything. DLRT's and GeoLoRA's augmented-core step gives the
+new directions values through the core block ``V_new^T G U_new``; we take its leading singular
+triplets directly: a :class:`~stiefel_sct.sketch.GradientSketch` on each compact
+:class:`~stiefel_sct.SpectralLinear`, filled by hooks during the ``sketch_steps`` backwards before
+an event (``G = dY^T X``, sketched from the activations, ``G`` still never formed), yields
+``N = (I - V V^T) G (I - U U^T) ~ P diag(sigma) Q^T``, and the layer grows ``U <- [U, Q]``,
+``V <- [V, -P]``, ``s <- [s, c sigma]``: a steepest-descent step on the new block (GeoLoRA's
+``-lr V_new^T G U_new``, diagonal because ``P``, ``Q`` are its singular vectors), scaled so that its
+length ``||c sigma||`` is that of one dense Adam step, ``lr sqrt(m n)`` (Adam moves every weight by
+about ``lr``). The function moves by that step, not by zero; each newborn's ``s_j`` then sees the
+gradient ``-sigma_j`` it was chosen for. Where we depart: no K/L integrator steps and no SVD of the
+whole augmented core (the off-diagonal blocks ``V^T G Q``, ``P^T G U`` would rotate the kept
+directions, whose Adam moments are per column); one sketch, summed over ``sketch_steps``
+backwards, instead of the exact gradient of the last batch.
 
 **Residual-mode layers** (``spectralize(..., residual_dtype=...)``, ``W = V diag(s) U^T + R`` with
 ``R`` frozen) move rank instead of creating and destroying it, and their function never changes
@@ -80,11 +95,15 @@ import geoopt
 import torch
 
 from .checks import check_int, is_real
+from .layers import SpectralLinear
 from .manifold import compute_dtype
 from .quant import dequantize, quantize_, quantized_zeros
+from .sketch import GradientSketch
 from .triples import owner_of, spectral_triples
 
 __all__ = ["RankScheduler"]
+
+_GROWTH = ("factors", "gradient")
 
 
 def _new_directions(basis: torch.Tensor, grad: Optional[torch.Tensor], r: int) -> torch.Tensor:
@@ -190,6 +209,18 @@ class RankScheduler:
             optimizer kept moving it away from 0 at ``rho`` of Adam's full speed (about one lr per
             step). This judges a newborn by its own change, never against a pretrained spectrum it
             cannot reach in a run's length; one that stalls falls behind ``rho * L`` and is dropped.
+        growth: where a compact layer's new directions come from. ``"factors"`` (default): the
+            factors' gradients ``D_U``, ``D_V`` (above), new ``s = 0``, the function unchanged at
+            growth. ``"gradient"``: the leading singular pairs of the layer's weight gradient
+            outside its bases, sketched by hooks from its activations, each born with a value (one
+            dense-Adam-length descent step): the function moves by that step. Compact layers must
+            be :class:`~stiefel_sct.SpectralLinear`. Residual-mode layers grow from their residual
+            either way.
+        sketch_steps: ``growth="gradient"``: how many backwards before each event are summed into
+            the sketch (``1 <= sketch_steps <= every``; 1, the default, sketches the last batch's
+            gradient, ``every`` the whole window's). The hooks are only on the layers during those
+            steps; a forward under ``torch.no_grad`` is not seen, and a scheduler loaded in the
+            middle of a window sketches only the steps after the load.
 
     Attributes:
         history: one dict per layer and event that changed a rank: ``step``, ``layer``,
@@ -200,7 +231,8 @@ class RankScheduler:
 
     def __init__(self, optimizer: torch.optim.Optimizer, every: int = 100, tol: float = 1e-2, grow: int = 4,
                  min_rank: int = 1, max_rank: Optional[int] = None, budget: Optional[int] = None,
-                 grace: int = 0, newborn_rate: Optional[float] = None) -> None:
+                 grace: int = 0, newborn_rate: Optional[float] = None, growth: str = "factors",
+                 sketch_steps: int = 1) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.every = cast(int, check_int(every, "every", 1))
@@ -215,8 +247,15 @@ class RankScheduler:
         if newborn_rate is not None and (not is_real(newborn_rate) or not 0.0 < newborn_rate <= 1.0):
             raise ValueError(f"newborn_rate must be None or a float in (0, 1], got {newborn_rate!r}")
         self.newborn_rate = None if newborn_rate is None else float(newborn_rate)
+        if growth not in _GROWTH:
+            raise ValueError(f"growth must be one of {', '.join(map(repr, _GROWTH))}, got {growth!r}")
+        self.growth = growth
+        self.sketch_steps = cast(int, check_int(sketch_steps, "sketch_steps", 1))
+        if self.sketch_steps > self.every:
+            raise ValueError(f"sketch_steps must be in [1, every={self.every}], got {self.sketch_steps}")
         if self.grow and getattr(optimizer, "step_in_backward", False):
-            raise ValueError("grow > 0 needs the factors' gradients, which step_in_backward=True frees; "
+            raise ValueError("grow > 0 reads the gradient after the optimizer's step (the factors' gradients, or the "
+                             "layers' sketched ones), which step_in_backward=True steps and frees inside the backward; "
                              "use grow=0 (shrink only) or step_in_backward=False")
         if any(hasattr(p, "device_mesh") for g in optimizer.param_groups for p in g["params"]):
             raise NotImplementedError("RankScheduler does not support FSDP2-sharded (DTensor) parameters yet: a rank "
@@ -237,6 +276,15 @@ class RankScheduler:
             raise NotImplementedError("a budget over residual-mode and compact spectral layers together: their growth "
                                       "scores (a residual's singular values, a compact layer's gradient energy) are "
                                       "not comparable; schedule the two kinds with two RankSchedulers")
+        if self.growth == "gradient" and self.grow:
+            for name, layer in layers:
+                if getattr(layer, "residual_dtype", None) is None and not isinstance(layer, SpectralLinear):
+                    raise NotImplementedError(f"growth='gradient' sketches a linear layer's weight gradient from its "
+                                              f"inputs and output gradients; {name} is a {type(layer).__name__}: use "
+                                              "growth='factors', or a second RankScheduler without it")
+        # growth="gradient": per compact layer, the sketch the backward before the next event fills
+        self._sketches: Dict[str, GradientSketch] = {}
+        self._arm()
 
     # ------------------------------------------------------------------------------ discovery
     def _layers(self) -> List[Tuple[str, Any]]:
@@ -272,7 +320,15 @@ class RankScheduler:
         for i, group in enumerate(groups):
             self.lr_sums[i] += float(group["lr"])
         if self.last_step % self.every:
+            self._arm()
             return
+        try:
+            self._event(groups)
+        finally:
+            self._disarm()
+            self._arm()
+
+    def _event(self, groups: List[Dict[str, Any]]) -> None:
         self.lr_at[self.last_step] = list(self.lr_sums)
         group_of = {id(p): i for i, g in enumerate(groups) for p in g["params"]}
         layers = self._layers()
@@ -305,6 +361,33 @@ class RankScheduler:
             self.born[name] = [born[i] for i in keep] + [self.last_step] * r
         if replaced:
             self._update_optimizer(replaced)
+
+    def _arm(self) -> None:
+        """``growth="gradient"``: hook every compact layer while the next event is at most
+        ``sketch_steps`` calls of :meth:`step` away, so the backwards before it are sketched
+        (one sketch per layer and event, summed over those steps)."""
+        if self.growth != "gradient" or not self.grow:
+            return
+        to_event = self.every - self.last_step % self.every  # calls of step() until the next event
+        if to_event > self.sketch_steps:
+            self._disarm()
+            return
+        if self._sketches:
+            return  # this window's sketches are filling
+        for name, layer in self._layers():
+            if getattr(layer, "residual_dtype", None) is None:
+                self._sketches[name] = GradientSketch(layer, self.grow, _seed(name, self.last_step + to_event))
+
+    def _disarm(self) -> None:
+        for sketch in self._sketches.values():
+            sketch.remove()
+        self._sketches = {}
+
+    def _group_lr(self, param: torch.Tensor) -> float:
+        for group in self.optimizer.param_groups:
+            if any(p is param for p in group["params"]):
+                return float(group["lr"])
+        return 0.0
 
     def _born(self, name: str, k: int) -> List[Optional[int]]:
         born = self.born.get(name)
@@ -363,6 +446,21 @@ class RankScheduler:
                 new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step), floor)
                 r = new_s.numel()
                 energy = float((new_s.double() ** 2).sum())
+            elif self.growth == "gradient":
+                sketch = self._sketches.get(name)
+                if sketch is None:  # armed by another scheduler state (e.g. loaded mid-window): no sketch
+                    continue
+                new_v, sigma, new_u = sketch.directions(u, v, r)
+                # P^T G Q = diag(sigma) > 0, so W - P diag(s) Q^T with s ~ sigma is a steepest-descent
+                # step on the new block (GeoLoRA's -lr V_new^T G U_new, diagonal here). Its length is
+                # that of one dense Adam step, lr sqrt(m n) (every weight moves by ~lr): one lr on s,
+                # Adam's step on a fresh coordinate, left newborns at ~1e-2 against a spectrum of 2 to
+                # 7 in rank_sweep, dropped at the next event
+                new_v = -new_v
+                r = sigma.numel()
+                length = self._group_lr(layer.s) * (u.shape[0] * v.shape[0]) ** 0.5
+                new_s = (sigma.double() * (length / max(float(sigma.double().norm()), 1e-300))).to(layer.s.dtype)
+                energy = float((sigma.double() ** 2).sum())
             else:
                 new_u = _new_directions(u, layer.U.grad, r)
                 new_v = _new_directions(v, layer.V.grad, r)
@@ -447,6 +545,7 @@ class RankScheduler:
         The settings are checked as the constructor checks them; on an error nothing changes."""
         settings: List[Any] = [state_dict[k] if k in state_dict else _DEFAULTS[k] for k in _SETTINGS]
         checked = RankScheduler(self.optimizer, *settings)
+        checked._disarm()
         for key in _SETTINGS:
             setattr(self, key, getattr(checked, key))
         self.last_step = int(state_dict["last_step"])
@@ -454,10 +553,14 @@ class RankScheduler:
         self.born = {k: list(v) for k, v in (state_dict.get("born") or {}).items()}
         self.lr_sums = list(state_dict.get("lr_sums") or [0.0] * len(self.optimizer.param_groups))
         self.lr_at = {int(k): list(v) for k, v in (state_dict.get("lr_at") or {}).items()}
+        self._disarm()
+        self._arm()
 
 
-_SETTINGS = ("every", "tol", "grow", "min_rank", "max_rank", "budget", "grace", "newborn_rate")  # constructor order
-_DEFAULTS = {"grace": 0, "newborn_rate": None}  # settings a state dict saved before they existed may lack
+_SETTINGS = ("every", "tol", "grow", "min_rank", "max_rank", "budget", "grace", "newborn_rate",
+             "growth", "sketch_steps")  # constructor order
+# settings a state dict saved before they existed may lack
+_DEFAULTS = {"grace": 0, "newborn_rate": None, "growth": "factors", "sketch_steps": 1}
 
 
 def _resize_state(state: Dict, old: torch.Tensor, keep: List[int], r: int, riemannian: bool, owner: str) -> Dict:

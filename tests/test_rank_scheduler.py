@@ -456,3 +456,105 @@ def test_newborn_rate_judges_a_grown_direction_by_its_own_growth():
     assert state["newborn_rate"] == 0.25 and set(state["lr_at"]) == {2, 4}
     with pytest.raises(ValueError, match="newborn_rate must be"):
         RankScheduler(SpectralAdam(_model().parameters()), newborn_rate=0.0)
+
+
+# ------------------------------------------------------------------------------ growth="gradient" (issue 27)
+def _dense_gradient(layer, x, y):
+    """dL/dW of the layer's dense weight for the loss of ``_backward`` on a one-layer model."""
+    w = layer.dense_weight().detach().clone().requires_grad_(True)
+    bias = layer.bias.detach() if layer.bias is not None else None
+    nn.functional.mse_loss(nn.functional.linear(x, w, bias), y).backward()
+    return w.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_gradient_growth_takes_a_descent_step_on_the_new_block(dtype):
+    """growth="gradient": the new directions are the top singular pairs of the gradient outside the
+    bases (P^T G Q diagonal), born with s > 0 along -P Q^T; the function moves by exactly
+    V_new diag(s_new) U_new^T, whose length is one dense Adam step, lr sqrt(m n); the loss falls;
+    each newborn's s then sees a negative gradient (the step it was chosen for continues)."""
+    torch.manual_seed(0)
+    layer = SpectralLinear(12, 10, 3, dtype=dtype)
+    model = nn.Sequential(layer)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 12, generator=gen, dtype=dtype)
+    y = x @ torch.randn(12, 10, generator=gen, dtype=dtype)
+    lr = 1e-3
+    opt = torch.optim.SGD(model.parameters(), lr=lr)  # never stepped: the event sees the sketched bases
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=2, growth="gradient")
+    assert len(layer._forward_hooks) == 1  # armed: the next step is an event
+    _backward(model, x, y)
+    g = _dense_gradient(layer, x, y)
+    with torch.no_grad():
+        w_before, loss_before = layer.dense_weight().clone(), float(nn.functional.mse_loss(model(x), y))
+    u_old, v_old = layer.U.detach().clone(), layer.V.detach().clone()
+    sched.step()
+    assert layer.rank == 5 and [h["grown"] for h in sched.history] == [2]
+    u_new, s_new, v_new = layer.U.detach()[:, 3:], layer.s.detach()[3:], layer.V.detach()[:, 3:]
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+    assert bool((s_new > 0).all())
+    assert abs(float(s_new.norm()) - lr * (12 * 10) ** 0.5) <= eps * lr * 11
+    change = layer.dense_weight().detach() - w_before
+    torch.testing.assert_close(change, v_new @ torch.diag(s_new) @ u_new.mT, rtol=0, atol=eps * 10)
+    block = v_new.mT @ g @ u_new  # -diag(sigma): the new block of the gradient is diagonal, negative
+    assert bool((torch.diagonal(block) < 0).all())
+    assert float((block - torch.diag(torch.diagonal(block))).abs().max()) <= 1e-3 * float(block.abs().max())
+    outside = g - v_old @ (v_old.mT @ g)
+    outside = outside - (outside @ u_old) @ u_old.mT
+    top = torch.linalg.svdvals(outside)[:2]
+    torch.testing.assert_close(-torch.diagonal(block), top, rtol=1e-3 if dtype == torch.float32 else 1e-8, atol=0)
+    with torch.no_grad():
+        assert float(nn.functional.mse_loss(model(x), y)) < loss_before
+    assert max(orthonormality_error(layer.U), orthonormality_error(layer.V)) <= 10 * eps
+    _backward(model, x, y)
+    assert bool((layer.s.grad[3:] < 0).all())
+    assert len(layer._forward_hooks) == 1  # every=1: armed again for the next event
+
+
+def test_gradient_growth_hooks_only_in_the_sketch_window_and_resume_bitwise(tmp_path):
+    """sketch_steps=N: the hooks are on the layers only for the N steps before each event; the
+    scheduler's state carries growth and sketch_steps, and a run resumed from a checkpoint (taken
+    between windows) equals the uninterrupted one bitwise."""
+    model = _model()
+    x, y = _data()
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    sched = RankScheduler(opt, every=3, tol=0.05, grow=2, growth="gradient", sketch_steps=2, newborn_rate=0.1)
+    armed = []
+    for _ in range(6):
+        armed.append(bool(model[0]._forward_hooks))
+        _backward(model, x, y)
+        opt.step()
+        sched.step()
+    assert armed == [False, True, True, False, True, True]
+    assert sum(h["grown"] for h in sched.history) > 0
+    save_spectral(model, tmp_path / "ck", optimizer=opt)
+    state = copy.deepcopy(sched.state_dict())
+    assert state["growth"] == "gradient" and state["sketch_steps"] == 2
+    twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
+    twin_opt = SpectralAdam(twin.parameters(), lr=1e-2)
+    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
+    twin_sched = RankScheduler(twin_opt, every=3, grow=0)
+    twin_sched.load_state_dict(state)
+    for _ in range(6):
+        for mdl, o, s in ((model, opt, sched), (twin, twin_opt, twin_sched)):
+            _backward(mdl, x, y)
+            o.step()
+            s.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    assert twin_sched.history == sched.history
+    assert [len(m._forward_hooks) for m in (model[0], twin[0])] == [0, 0]  # next event 3 steps away
+
+
+def test_gradient_growth_arguments_are_checked():
+    opt = SpectralAdam(_model().parameters())
+    with pytest.raises(ValueError, match="growth must be one of 'factors', 'gradient'"):
+        RankScheduler(opt, growth="augmented")
+    with pytest.raises(ValueError, match=r"sketch_steps must be in \[1, every=4\]"):
+        RankScheduler(opt, every=4, growth="gradient", sketch_steps=5)
+    with pytest.raises(ValueError, match="sketch_steps must be"):
+        RankScheduler(opt, growth="gradient", sketch_steps=0)
+    emb = nn.Sequential(SpectralEmbedding(10, 8, 3))
+    with pytest.raises(NotImplementedError, match="SpectralEmbedding"):
+        RankScheduler(SpectralAdam(emb.parameters()), growth="gradient")
+    RankScheduler(SpectralAdam(emb.parameters()), growth="gradient", grow=0)  # shrink only: nothing to sketch
