@@ -248,7 +248,11 @@ def adaptive_paragraph(m: Dict, cfg: Dict) -> List[str]:
     lines = ["", f"**Adaptive rank** (`RankScheduler`, every {cfg['adaptive_every']} steps: drop "
              f"`|s_i| < {cfg['adaptive_tol']:g} ||s||`"
              + (f" (a direction is safe for {grace} event{'s' if grace > 1 else ''} after it is grown)" if grace else "")
-             + f", grow up to {cfg['adaptive_grow']} directions per layer; every layer "
+             + f", grow up to {cfg['adaptive_grow']} directions per layer ("
+             + _growth_text(cfg.get("adaptive_growth", "factors"), min(cfg.get("adaptive_sketch_steps", 1),
+                                                                       cfg["adaptive_every"]),
+                            cfg.get("adaptive_newborn_rate"))
+             + "); every layer "
              f"starts at rank {a['rank']}, budget = rank {cfg['adaptive_budget_rank']}'s spectral parameters, at that "
              f"rank's lr {a['lr']:g}): validation loss **{a['val_loss']:.3f}** with "
              f"{a['converted']['spectral_params']:,} spectral parameters at the end, against rank {best_k} (the best "
@@ -550,7 +554,9 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
     start, at_budget = table.get("compare/sct_b25/main"), table.get("compare/sct_b50/main")
     text = (f"**Adaptive rank** (`sct_adapt`: starts at {cfg['adapt_start']:.0%} of the linear parameters, a "
             f"`RankScheduler` every {info['every']} steps drops `|s_i| < {info['tol']:g} ||s||` and grows up to "
-            f"{info['grow']} directions per layer within {cfg['adapt_budget']:.0%} of them, "
+            f"{info['grow']} directions per layer within {cfg['adapt_budget']:.0%} of them; "
+            + _growth_text(info.get("growth", "factors"), info.get("sketch_steps", 1), info.get("newborn_rate"))
+            + ", "
             f"{end['budget']:,} spectral parameters): held-out loss **{a['val_loss_after']:.3f}**, ending with "
             f"{end['spectral_params_after']:,} spectral parameters ({end['spectral_params_after'] / end['budget']:.0%} "
             f"of the budget; {grown:,} directions grown, {dropped:,} dropped over {len(end['events'])} events)")
@@ -568,7 +574,7 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
                  "event's growth: no layer type took more rank than another.")
     per_event = "; ".join(f"step {e['step']}: +{e['grown']:,} -{e['dropped']:,} in {e['layers']} layers"
                           for e in end["events"])
-    text += f" Rank events: {per_event}."
+    text += f" Rank events: {per_event}." + _survival_text(end.get("survival") or [])
     survived = grown - dropped
     if end["events"] and all(e["dropped"] == prev["grown"] for prev, e in zip(end["events"], end["events"][1:])):
         text += (f" Every direction grown at one event was dropped at the next: a new direction starts at `s = 0` "
@@ -577,6 +583,19 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
                  f"{survived:,} directions remain, near `s = 0`. Growth from zero adds the gradient's directions, "
                  "not the pretrained spectrum a 25% truncation discarded, and cannot rebuild it at this length.")
     return ["", text]
+
+
+def _growth_text(growth: str, sketch_steps: int, newborn_rate: Optional[float]) -> str:
+    """How the scheduler's compact layers grow, in words."""
+    if growth == "gradient":
+        text = (f"new directions are the leading singular pairs of each layer's weight gradient outside its bases, "
+                f"sketched from the activations of the {sketch_steps} backward{'s' if sketch_steps > 1 else ''} before "
+                "the event, born with values (a descent step of one dense Adam step's length)")
+    else:
+        text = "new directions come from the factors' gradients, born at `s = 0`"
+    if newborn_rate is not None:
+        text += f"; a newborn is kept while its `|s|` stays above {newborn_rate:g} x the lrs summed since its birth"
+    return text
 
 
 def _survival_text(survival: List[Dict]) -> str:

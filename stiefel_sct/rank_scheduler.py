@@ -219,8 +219,9 @@ class RankScheduler:
         sketch_steps: ``growth="gradient"``: how many backwards before each event are summed into
             the sketch (``1 <= sketch_steps <= every``; 1, the default, sketches the last batch's
             gradient, ``every`` the whole window's). The hooks are only on the layers during those
-            steps; a forward under ``torch.no_grad`` is not seen, and a scheduler loaded in the
-            middle of a window sketches only the steps after the load.
+            steps; a forward under ``torch.no_grad`` is not seen. :meth:`state_dict` inside a
+            window carries the sums so far (tensors: save it with ``torch.save``), so a resume
+            there is bitwise.
 
     Attributes:
         history: one dict per layer and event that changed a rank: ``step``, ``layer``,
@@ -538,23 +539,32 @@ class RankScheduler:
         """The scheduler's counters, settings and history (the ranks live in the model)."""
         return {"last_step": self.last_step, "history": [dict(h) for h in self.history],
                 "born": {k: list(v) for k, v in self.born.items()}, "lr_sums": list(self.lr_sums),
-                "lr_at": {k: list(v) for k, v in self.lr_at.items()}, **{key: getattr(self, key) for key in _SETTINGS}}
+                "lr_at": {k: list(v) for k, v in self.lr_at.items()}, **{key: getattr(self, key) for key in _SETTINGS},
+                # inside a sketch window: the sums so far (tensors; save it with torch.save)
+                "sketches": {name: sketch.state_dict() for name, sketch in self._sketches.items()}}
 
     def load_state_dict(self, state_dict: Dict) -> None:
         """Restore :meth:`state_dict` (load the model at its saved ranks and the optimizer first).
         The settings are checked as the constructor checks them; on an error nothing changes."""
         settings: List[Any] = [state_dict[k] if k in state_dict else _DEFAULTS[k] for k in _SETTINGS]
-        checked = RankScheduler(self.optimizer, *settings)
-        checked._disarm()
-        for key in _SETTINGS:
-            setattr(self, key, getattr(checked, key))
-        self.last_step = int(state_dict["last_step"])
-        self.history = [dict(h) for h in state_dict["history"]]
-        self.born = {k: list(v) for k, v in (state_dict.get("born") or {}).items()}
-        self.lr_sums = list(state_dict.get("lr_sums") or [0.0] * len(self.optimizer.param_groups))
-        self.lr_at = {int(k): list(v) for k, v in (state_dict.get("lr_at") or {}).items()}
+        staged = RankScheduler(self.optimizer, *settings)  # checks the settings; hooks nothing yet
+        staged._disarm()
+        staged.last_step = int(state_dict["last_step"])
+        staged.history = [dict(h) for h in state_dict["history"]]
+        staged.born = {k: list(v) for k, v in (state_dict.get("born") or {}).items()}
+        staged.lr_sums = list(state_dict.get("lr_sums") or [0.0] * len(self.optimizer.param_groups))
+        staged.lr_at = {int(k): list(v) for k, v in (state_dict.get("lr_at") or {}).items()}
+        try:
+            staged._arm()  # inside a sketch window: hook the layers, then restore the sums so far
+            for name, state in (state_dict.get("sketches") or {}).items():
+                if name in staged._sketches:
+                    staged._sketches[name].load_state_dict(state)
+        except BaseException:
+            staged._disarm()
+            raise
         self._disarm()
-        self._arm()
+        for key in (*_SETTINGS, "last_step", "history", "born", "lr_sums", "lr_at", "_sketches"):
+            setattr(self, key, getattr(staged, key))
 
 
 _SETTINGS = ("every", "tol", "grow", "min_rank", "max_rank", "budget", "grace", "newborn_rate",

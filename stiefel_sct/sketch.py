@@ -28,13 +28,16 @@ directions.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
 
 from .checks import check_int
 from .manifold import compute_dtype
+
+if TYPE_CHECKING:
+    from .layers import SpectralLinear
 
 __all__ = ["GradientSketch"]
 
@@ -71,7 +74,7 @@ class GradientSketch:
     are not seen.
     """
 
-    def __init__(self, layer: torch.nn.Module, r: int, seed: int) -> None:
+    def __init__(self, layer: SpectralLinear, r: int, seed: int) -> None:
         r = int(check_int(r, "r", 1))  # type: ignore[arg-type]
         u, v = layer.U.detach(), layer.V.detach()
         m, n = u.shape[0], v.shape[0]
@@ -106,6 +109,21 @@ class GradientSketch:
         self.z += x.reshape(-1, self.z.shape[0]).to(self.work).mT @ (g2 @ self.psi)  # G^T Psi
         self.backwards += 1
         self.mass += float(torch.linalg.vector_norm(g2)) * float(torch.linalg.vector_norm(x))
+
+    def state_dict(self) -> dict:
+        """The probes and the sums so far (a scheduler saved inside a sketch window resumes bitwise)."""
+        return {"omega": self.omega.clone(), "psi": self.psi.clone(), "y": self.y.clone(), "z": self.z.clone(),
+                "backwards": self.backwards, "mass": self.mass}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` of a sketch of the same layer shape; ``ValueError`` otherwise."""
+        for key in ("omega", "psi", "y", "z"):
+            if tuple(state[key].shape) != tuple(getattr(self, key).shape):
+                raise ValueError(f"sketch state {key!r} has shape {tuple(state[key].shape)}, this sketch "
+                                 f"{tuple(getattr(self, key).shape)}: saved for another layer or rank")
+        for key in ("omega", "psi", "y", "z"):
+            getattr(self, key).copy_(state[key])
+        self.backwards, self.mass = int(state["backwards"]), float(state["mass"])
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""

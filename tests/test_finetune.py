@@ -90,7 +90,9 @@ def test_adaptive_arm_grows_its_ranks_within_the_budget():
         sched.step()
     after = ft.adaptive_summary(model, sched)
     assert before["spectral_params_after"] < after["spectral_params_after"] <= budget
-    assert [e["step"] for e in after["events"]] == [2, 4, 6] and all(e["grown"] > 0 for e in after["events"][:1])
+    # events that changed a rank (with newborn_rate a full budget and surviving newborns change none)
+    assert [e["step"] for e in after["events"]][:1] == [2] and {e["step"] for e in after["events"]} <= {2, 4, 6}
+    assert after["events"][0]["grown"] > 0 and info["growth"] == "gradient" and info["newborn_rate"] == 0.5
     assert set(after["ranks_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 

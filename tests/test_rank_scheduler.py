@@ -511,25 +511,27 @@ def test_gradient_growth_takes_a_descent_step_on_the_new_block(dtype):
     assert len(layer._forward_hooks) == 1  # every=1: armed again for the next event
 
 
-def test_gradient_growth_hooks_only_in_the_sketch_window_and_resume_bitwise(tmp_path):
+@pytest.mark.parametrize("before", [6, 5], ids=["between-windows", "inside-a-window"])
+def test_gradient_growth_hooks_only_in_the_sketch_window_and_resume_bitwise(tmp_path, before):
     """sketch_steps=N: the hooks are on the layers only for the N steps before each event; the
-    scheduler's state carries growth and sketch_steps, and a run resumed from a checkpoint (taken
-    between windows) equals the uninterrupted one bitwise."""
+    scheduler's state carries growth, sketch_steps and a window's sums so far, and a run resumed
+    from a checkpoint (between windows, or inside one) equals the uninterrupted one bitwise."""
     model = _model()
     x, y = _data()
     opt = SpectralAdam(model.parameters(), lr=1e-2)
     sched = RankScheduler(opt, every=3, tol=0.05, grow=2, growth="gradient", sketch_steps=2, newborn_rate=0.1)
     armed = []
-    for _ in range(6):
+    for _ in range(before):
         armed.append(bool(model[0]._forward_hooks))
         _backward(model, x, y)
         opt.step()
         sched.step()
-    assert armed == [False, True, True, False, True, True]
+    assert armed == [False, True, True, False, True, True][:before]
     assert sum(h["grown"] for h in sched.history) > 0
     save_spectral(model, tmp_path / "ck", optimizer=opt)
     state = copy.deepcopy(sched.state_dict())
     assert state["growth"] == "gradient" and state["sketch_steps"] == 2
+    assert (state["sketches"]["layer0"]["backwards"] if before == 5 else state["sketches"]) == (1 if before == 5 else {})
     twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
     twin_opt = SpectralAdam(twin.parameters(), lr=1e-2)
     load_optimizer_state(twin_opt, twin, tmp_path / "ck")
@@ -543,7 +545,8 @@ def test_gradient_growth_hooks_only_in_the_sketch_window_and_resume_bitwise(tmp_
     for a, b in zip(model.parameters(), twin.parameters()):
         assert torch.equal(a, b)
     assert twin_sched.history == sched.history
-    assert [len(m._forward_hooks) for m in (model[0], twin[0])] == [0, 0]  # next event 3 steps away
+    hooks = [len(m._forward_hooks) for m in (model[0], twin[0])]
+    assert hooks == ([0, 0] if before == 6 else [1, 1])  # after 12 (11) steps: next event 3 (1) steps away
 
 
 def test_gradient_growth_arguments_are_checked():
