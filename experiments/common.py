@@ -318,17 +318,14 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
     conversion report as a dict (with the seconds it took)."""
     import copy
 
-    from stiefel_sct import match_module, spectralize
+    from stiefel_sct import SpectralConfig, match_module, spectralize
 
     t0 = time.perf_counter()
     selected = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and match_module(n, include)]
     dense = sum(m.weight.numel() for _, m in selected)
-    kwargs: Dict[str, Any] = {"energy": energy} if energy is not None else {
-        "budget": sum(p.numel() for p in model.parameters()) - dense + int(budget_fraction * dense)}  # type: ignore[operator]
-    if calibration is not None:
-        kwargs["calibration"] = calibration
+    recipe = SpectralConfig(energy=energy, budget_fraction=budget_fraction, include=include, retraction="cholqr2")
     probe = copy.deepcopy(model) if method == "lowrank" else model
-    _, report = spectralize(probe, include=include, retraction="cholqr2", report=True, **kwargs)
+    report = spectralize(probe, recipe, calibration=calibration).spectral_report
     if method == "lowrank":
         modules = dict(model.named_modules())
         for r in report:

@@ -372,8 +372,8 @@ def _residual_at(rank: Callable[[Config], int]) -> Callable[..., Built]:
 
         t0 = time.perf_counter()
         k = rank(cfg)
-        _, report = spectralize(model, rank=k, include=LINEAR, residual_dtype=torch.float32,
-                                retraction="cholqr2", report=True)
+        report = spectralize(model, rank=k, include=LINEAR, residual_dtype=torch.float32,
+                             retraction="cholqr2").spectral_report
         layers = [m for _, m in spectral_layers(model)]
         info = {"rank": k, "converted_layers": sum(r.converted for r in report), "residual_dtype": "float32",
                 "convert_s": time.perf_counter() - t0,
@@ -596,7 +596,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
         if sched is not None and step < steps - 1:  # growth reads the gradients: before the next zero_grad
             sched.step()
         if stage == "reference" and method == "sct":
-            retract_all(model, method="qr")  # the reference's sign-fixed QR after every step
+            retract_all(model, retraction="qr")  # the reference's sign-fixed QR after every step
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     out["train_peak_mb"] = peak_rss_mib()
@@ -694,7 +694,7 @@ def reference_arm(arm: str, model: nn.Module, lr: float):
             p.requires_grad_(False)
         from stiefel_sct import SpectralLinear, match_module, spectralize
 
-        _, report = spectralize(model, energy=0.95, include=MLP, convert_small=True, retraction="qr", report=True)
+        report = spectralize(model, energy=0.95, include=MLP, convert_small=True, retraction="qr").spectral_report
         ranks = [r.rank for r in report if r.converted]
         mlp_dense = sum(r.dense_params for r in report)
         mlp_spectral = sum(r.params for r in report)

@@ -6,6 +6,7 @@ never built densely; :class:`SpectralAdam` trains them and retracts the factors 
 
 from .calibration import InputMoments, collect_input_moments
 from .checkpoint import load_optimizer_state, load_spectral, save_spectral
+from .config import SpectralConfig
 from .convert import ConversionReport, LayerConversion, budget_ranks, densify, match_module, spectralize
 from .export import export_peft_lora
 from .hook import RetractionHandle, stiefel_retraction
@@ -37,6 +38,7 @@ __all__ = [
     "RetractionHandle",
     "SpectralAdam",
     "SpectralAdamW",
+    "SpectralConfig",
     "SpectralEmbedding",
     "SpectralLinear",
     "Stiefel",

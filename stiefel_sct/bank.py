@@ -78,7 +78,7 @@ class FactorBank:
         )
 
     @torch.no_grad()
-    def retract_chunk_(self, j: int, method: str) -> None:
+    def retract_chunk_(self, j: int, retraction: str) -> None:
         """Retract chunk ``j`` into the spare slot and re-point its parameters there."""
         chunk = self.chunks[j]
         b = len(chunk)
@@ -86,14 +86,14 @@ class FactorBank:
         if dst.dtype not in (torch.float32, torch.float64) and self._workspace is None:
             self._workspace = (torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device),
                                torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device))
-        retract_into(self.slots[self.slot_of[j]][:b], dst, method, self._workspace)
+        retract_into(self.slots[self.slot_of[j]][:b], dst, retraction, self._workspace)
         for p, v in zip(chunk, dst.unbind(0)):
             p.data = v
         self.slot_of[j], self.spare = self.spare, self.slot_of[j]
         start = j * len(self.chunks[0])  # every chunk but the last is full
         self._ptrs[start:start + b] = [p.data_ptr() for p in chunk]
 
-    def retract_(self, method: str) -> None:
+    def retract_(self, retraction: str) -> None:
         """Retract every factor of the bank."""
         for j in range(len(self.chunks)):
-            self.retract_chunk_(j, method)
+            self.retract_chunk_(j, retraction)

@@ -7,7 +7,9 @@ A checkpoint directory holds
 
 * ``spectral_config.json``: format and version, the library version, one entry per spectral layer
   (kind, shapes, rank, bias / padding index, retraction backend, dtype), the name, shape and
-  dtype of every saved tensor, and which state-dict names are tied to which;
+  dtype of every saved tensor, which state-dict names are tied to which, and ``recipe``: the
+  :class:`~stiefel_sct.SpectralConfig` the model was converted with, verbatim (``None`` without
+  one); :func:`load_spectral` puts it back as ``model.spectral_config``;
 * ``model.safetensors``: every tensor of ``model.state_dict()`` once (tied names are saved once),
   or with ``trained_only=True`` only the spectral layers' tensors and the trainable parameters: the
   rest comes back from the base model loaded into (the JSON keeps a SHA-256 of each such tensor
@@ -43,11 +45,12 @@ import geoopt
 import torch
 from torch import nn
 
+from .config import SpectralConfig
 from .integrity import CheckpointError, ValueCheck, file_checksum, read_header, read_weights, validate_config
 from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, weight_fingerprint
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "AtomicDirectory", "CheckpointError",
-           "load_optimizer_state", "load_spectral", "read_config", "save_spectral"]
+           "load_optimizer_state", "load_spectral", "read_config", "read_recipe", "save_spectral"]
 
 FORMAT = "stiefel-sct"
 FORMAT_VERSION = 2  # 2: the JSON records each weight file's size and checksum ("files")
@@ -65,7 +68,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _layer_entry(module: SpectralModule) -> Dict[str, Any]:
-    common = {"rank": module.rank, "retraction": module.manifold.method, "dtype": _dtype_name(module.U.dtype)}
+    common = {"rank": module.rank, "retraction": module.manifold.retraction, "dtype": _dtype_name(module.U.dtype)}
     if isinstance(module, SpectralLinear):
         residual = None
         if module.residual_dtype is not None:
@@ -263,6 +266,9 @@ def save_spectral(model: nn.Module, directory: os.PathLike | str,
         "model_class": type(model).__name__, "layers": layers, "tied": tied,
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "base_tensors": base, "optimizer": None, "files": {},
+        # the recipe spectralize was given (SpectralConfig, verbatim), beside the ranks it resolved to
+        "recipe": recipe.to_dict() if isinstance(recipe := getattr(model, "spectral_config", None), SpectralConfig)
+        else None,
     }
     opt_tensors: Dict[str, torch.Tensor] = {}
     if optimizer is not None:
@@ -455,6 +461,7 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
         raise TypeError(f"verify must be a bool, got {type(verify).__name__}")
     directory = pathlib.Path(directory)
     config = read_config(directory)
+    recipe = read_recipe(directory, config)
     weights = directory / WEIGHTS_NAME
     files = _weight_file(weights, config, verify)
     plan = _plan(model, config)
@@ -551,7 +558,24 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
         layer = modules[name]
         assert isinstance(layer, SpectralLinear)
         layer.attach_residual(weight)
+    if recipe is not None:
+        setattr(result, "spectral_config", recipe)  # noqa: B010 (nn.Module types attributes as Tensor | Module)
     return result
+
+
+def read_recipe(directory: os.PathLike | str, config: Optional[Dict[str, Any]] = None) -> Optional[SpectralConfig]:
+    """The :class:`~stiefel_sct.SpectralConfig` a checkpoint's model was converted with (``None``
+    where it was saved without one, e.g. before recipes were saved, or from layers built by hand);
+    :class:`CheckpointError` naming the file if the recorded recipe is not a valid config."""
+    path = pathlib.Path(directory) / CONFIG_NAME
+    config = read_config(directory) if config is None else config
+    recipe = config.get("recipe")
+    if recipe is None:
+        return None
+    try:
+        return SpectralConfig.from_dict(recipe)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: recipe is not a valid SpectralConfig: {exc}") from None
 
 
 def _check_base_tensor(qname: str, tensor: Optional[torch.Tensor], saved: Dict[str, Any], shape: Tuple[int, ...]) -> None:

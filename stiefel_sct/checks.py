@@ -1,4 +1,5 @@
-"""The package's one definition of "an int" and "a real number" for argument checks.
+"""The package's one definition of "an int" and "a real number" for argument checks, and of an
+argument's old name.
 
 Python's ``bool`` is a subclass of ``int``, so ``isinstance(True, int)`` holds and ``rank=True``
 would pass a plain check as rank 1. Every check of an integer or real argument goes through
@@ -7,9 +8,13 @@ these, so each refuses a bool the same way and names the argument and its allowe
 
 from __future__ import annotations
 
-from typing import Optional, TypeGuard, Union
+import functools
+import warnings
+from typing import Any, Callable, Optional, TypeGuard, TypeVar, Union, cast
 
-__all__ = ["check_int", "is_int", "is_real"]
+__all__ = ["check_int", "is_int", "is_real", "renamed_argument"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def is_int(value: object) -> TypeGuard[int]:
@@ -30,3 +35,24 @@ def check_int(value: object, name: str, low: int, *, optional: bool = False) -> 
     if not is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}{' or None' if optional else ''}, got {value!r}")
     return value
+
+
+def renamed_argument(old: str, new: str) -> Callable[[F], F]:
+    """Decorator: the keyword ``old`` still works as ``new``, with a ``DeprecationWarning`` naming
+    both; passing both is a ``TypeError``. (The retraction backend was ``method=`` on the manifold
+    functions and ``retraction=`` on layers, ``spectralize`` and ``SpectralAdam``: one name now.)"""
+
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            if old in kwargs:
+                if new in kwargs:
+                    raise TypeError(f"{fn.__qualname__}() got both {new}= and its old name {old}=: pass {new}= only")
+                warnings.warn(f"{fn.__qualname__}({old}=...) is deprecated: use {new}=...", DeprecationWarning,
+                              stacklevel=2)
+                kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return cast(F, inner)
+
+    return wrap

@@ -14,36 +14,25 @@ from torch import nn
 from .calibration import (
     DEFAULT_DAMPING,
     InputMoments,
-    check_damping,
     collect_input_moments,
     whitened_factors,
     whitened_spectrum,
     whitened_svd,
 )
 from .checks import is_int
-from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank, check_residual_dtype
-from .rank import check_energy, select_rank
+from .config import SpectralConfig
+from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank
+from .rank import select_rank
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
 
 ModuleSelector = Union[str, Sequence[str], None]
 
 
-def _check_selector(selector: ModuleSelector, name: str) -> ModuleSelector:
-    if selector is None:
-        return None
-    if isinstance(selector, str):
-        try:
-            re.compile(selector)
-        except re.error as exc:
-            raise ValueError(f"{name} is not a valid regular expression: {exc}") from None
-        return selector
-    if isinstance(selector, Iterable):
-        selector = list(selector)
-        if not all(isinstance(s, str) for s in selector):
-            raise TypeError(f"{name} must be a regex string or a list of module names (str)")
-        return selector
-    raise TypeError(f"{name} must be None, a regex string or a list of module names, got {type(selector).__name__}")
+# spectralize's recipe keywords at their defaults: with a config, any other value is refused
+_RECIPE_DEFAULTS: Dict[str, Any] = dict(rank=None, energy=None, budget=None, budget_fraction=None, include=None,
+                                        exclude=None, embeddings=False, convert_small=False, retraction="qr",
+                                        damping=DEFAULT_DAMPING, residual_dtype=None)
 
 
 def match_module(qualified_name: str, selector: ModuleSelector) -> bool:
@@ -205,8 +194,16 @@ def spectralize(
     calibration_forward: Optional[Callable[[nn.Module, Any], Any]] = None,
     damping: float = DEFAULT_DAMPING,
     residual_dtype: Optional[torch.dtype] = None,
+    budget_fraction: Optional[float] = None,
+    config: Optional[SpectralConfig] = None,
 ):
     """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place.
+
+    The recipe is either a :class:`~stiefel_sct.SpectralConfig` (``spectralize(model, config)``
+    or ``config=...``) or the keywords below, which build one; not both. The converted model
+    (the return value) carries it as ``spectral_config`` and the per-layer
+    :class:`ConversionReport` as ``spectral_report``; :func:`~stiefel_sct.save_spectral` writes
+    the recipe into the checkpoint.
 
     Args:
         model: any module (a bare ``nn.Linear`` is converted too; use the return value).
@@ -229,8 +226,14 @@ def spectralize(
             ranks are chosen greedily on the singular values across all selected layers
             (:func:`budget_ranks`) so that the model's parameter count (converted layers plus
             everything left as it is) is at most ``budget``. Needs materialised weights.
-        report: also return a :class:`ConversionReport` (per layer: rank, kept energy, size, or
-            why it stayed dense): ``model, report = spectralize(..., report=True)``.
+        budget_fraction: instead of ``budget``, the converted layers' parameters as a fraction of
+            their dense parameters, in ``(0, 1]`` (everything else counts in full): ``0.5`` halves
+            the selected layers.
+        report: deprecated: also return the :class:`ConversionReport` (per layer: rank, kept
+            energy, size, or why it stayed dense), ``model, report = spectralize(..., report=True)``;
+            it is always ``spectralize(...).spectral_report``.
+        config: the whole recipe as a :class:`~stiefel_sct.SpectralConfig` (then leave ``rank``
+            through ``residual_dtype`` at their defaults); may also be passed in ``rank``'s place.
         calibration: data-aware truncation (:mod:`stiefel_sct.calibration`). An iterable of model
             inputs (each passed as ``model(**batch)``, ``model(*batch)`` or ``model(batch)``), or
             the :class:`~stiefel_sct.calibration.InputMoments` of an earlier
@@ -259,19 +262,41 @@ def spectralize(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if sum(x is not None for x in (rank, energy, budget)) != 1:
-        raise ValueError("give exactly one of rank, energy or budget")
-    if rank is not None and (not is_int(rank) or rank < 1):
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
-    if energy is not None:
-        energy = check_energy(energy)
-    include = _check_selector(include, "include")
-    exclude = _check_selector(exclude, "exclude")
-    if residual_dtype is not None:
-        check_residual_dtype(residual_dtype)
-        if embeddings:
-            raise ValueError("residual_dtype: residual mode converts linear layers only; use embeddings=False")
-    damping = check_damping(damping)
+    if isinstance(rank, SpectralConfig):
+        if config is not None:
+            raise TypeError("spectralize() got two configs: one in rank's place and config=")
+        config, rank = rank, None
+    keywords = dict(rank=rank, energy=energy, budget=budget, budget_fraction=budget_fraction, include=include,
+                    exclude=exclude, embeddings=embeddings, convert_small=convert_small, retraction=retraction,
+                    damping=damping, residual_dtype=residual_dtype)
+    if config is None:
+        if sum(x is not None for x in (rank, energy, budget, budget_fraction)) != 1:
+            raise ValueError("give exactly one of rank, energy or budget (or budget_fraction)")
+        config = SpectralConfig(**keywords)  # type: ignore[arg-type]
+    elif not isinstance(config, SpectralConfig):
+        raise TypeError(f"config must be a SpectralConfig, got {type(config).__name__}")
+    else:
+        given = [k for k, v in keywords.items() if v != _RECIPE_DEFAULTS[k]]
+        if given:
+            raise TypeError(f"spectralize() got a config and the recipe keyword(s) {', '.join(given)}: give one or "
+                            "the other (dataclasses.replace(config, ...) changes a config)")
+    if report:
+        warnings.warn("spectralize(report=True) is deprecated: the report is spectralize(...).spectral_report",
+                      DeprecationWarning, stacklevel=2)
+    result, records = _spectralize(model, config, device, calibration, calibration_forward)
+    setattr(result, "spectral_config", config)  # noqa: B010 (nn.Module types attributes as Tensor | Module)
+    setattr(result, "spectral_report", records)  # noqa: B010
+    return (result, records) if report else result
+
+
+def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Union[torch.device, str]],
+                 calibration: Union[Iterable[Any], InputMoments, None],
+                 calibration_forward: Optional[Callable[[nn.Module, Any], Any]]) -> Tuple[nn.Module, ConversionReport]:
+    """:func:`spectralize` on a checked recipe: returns the converted model and its report."""
+    rank, energy, budget = config.rank, config.energy, config.budget
+    include, exclude, embeddings = config.include, config.exclude, config.embeddings
+    convert_small, retraction, damping = config.convert_small, config.retraction, config.damping
+    residual_dtype = config.residual_torch_dtype
     if calibration is None and calibration_forward is not None:
         raise ValueError("calibration_forward needs calibration data (calibration=...)")
     tied = _tied_weights(model)
@@ -291,6 +316,9 @@ def spectralize(
             records.append(_record(name, module, None, "left dense: weight tied to another module"))
             continue
         plan.append((name, module))
+    if config.budget_fraction is not None:
+        dense = sum(module.weight.numel() for _, module in plan)
+        budget = sum(p.numel() for p in model.parameters()) - dense + int(config.budget_fraction * dense)
 
     whitened = _Whitened(model, plan, calibration, calibration_forward, damping) if calibration is not None else None
     ranks: Dict[str, Optional[int]] = {name: rank for name, _ in plan}
@@ -318,7 +346,7 @@ def spectralize(
             result = new
         else:
             _set_submodule(model, name, new)
-    return (result, records) if report else result
+    return result, records
 
 
 def _chosen_rank(rank: Optional[int], energy: Optional[float], spectrum: torch.Tensor, rows: int, cols: int,

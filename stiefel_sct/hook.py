@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .manifold import RETRACTIONS, is_stiefel, retract_
+from .checks import renamed_argument
+from .manifold import check_retraction, is_stiefel, retract_
 from .optim import SpectralAdam
 
 __all__ = ["RetractionHandle", "stiefel_retraction"]
@@ -29,9 +30,9 @@ class RetractionHandle:
     lists the parameters it retracts; ``split_groups`` says how many param groups it split to
     exclude factors from weight decay (those stay split after ``remove()``)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, method: str, split_groups: int) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, retraction: str, split_groups: int) -> None:
         self.optimizer = optimizer
-        self.method = method
+        self.retraction = retraction
         self.split_groups = split_groups
         self._cache: Optional[Tuple[tuple, List[torch.Tensor]]] = None
         self._handle = optimizer.register_step_post_hook(self._after_step)
@@ -48,7 +49,7 @@ class RetractionHandle:
     def _after_step(self, optimizer, args, kwargs) -> None:
         # only factors the step can have moved: those with a gradient (torch's optimizers skip
         # the others, and retracting an untouched factor would only add rounding)
-        retract_([p for p in self.factors if p.grad is not None], self.method)
+        retract_([p for p in self.factors if p.grad is not None], self.retraction)
 
     def remove(self) -> None:
         """Stop retracting after each step."""
@@ -96,7 +97,8 @@ def _exclude_from_weight_decay(optimizer: torch.optim.Optimizer) -> int:
     return split
 
 
-def stiefel_retraction(optimizer: torch.optim.Optimizer, method: str = "cholqr2", *,
+@renamed_argument("method", "retraction")
+def stiefel_retraction(optimizer: torch.optim.Optimizer, retraction: str = "cholqr2", *,
                        exclude_from_weight_decay: bool = True) -> RetractionHandle:
     """Make ``optimizer`` keep its geoopt Stiefel factors on the manifold: after every
     ``optimizer.step()``, retract each factor that had a gradient (one batched factorization per
@@ -105,7 +107,8 @@ def stiefel_retraction(optimizer: torch.optim.Optimizer, method: str = "cholqr2"
     Args:
         optimizer: any ``torch.optim.Optimizer`` (torch's, bitsandbytes', torchao's, GaLore's...)
             except :class:`~stiefel_sct.SpectralAdam`, which retracts by itself.
-        method: ``"cholqr2"`` (default) or ``"qr"``; see :class:`~stiefel_sct.SpectralAdam`.
+        retraction: ``"cholqr2"`` (default) or ``"qr"``; see :class:`~stiefel_sct.SpectralAdam`
+            (``method=``, its old name, still works with a ``DeprecationWarning``).
         exclude_from_weight_decay: move the factors out of weight decay, which has no meaning on
             the manifold (an L2 penalty's gradient ``wd * X`` is normal to it, yet still moves
             Adam-type moments). Groups mixing factors and other parameters are split in two (the
@@ -123,12 +126,11 @@ def stiefel_retraction(optimizer: torch.optim.Optimizer, method: str = "cholqr2"
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, SpectralAdam):
         raise ValueError("SpectralAdam retracts its factors itself; stiefel_retraction is for other optimizers")
-    if method not in RETRACTIONS:
-        raise ValueError(f"method must be one of {RETRACTIONS}, got {method!r}")
+    check_retraction(retraction)
     if not isinstance(exclude_from_weight_decay, bool):
         raise TypeError(f"exclude_from_weight_decay must be a bool, got {exclude_from_weight_decay!r}")
     split = _exclude_from_weight_decay(optimizer) if exclude_from_weight_decay else 0
-    handle = RetractionHandle(optimizer, method, split)
+    handle = RetractionHandle(optimizer, retraction, split)
     if not handle.factors:
         warnings.warn("stiefel_retraction: the optimizer holds no geoopt Stiefel factor; nothing will be retracted",
                       stacklevel=2)

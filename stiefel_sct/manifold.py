@@ -21,17 +21,20 @@ Low-precision factors (bf16/fp16) are factorized in fp32 and cast back.
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import geoopt
 import torch
 
+from .checks import renamed_argument
 from .triples import spectral_triples
 
 __all__ = [
     "RETRACTIONS",
     "Stiefel",
+    "check_retraction",
     "cholqr2_retraction",
     "cholqr_into",
     "compute_dtype",
@@ -50,10 +53,11 @@ __all__ = [
 
 RETRACTIONS: Tuple[str, ...] = ("qr", "cholqr2")
 
-def _check_method(method: str) -> str:
-    if method not in RETRACTIONS:
-        raise ValueError(f"method must be one of {RETRACTIONS}, got {method!r}")
-    return method
+def check_retraction(retraction: object) -> str:
+    """``retraction`` if it names a backend; ``ValueError`` naming the argument otherwise."""
+    if retraction not in RETRACTIONS:
+        raise ValueError(f"retraction must be one of {RETRACTIONS}, got {retraction!r}")
+    return retraction
 
 
 def _check_matrix(x: torch.Tensor, name: str = "x") -> None:
@@ -209,9 +213,10 @@ def cholqr2_retraction(x: torch.Tensor) -> torch.Tensor:
 _BACKENDS = {"qr": qr_retraction, "cholqr2": cholqr2_retraction}
 
 
-def retract(x: torch.Tensor, method: str = "qr") -> torch.Tensor:
+@renamed_argument("method", "retraction")
+def retract(x: torch.Tensor, retraction: str = "qr") -> torch.Tensor:
     """Out-of-place retraction of ``x`` (any tall matrix or stack of them) onto the Stiefel manifold."""
-    return _BACKENDS[_check_method(method)](x)
+    return _BACKENDS[check_retraction(retraction)](x)
 
 
 def _group_by_layout(tensors: Sequence[torch.Tensor]) -> Dict[tuple, List[torch.Tensor]]:
@@ -222,7 +227,8 @@ def _group_by_layout(tensors: Sequence[torch.Tensor]) -> Dict[tuple, List[torch.
 
 
 @torch.no_grad()
-def retract_into(x: torch.Tensor, out: torch.Tensor, method: str = "qr",
+@renamed_argument("method", "retraction")
+def retract_into(x: torch.Tensor, out: torch.Tensor, retraction: str = "qr",
                  workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Retraction of a stack ``x`` (B, n, k) written to ``out`` (same shape, no overlap).
 
@@ -237,7 +243,7 @@ def retract_into(x: torch.Tensor, out: torch.Tensor, method: str = "qr",
     else:
         work = x.float()
         dst = torch.empty_like(work)
-    if method == "cholqr2":
+    if retraction == "cholqr2":
         cholqr_into(work, dst)
     else:
         dst = qr_retraction(work)
@@ -247,20 +253,21 @@ def retract_into(x: torch.Tensor, out: torch.Tensor, method: str = "qr",
 
 
 @torch.no_grad()
-def retract_(tensors: Iterable[torch.Tensor], method: str = "qr") -> None:
+@renamed_argument("method", "retraction")
+def retract_(tensors: Iterable[torch.Tensor], retraction: str = "qr") -> None:
     """Retract every tensor in ``tensors`` onto the Stiefel manifold, in place.
 
     Tensors are grouped by (shape, dtype, device); each group is factorized by one batched call,
     so the cost is one factorization per distinct shape, not one Python-level call per matrix.
     """
-    _check_method(method)
+    check_retraction(retraction)
     tensors = list(tensors)
     for i, t in enumerate(tensors):
         _check_matrix(t, name=f"tensors[{i}]")
     for group in _group_by_layout(tensors).values():
         views = [plain(t) for t in group]
         stack = torch.stack(views)
-        q = retract_into(stack, torch.empty_like(stack), method)
+        q = retract_into(stack, torch.empty_like(stack), retraction)
         torch._foreach_copy_(views, list(q.unbind(0)))
 
 
@@ -330,7 +337,8 @@ def retract_triples_(triples: Iterable[Tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def retract_all(module_or_params, method: str = "cholqr2", preserve_function: bool = False) -> int:
+@renamed_argument("method", "retraction")
+def retract_all(module_or_params, retraction: str = "cholqr2", preserve_function: bool = False) -> int:
     """Retract every geoopt Stiefel factor of a module (or an iterable of tensors) in place.
 
     For users who keep their own optimizer: call it after ``optimizer.step()``. Factors are
@@ -361,9 +369,9 @@ def retract_all(module_or_params, method: str = "cholqr2", preserve_function: bo
         triples, rest = spectral_triples(tensors)
         retract_triples_(triples)
         left = {id(t) for t in rest}
-        retract_([p for p in factors if id(p) in left], method)
+        retract_([p for p in factors if id(p) in left], retraction)
     else:
-        retract_(factors, method)
+        retract_(factors, retraction)
     return len(factors)
 
 
@@ -394,8 +402,9 @@ class Stiefel(geoopt.EuclideanStiefel):
     unchanged.
 
     Args:
-        method: retraction backend, ``"qr"`` (Householder) or ``"cholqr2"`` (CholeskyQR2);
-            positional or keyword.
+        retraction: the backend, ``"qr"`` (Householder) or ``"cholqr2"`` (CholeskyQR2);
+            positional or keyword (``method=``, its old name, still works with a
+            ``DeprecationWarning``; so does reading ``.method``).
         canonical: accepted for geoopt's ``Stiefel(canonical=...)`` signature; only ``False`` (the
             Euclidean metric) is this class. For the canonical metric use ``geoopt.Stiefel()``,
             which :class:`~stiefel_sct.SpectralAdam` also handles (``mode="riemannian"`` follows
@@ -403,23 +412,30 @@ class Stiefel(geoopt.EuclideanStiefel):
     """
 
     # geoopt's Stiefel.__new__(cls, canonical=True) picks a subclass and takes no other argument;
-    # this one accepts ours, so Stiefel(method="cholqr2") works as documented.
-    def __new__(cls, method: str = "qr", canonical: bool = False):
+    # this one accepts ours (checked by __init__), so Stiefel(retraction="cholqr2") works as documented.
+    def __new__(cls, *args, **kwargs):
         return super().__new__(cls)
 
-    def __init__(self, method: str = "qr", canonical: bool = False) -> None:
+    @renamed_argument("method", "retraction")
+    def __init__(self, retraction: str = "qr", canonical: bool = False) -> None:
         if canonical is not False:
             raise ValueError("canonical must be False: stiefel_sct.Stiefel has the Euclidean metric; "
                              "use geoopt.Stiefel(canonical=True) for the canonical one")
         super().__init__()
-        self.method = _check_method(method)
+        self.retraction = check_retraction(retraction)
+
+    @property
+    def method(self) -> str:
+        """The old name of :attr:`retraction` (deprecated)."""
+        warnings.warn("Stiefel.method is deprecated: use Stiefel.retraction", DeprecationWarning, stacklevel=2)
+        return self.retraction
 
     @property
     def name(self) -> str:  # geoopt reads ``manifold.name`` in reprs and error messages
-        return f"Stiefel(euclidean, {self.method})"
+        return f"Stiefel(euclidean, {self.retraction})"
 
     def retr(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return retract(x + u, self.method).contiguous()
+        return retract(x + u, self.retraction).contiguous()
 
     def projx(self, x: torch.Tensor) -> torch.Tensor:
         """The closest point of the manifold to ``x`` in the Frobenius norm: ``U V^T`` of the thin
@@ -435,19 +451,20 @@ class Stiefel(geoopt.EuclideanStiefel):
         shape = size[0] if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
         self._assert_check_shape(tuple(shape), "x")
         x = torch.randn(*shape, dtype=dtype, device=device)
-        return geoopt.ManifoldTensor(retract(x, self.method).contiguous(), manifold=self)
+        return geoopt.ManifoldTensor(retract(x, self.retraction).contiguous(), manifold=self)
 
     random = random_naive
 
     def extra_repr(self) -> str:
-        return ""  # the name already says the method: "Stiefel(euclidean, cholqr2) manifold"
+        return ""  # the name already says the backend: "Stiefel(euclidean, cholqr2) manifold"
 
 
 _SHARED: Dict[str, Stiefel] = {}
 
 
-def stiefel_manifold(method: str = "qr") -> Stiefel:
+@renamed_argument("method", "retraction")
+def stiefel_manifold(retraction: str = "qr") -> Stiefel:
     """The shared :class:`Stiefel` instance for a retraction backend (layers reuse one object)."""
-    if _check_method(method) not in _SHARED:
-        _SHARED[method] = Stiefel(method)
-    return _SHARED[method]
+    if check_retraction(retraction) not in _SHARED:
+        _SHARED[retraction] = Stiefel(retraction)
+    return _SHARED[retraction]

@@ -36,7 +36,7 @@ from .adam import adam_kernel, fused_devices, fused_supported, riemannian_adam
 from .bank import FactorBank, chunk_bytes_for
 from .checks import is_int, is_real
 from .distributed import is_sharded_factor, sharded_retract_
-from .manifold import RETRACTIONS, is_stiefel, plain, retract_, retract_triples_, stiefel_manifold
+from .manifold import check_retraction, is_stiefel, plain, retract_, retract_triples_, stiefel_manifold
 from .quant import dequantize, quantize_, quantized_zeros
 from .triples import spectral_triples
 
@@ -288,8 +288,7 @@ def _check_group(group: dict) -> None:
                  torch_says=f"Invalid weight_decay value: {group['weight_decay']}")
     if group["mode"] not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {group['mode']!r}")
-    if group["retraction"] not in RETRACTIONS:
-        raise ValueError(f"retraction must be one of {RETRACTIONS}, got {group['retraction']!r}")
+    check_retraction(group["retraction"])
     if group["preserve_function"] and group["mode"] != "sct":
         raise ValueError("preserve_function=True needs mode='sct'")
     stabilize = group["stabilize"]

@@ -62,7 +62,7 @@ def test_retraction_gives_the_sign_fixed_qr_factor(device, method):
     q, r = torch.linalg.qr(x)
     want = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
     params = [nn.Parameter(t.clone()) for t in x]
-    retract_(params, method=method)
+    retract_(params, retraction=method)
     for p, w in zip(params, want):
         torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-10)
 

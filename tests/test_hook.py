@@ -109,8 +109,8 @@ def test_bad_arguments():
     model = _mlp()
     with pytest.raises(ValueError, match="SpectralAdam retracts"):
         stiefel_retraction(SpectralAdam(model.parameters()))
-    with pytest.raises(ValueError, match="method must be one of"):
-        stiefel_retraction(torch.optim.SGD(model.parameters(), lr=0.1), method="svd")
+    with pytest.raises(ValueError, match="retraction must be one of"):
+        stiefel_retraction(torch.optim.SGD(model.parameters(), lr=0.1), retraction="svd")
     with pytest.raises(TypeError, match="optimizer must be"):
         stiefel_retraction(model)
     with pytest.warns(UserWarning, match="no geoopt Stiefel factor"):

@@ -147,7 +147,7 @@ def test_meta_device_then_to_empty_keeps_manifold():
         (dict(rank=0), ValueError, r"rank must be in \[1, min\(in_features, out_features\)\] = \[1, 8\]"),
         (dict(rank=9), ValueError, r"rank must be in \[1"),
         (dict(rank=2.0), TypeError, "rank must be an int"),
-        (dict(rank=2, retraction="svd"), ValueError, "method must be one of"),
+        (dict(rank=2, retraction="svd"), ValueError, "retraction must be one of"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, exc, pattern):

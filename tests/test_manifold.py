@@ -117,9 +117,9 @@ def test_orthonormality_error_value():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="retraction must be one of"):
         retract(torch.randn(4, 2), "svd")
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="retraction must be one of"):
         Stiefel("householder")
     with pytest.raises(ValueError, match="tall"):
         retract(torch.randn(2, 4))

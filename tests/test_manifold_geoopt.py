@@ -20,22 +20,58 @@ def _point(n=9, k=4, dtype=torch.float64, seed=0):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_keyword_and_positional_construction_and_a_true_name(method):
-    for m in (Stiefel(method=method), Stiefel(method)):
+    for m in (Stiefel(retraction=method), Stiefel(method)):
         assert isinstance(m, Stiefel) and isinstance(m, geoopt.EuclideanStiefel)
-        assert m.method == method and m.name == f"Stiefel(euclidean, {method})"
+        assert m.retraction == method and m.name == f"Stiefel(euclidean, {method})"
         assert repr(m) == f"Stiefel(euclidean, {method}) manifold"
-    assert Stiefel(method=method, canonical=False).method == method
+    assert Stiefel(retraction=method, canonical=False).retraction == method
     with pytest.raises(ValueError, match="canonical"):
-        Stiefel(method=method, canonical=True)
-    with pytest.raises(ValueError, match="method must be one of"):
-        Stiefel(method="svd")
+        Stiefel(retraction=method, canonical=True)
+    with pytest.raises(ValueError, match="retraction must be one of"):
+        Stiefel(retraction="svd")
+
+
+
+def test_the_old_name_method_still_works_with_a_deprecation_warning():
+    """Issue 28: the retraction backend is ``retraction=`` everywhere; ``method=`` (the manifold
+    functions' old name) keeps working, warns, and is refused beside the new name."""
+    import torch
+
+    from stiefel_sct import retract, retract_, retract_all, stiefel_retraction
+    from stiefel_sct.manifold import retract_into, stiefel_manifold
+
+    x = torch.randn(6, 3)
+    with pytest.warns(DeprecationWarning, match=r"Stiefel.__init__\(method=...\) is deprecated: use retraction="):
+        m = Stiefel(method="cholqr2")
+    assert m.retraction == "cholqr2"
+    with pytest.warns(DeprecationWarning, match="Stiefel.method is deprecated"):
+        assert m.method == "cholqr2"
+    with pytest.warns(DeprecationWarning, match="use retraction="):
+        assert torch.equal(retract(x, method="cholqr2"), retract(x, retraction="cholqr2"))
+    with pytest.warns(DeprecationWarning, match="use retraction="):
+        out = retract_into(x[None], torch.empty(1, 6, 3), method="qr")
+    assert torch.equal(out[0], retract(x, "qr"))
+    y = x.clone()
+    with pytest.warns(DeprecationWarning, match="use retraction="):
+        retract_([y], method="qr")
+    assert torch.equal(y, retract(x, "qr"))
+    with pytest.warns(DeprecationWarning, match="use retraction="):
+        assert stiefel_manifold(method="cholqr2") is stiefel_manifold("cholqr2")
+    p = geoopt.ManifoldParameter(retract(x), manifold=Stiefel())
+    with pytest.warns(DeprecationWarning, match="use retraction="):
+        assert retract_all([p], method="qr") == 1
+    with pytest.warns(DeprecationWarning, match="use retraction="):
+        handle = stiefel_retraction(torch.optim.SGD([p], lr=0.1), method="qr")
+    assert handle.retraction == "qr"
+    with pytest.raises(TypeError, match="got both retraction= and its old name method="):
+        retract(x, retraction="qr", method="qr")
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_projx_is_the_closest_point(method):
     """``projx`` is the polar factor: on the manifold, a fixed point on the manifold, and nearer to
     ``x`` than the QR factor or random points (Frobenius)."""
-    m = Stiefel(method=method)
+    m = Stiefel(retraction=method)
     x = torch.randn(3, 12, 5, dtype=torch.float64)
     p = m.projx(x)
     assert p.is_contiguous() and p.shape == x.shape
@@ -53,7 +89,7 @@ def test_projx_is_the_closest_point(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_proju_gives_tangent_vectors_and_is_a_projection(method):
-    m = Stiefel(method=method)
+    m = Stiefel(retraction=method)
     x = _point()
     u = torch.randn_like(x)
     t = m.proju(x, u)
@@ -67,7 +103,7 @@ def test_proju_gives_tangent_vectors_and_is_a_projection(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_retraction_and_transport(method):
-    m = Stiefel(method=method)
+    m = Stiefel(retraction=method)
     x = _point()
     u = m.proju(x, torch.randn_like(x)) * 0.3
     y = m.retr(x, u)
@@ -85,7 +121,7 @@ def test_retraction_and_transport(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_random_points(method):
-    m = Stiefel(method=method)
+    m = Stiefel(retraction=method)
     for size in ((10, 3), ((2, 10, 3),)):
         p = m.random(*size, dtype=torch.float64)
         assert isinstance(p, geoopt.ManifoldTensor) and p.manifold is m and p.is_contiguous()
@@ -97,7 +133,7 @@ def test_random_points(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_product_manifold_of_our_stiefel(method):
-    m = Stiefel(method=method)
+    m = Stiefel(retraction=method)
     product = geoopt.ProductManifold((m, (8, 3)), (geoopt.Euclidean(), 5), (m, (6, 2)))
     x = product.random(4, 24 + 5 + 12, dtype=torch.float64)
     product.assert_check_point_on_manifold(x)
@@ -118,7 +154,7 @@ def test_product_manifold_of_our_stiefel(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_proj_of_a_pretrained_matrix_is_its_polar_factor(method):
     w = torch.randn(10, 4, dtype=torch.float64)
-    p = geoopt.ManifoldParameter(w.clone(), manifold=Stiefel(method=method))
+    p = geoopt.ManifoldParameter(w.clone(), manifold=Stiefel(retraction=method))
     with torch.no_grad():
         p.proj_()
     u, _, vh = torch.linalg.svd(w, full_matrices=False)
@@ -130,7 +166,7 @@ def test_proj_of_a_pretrained_matrix_is_its_polar_factor(method):
                                              (geoopt.optim.RiemannianAdam, dict(lr=0.05, amsgrad=True, stabilize=3))],
                          ids=["rsgd", "radam"])
 def test_geoopt_optimizers_keep_our_factors_on_the_manifold(method, opt_cls, kwargs):
-    m = Stiefel(method=method)
+    m = Stiefel(retraction=method)
     target = _point(seed=3).float()
     p = geoopt.ManifoldParameter(m.random(9, 4), manifold=m)
     opt = opt_cls([p], **kwargs)
@@ -151,11 +187,11 @@ def test_riemannian_mode_equals_geoopt_riemannian_adam(manifold, amsgrad, stabil
     canonical gradient and Cayley retraction), with geoopt's amsgrad and stabilize."""
     kind, _, method = manifold.partition("-")
     if kind == "ours":
-        m, retraction = Stiefel(method=method), method
+        m, retraction = Stiefel(retraction=method), method
     else:
         m, retraction = (geoopt.Stiefel(canonical=(method == "canonical"))), "qr"
     # the reference: geoopt's RiemannianAdam on a tensor of the same geometry
-    ref_m = m if method == "canonical" else Stiefel(method=retraction)
+    ref_m = m if method == "canonical" else Stiefel(retraction=retraction)
     start = [_point(12, 3, seed=s) for s in range(3)]
     ours = [geoopt.ManifoldParameter(x.clone(), manifold=m) for x in start]
     ref = [geoopt.ManifoldParameter(x.clone(), manifold=ref_m) for x in start]

@@ -269,9 +269,9 @@ def test_retract_all_module_and_iterable():
     assert torch.allclose(model[0].U, qr_retraction(u_before), atol=1e-6)
     for p in (model[0].U, model[0].V, model[2].U, model[2].V):
         assert orthonormality_error(p) < 1e-5
-    assert retract_all([model[0].U, torch.zeros(3)], method="cholqr2") == 1
-    with pytest.raises(ValueError, match="method must be one of"):
-        retract_all(model, method="polar")
+    assert retract_all([model[0].U, torch.zeros(3)], retraction="cholqr2") == 1
+    with pytest.raises(ValueError, match="retraction must be one of"):
+        retract_all(model, retraction="polar")
     with pytest.raises(TypeError, match="nn.Module or an iterable"):
         retract_all(3)
 
