@@ -191,6 +191,18 @@ def test_reproduce_runs_what_the_report_reports():
         assert all((ROOT / "results" / f"{r}.json").is_file() for r in e.results[:1])
 
 
+def test_every_registered_experiment_is_rendered_or_the_build_fails_naming_it(tmp_path):
+    """Issue 28: each experiment names its report section; an experiment without one stops the
+    build before anything is written, naming the experiment."""
+    import dataclasses
+
+    assert {e.section for e in report.EXPERIMENTS} == set(report.SECTIONS)
+    report.check_sections()
+    ghost = dataclasses.replace(report.EXPERIMENTS[0], name="ghost", section="ghost_table")
+    with pytest.raises(LookupError, match="experiment 'ghost' names report section 'ghost_table'"):
+        report.check_sections(report.EXPERIMENTS + (ghost,))
+
+
 @pytest.mark.parametrize("name", ["mlp_proofs", "memory_70b", "rank_sweep", "compress_pretrained"])
 def test_every_experiment_has_the_reproduce_presets(name):
     module = __import__(f"experiments.{name}", fromlist=["PRESETS"])
