@@ -78,6 +78,7 @@ from experiments.common import (
     warmup_cosine,
     write_results,
 )
+from stiefel_sct.rank import spectral_params
 
 LINEAR = r".*layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 MLP = r".*layers\.\d+\.mlp\.(gate|up|down)_proj"
@@ -377,7 +378,7 @@ def _residual_at(rank: Callable[[Config], int]) -> Callable[..., Built]:
         layers = [m for _, m in spectral_layers(model)]
         info = {"rank": k, "converted_layers": sum(r.converted for r in report), "residual_dtype": "float32",
                 "convert_s": time.perf_counter() - t0,
-                "rank_budget": sum(cfg.residual_r * (m.in_features + m.out_features + 1) for m in layers)}
+                "rank_budget": sum(spectral_params(m.in_features, m.out_features, cfg.residual_r) for m in layers)}
         return model, SpectralAdam(_freeze_all_but_factors(model), lr=lr), info
 
     return build
@@ -680,7 +681,8 @@ def adaptive_summary(model: nn.Module, sched) -> Dict:
         e["grown"] += h["grown"]
         e["dropped"] += h["dropped"]
     return {"params_total_after": sum(p.numel() for p in model.parameters()),
-            "spectral_params_after": sum(m.rank * (m.in_features + m.out_features + 1) for _, m in spectral_layers(model)),
+            "spectral_params_after": sum(spectral_params(m.in_features, m.out_features, m.rank)
+                                         for _, m in spectral_layers(model)),
             "budget": sched.budget, "ranks_by_type": ranks_by_type(model), "events": list(events.values()),
             "survival": sched.survival()}
 

@@ -55,6 +55,7 @@ from experiments.common import (
     seed_everything,
     write_results,
 )
+from stiefel_sct.rank import spectral_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -201,7 +202,7 @@ def spectral_layers(model):
 
 def rank_budget(model, rank: int) -> int:
     """Spectral parameters of the model's spectral layers, each at ``rank`` (capped by its shape)."""
-    return sum(min(rank, m.in_features, m.out_features) * (m.in_features + m.out_features + 1)
+    return sum(spectral_params(m.in_features, m.out_features, min(rank, m.in_features, m.out_features))
                for _, m in spectral_layers(model))
 
 
@@ -407,7 +408,8 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
             return {}
     n_params = sum(p.numel() for p in model.parameters())
     if converted["layers"]:  # an adaptive run ends at other ranks than it started
-        converted["spectral_params"] = sum(m.rank * (m.in_features + m.out_features + 1) for _, m in spectral_layers(model))
+        converted["spectral_params"] = sum(spectral_params(m.in_features, m.out_features, m.rank)
+                                           for _, m in spectral_layers(model))
     step_s = statistics.median(history["step_s"][-max(1, len(history["step_s"]) // 2):])
     return {
         **dataclasses.asdict(run),

@@ -24,7 +24,7 @@ from .manifold import (
     retract_all,
 )
 from .optim import SpectralAdam, SpectralAdamW, spectral_adam
-from .rank import kept_energy, select_rank
+from .rank import kept_energy, select_rank, spectral_params
 from .rank_scheduler import RankScheduler
 
 __version__ = "0.2.0"
@@ -63,6 +63,7 @@ __all__ = [
     "select_rank",
     "spectral_adam",
     "spectral_linear",
+    "spectral_params",
     "spectralize",
     "stiefel_retraction",
 ]

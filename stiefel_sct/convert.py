@@ -22,7 +22,7 @@ from .calibration import (
 from .checks import is_int
 from .config import SpectralConfig
 from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank
-from .rank import select_rank
+from .rank import select_rank, spectral_params
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
 
@@ -65,7 +65,7 @@ def _tied_weights(model: nn.Module) -> set:
 
 
 def _profitable(rank: int, m: int, n: int) -> bool:
-    return rank * (m + n + 1) < m * n
+    return spectral_params(m, n, rank) < m * n
 
 
 @dataclass
@@ -148,7 +148,7 @@ def budget_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
     """
     if not is_int(budget):
         raise TypeError(f"budget must be an int (parameters), got {type(budget).__name__}")
-    cost = {n: sum(shapes[n]) + 1 for n in spectra}
+    cost = {n: spectral_params(*shapes[n]) for n in spectra}
     floor = sum(cost.values())
     if budget < floor:
         raise ValueError(f"budget must be >= {floor:,d} (rank 1 for every converted layer), got {budget:,d}")

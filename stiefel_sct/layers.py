@@ -13,7 +13,7 @@ from torch import nn
 
 from .checks import is_int
 from .manifold import Stiefel, compute_dtype, is_stiefel, retract, stiefel_manifold
-from .rank import select_rank
+from .rank import select_rank, spectral_params
 from .triples import register_factors
 
 __all__ = ["RESIDUAL_DTYPES", "SpectralEmbedding", "SpectralLinear", "SpectralModule", "check_rank", "spectral_linear",
@@ -462,7 +462,7 @@ class SpectralLinear(SpectralModule):
     def compression(self) -> float:
         """Dense weight elements over spectral factor elements, ``m n / (k (m + n + 1))``."""
         m, n, k = self.in_features, self.out_features, self.rank
-        return m * n / (k * (m + n + 1))
+        return m * n / spectral_params(m, n, k)
 
     def extra_repr(self) -> str:
         return (
@@ -555,7 +555,7 @@ class SpectralEmbedding(SpectralModule):
     @property
     def compression(self) -> float:
         m, n, k = self.num_embeddings, self.embedding_dim, self.rank
-        return m * n / (k * (m + n + 1))
+        return m * n / spectral_params(m, n, k)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"

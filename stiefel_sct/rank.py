@@ -6,7 +6,13 @@ import torch
 
 from .checks import is_real
 
-__all__ = ["check_energy", "kept_energy", "select_rank"]
+__all__ = ["check_energy", "kept_energy", "select_rank", "spectral_params"]
+
+
+def spectral_params(m: int, n: int, k: int = 1) -> int:
+    """Parameters of a rank-``k`` spectral ``n x m`` weight: ``U`` (``m k``), ``s`` (``k``), ``V``
+    (``n k``), i.e. ``k (m + n + 1)`` (the one place this formula is written)."""
+    return k * (m + n + 1)
 
 
 def check_energy(energy: object) -> float:

@@ -98,6 +98,7 @@ from .checks import check_int, is_real
 from .layers import SpectralLinear
 from .manifold import compute_dtype
 from .quant import dequantize, quantize_, quantized_zeros
+from .rank import spectral_params
 from .sketch import GradientSketch
 from .triples import owner_of, spectral_triples
 
@@ -308,7 +309,7 @@ class RankScheduler:
 
     @staticmethod
     def _cost(layer) -> int:
-        return layer.U.shape[0] + layer.V.shape[0] + 1
+        return spectral_params(layer.U.shape[0], layer.V.shape[0])
 
     # ------------------------------------------------------------------------------ the event
     @torch.no_grad()

@@ -121,3 +121,13 @@ def test_a_damaged_recipe_is_refused_naming_the_file_and_the_model_is_untouched(
     assert all(type(m) in (nn.Linear, nn.ReLU) for m in target)
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_one_parameter_formula_behind_compression_budgets_and_the_scheduler():
+    from stiefel_sct import RankScheduler, SpectralAdam, SpectralLinear, spectral_params
+
+    layer = SpectralLinear(24, 10, 3)
+    assert spectral_params(24, 10, 3) == sum(p.numel() for p in (layer.U, layer.s, layer.V)) == 3 * 35
+    assert layer.compression == 24 * 10 / spectral_params(24, 10, 3)
+    sched = RankScheduler(SpectralAdam(nn.Sequential(layer).parameters()), grow=0)
+    assert sched._cost(layer) == spectral_params(24, 10)
