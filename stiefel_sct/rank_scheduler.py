@@ -450,7 +450,7 @@ class RankScheduler:
                 energy = float((new_s.double() ** 2).sum())
             elif self.growth == "gradient":
                 sketch = self._sketches.get(name)
-                if sketch is None:  # armed by another scheduler state (e.g. loaded mid-window): no sketch
+                if sketch is None:  # a layer the optimizer took on after the window began: nothing sketched
                     continue
                 new_v, sigma, new_u = sketch.directions(u, v, r)
                 # P^T G Q = diag(sigma) > 0, so W - P diag(s) Q^T with s ~ sigma is a steepest-descent
