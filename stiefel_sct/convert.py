@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import re
 import warnings
@@ -30,9 +31,7 @@ ModuleSelector = Union[str, Sequence[str], None]
 
 
 # spectralize's recipe keywords at their defaults: with a config, any other value is refused
-_RECIPE_DEFAULTS: Dict[str, Any] = dict(rank=None, energy=None, budget=None, budget_fraction=None, include=None,
-                                        exclude=None, embeddings=False, convert_small=False, retraction="qr",
-                                        damping=DEFAULT_DAMPING, residual_dtype=None)
+_RECIPE_DEFAULTS: Dict[str, Any] = {f.name: f.default for f in dataclasses.fields(SpectralConfig)}
 
 
 def match_module(qualified_name: str, selector: ModuleSelector) -> bool:

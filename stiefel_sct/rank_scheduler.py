@@ -99,7 +99,7 @@ from .layers import SpectralLinear
 from .manifold import compute_dtype
 from .quant import dequantize, quantize_, quantized_zeros
 from .rank import spectral_params
-from .sketch import GradientSketch
+from .sketch import GradientSketch, outside_basis
 from .triples import owner_of, spectral_triples
 
 __all__ = ["RankScheduler"]
@@ -156,19 +156,14 @@ def _residual_directions(residual: torch.Tensor, u: torch.Tensor, v: torch.Tenso
     if r <= 0 or room <= 0:
         return empty
 
-    def outside(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(2):  # twice: orthogonal to the basis to rounding
-            x = x - basis @ (basis.mT @ x)
-        return x
-
     probes = min(r + 8, room)
     gen = torch.Generator().manual_seed(seed)
-    y = outside(V, R @ outside(U, torch.randn(m, probes, generator=gen, dtype=work).to(R.device)))
+    y = outside_basis(V, R @ outside_basis(U, torch.randn(m, probes, generator=gen, dtype=work).to(R.device)))
     for _ in range(2):
         y = torch.linalg.qr(y).Q
-        y = outside(V, R @ outside(U, R.mT @ y))
-    p = torch.linalg.qr(outside(V, torch.linalg.qr(y).Q)).Q
-    q = torch.linalg.qr(outside(U, R.mT @ p)).Q
+        y = outside_basis(V, R @ outside_basis(U, R.mT @ y))
+    p = torch.linalg.qr(outside_basis(V, torch.linalg.qr(y).Q)).Q
+    q = torch.linalg.qr(outside_basis(U, R.mT @ p)).Q
     a, sigma, bt = torch.linalg.svd(p.mT @ R @ q)
     scale = float(torch.linalg.matrix_norm(R, ord="fro")) if R.numel() else 0.0
     least = max(max(scale, 1e-300) * torch.finfo(residual.dtype).eps ** 0.5, floor)

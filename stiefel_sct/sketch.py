@@ -42,8 +42,9 @@ if TYPE_CHECKING:
 __all__ = ["GradientSketch"]
 
 
-def _outside(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x`` with its part in ``basis``'s span removed, twice (orthogonal to rounding)."""
+def outside_basis(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its part in ``basis``'s span removed, twice (orthogonal to rounding); also the
+    residual growth's projection (:mod:`stiefel_sct.rank_scheduler`)."""
     for _ in range(2):
         x = x - basis @ (basis.mT @ x)
     return x
@@ -54,9 +55,9 @@ def _range(basis: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     sketch of a gradient of low rank has columns that are rounding, and QR would turn them into
     arbitrary directions, some inside ``basis`` (the reconstruction assumes they are outside).
     ``eps``: the unit rounding ``x`` was accumulated in."""
-    left, sv, _ = torch.linalg.svd(_outside(basis, x), full_matrices=False)
+    left, sv, _ = torch.linalg.svd(outside_basis(basis, x), full_matrices=False)
     keep = int((sv > sv[0] * eps ** 0.5).sum()) if sv.numel() and sv[0] > 0 else 0
-    return _outside(basis, left[:, :keep])
+    return outside_basis(basis, left[:, :keep])
 
 
 class GradientSketch:
@@ -83,8 +84,8 @@ class GradientSketch:
         self.probes = max(0, min(r + 8, room))
         gen = torch.Generator().manual_seed(seed)
         uw, vw = u.to(self.work), v.to(self.work)
-        self.omega = _outside(uw, torch.randn(m, self.probes, generator=gen, dtype=self.work).to(u.device))
-        self.psi = _outside(vw, torch.randn(n, min(2 * self.probes + 1, n), generator=gen, dtype=self.work).to(u.device))
+        self.omega = outside_basis(uw, torch.randn(m, self.probes, generator=gen, dtype=self.work).to(u.device))
+        self.psi = outside_basis(vw, torch.randn(n, min(2 * self.probes + 1, n), generator=gen, dtype=self.work).to(u.device))
         self.y = torch.zeros(n, self.probes, dtype=self.work, device=u.device)
         self.z = torch.zeros(m, self.psi.shape[1], dtype=self.work, device=u.device)
         self.backwards = 0  # how many backward passes the sketch has seen
@@ -167,6 +168,6 @@ class GradientSketch:
         take = int((sigma > floor).sum().clamp(max=r))
         if take == 0:
             return empty
-        p = _outside(vw, qy @ a[:, :take])
-        q = _outside(uw, qz @ bt[:take].mT)
+        p = outside_basis(vw, qy @ a[:, :take])
+        q = outside_basis(uw, qz @ bt[:take].mT)
         return p.to(v.dtype), sigma[:take].to(v.dtype), q.to(u.dtype)

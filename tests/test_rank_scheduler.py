@@ -189,6 +189,29 @@ def test_embeddings_grow_too():
     assert emb.rank == 4 and (emb(idx).detach() - before).abs().max() <= 1e-6
 
 
+def _twin(tmp_path, state):
+    """The checkpoint ``tmp_path / "ck"`` rebuilt in a fresh dense model, its optimizer state
+    loaded, and a scheduler given ``state``: (model, optimizer, scheduler)."""
+    twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
+    twin_opt = SpectralAdam(twin.parameters(), lr=1e-2)
+    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
+    twin_sched = RankScheduler(twin_opt, every=99, tol=0.9, grow=0)
+    twin_sched.load_state_dict(state)
+    return twin, twin_opt, twin_sched
+
+
+def _train_both_equal(runs, twin_runs, steps, x, y):
+    """Train both (model, optimizer, scheduler) triples ``steps`` steps; they end bitwise equal."""
+    for _ in range(steps):
+        for mdl, o, s in (runs, twin_runs):
+            _backward(mdl, x, y)
+            o.step()
+            s.step()
+    for a, b in zip(runs[0].parameters(), twin_runs[0].parameters()):
+        assert torch.equal(a, b)
+    assert twin_runs[2].history == runs[2].history
+
+
 def test_checkpoint_and_scheduler_state_resume_bitwise(tmp_path):
     model = _model()
     x, y = _data()
@@ -202,21 +225,10 @@ def test_checkpoint_and_scheduler_state_resume_bitwise(tmp_path):
     assert ranks != [3, 2]
     save_spectral(model, tmp_path / "ck", optimizer=opt)
     sched_state = copy.deepcopy(sched.state_dict())
-    twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
+    twin, twin_opt, twin_sched = _twin(tmp_path, sched_state)
     assert [twin[0].rank, twin[2].rank] == ranks
-    twin_opt = SpectralAdam(twin.parameters(), lr=1e-2)
-    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
-    twin_sched = RankScheduler(twin_opt, every=99, tol=0.9, grow=0)
-    twin_sched.load_state_dict(sched_state)
     assert twin_sched.every == 2 and twin_sched.last_step == 4
-    for _ in range(4):
-        for mdl, o, s in ((model, opt, sched), (twin, twin_opt, twin_sched)):
-            _backward(mdl, x, y)
-            o.step()
-            s.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
-    assert twin_sched.history == sched.history
+    _train_both_equal((model, opt, sched), (twin, twin_opt, twin_sched), 4, x, y)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -532,19 +544,9 @@ def test_gradient_growth_hooks_only_in_the_sketch_window_and_resume_bitwise(tmp_
     state = copy.deepcopy(sched.state_dict())
     assert state["growth"] == "gradient" and state["sketch_steps"] == 2
     assert (state["sketches"]["layer0"]["backwards"] if before == 5 else state["sketches"]) == (1 if before == 5 else {})
-    twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
-    twin_opt = SpectralAdam(twin.parameters(), lr=1e-2)
-    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
-    twin_sched = RankScheduler(twin_opt, every=3, grow=0)
-    twin_sched.load_state_dict(state)
-    for _ in range(6):
-        for mdl, o, s in ((model, opt, sched), (twin, twin_opt, twin_sched)):
-            _backward(mdl, x, y)
-            o.step()
-            s.step()
-    for a, b in zip(model.parameters(), twin.parameters()):
-        assert torch.equal(a, b)
-    assert twin_sched.history == sched.history
+    twin_runs = _twin(tmp_path, state)
+    _train_both_equal((model, opt, sched), twin_runs, 6, x, y)
+    twin = twin_runs[0]
     hooks = [len(m._forward_hooks) for m in (model[0], twin[0])]
     assert hooks == ([0, 0] if before == 6 else [1, 1])  # after 12 (11) steps: next event 3 (1) steps away
 
