@@ -67,8 +67,8 @@ def main() -> None:
     print("dense, greedy:", repr(greedy(chat)))
     linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
     total = sum(p.numel() for p in model.parameters())
-    _, report = spectralize(model, budget=total - linear // 2, exclude=["lm_head"], report=True)
-    print(report)
+    print(f"{type(model).__name__}: {total:,} parameters, {model.config.num_hidden_layers} decoder layers")
+    print(spectralize(model, budget=total - linear // 2, exclude=["lm_head"]).spectral_report)
     print("spectral before training, greedy:", repr(greedy(chat)))
 
     train_docs, val_docs = data_lib.split_documents(data_lib.load_documents("shakespeare"))

@@ -166,8 +166,9 @@ def memory_section(res: Dict, figures: pathlib.Path, rel: str, title: str) -> Li
     if eff:
         labels = {"fp32": "fp32", "bf16": "bf16", "8bit": "blockwise 8-bit"}
         parts = [f"{eff[k]['mse_mean']:.2e} with {labels[k]} moments" for k in labels if k in eff]
+        steps = f"{eff['fp32']['steps']:,} steps, " if "steps" in eff["fp32"] else ""  # older results: 2,000
         lines += [f"Loss effect of low-precision Adam moments (SCT on the sine MLP proof, cosine lr, "
-                  f"{len(eff['fp32']['mse'])} seeds): final MSE " + ", ".join(parts) + ".", ""]
+                  f"{steps}{len(eff['fp32']['mse'])} seeds): final MSE " + ", ".join(parts) + ".", ""]
     fig = plot_memory(rows, figures, f"{res['experiment']}.png")
     if fig:
         lines += [f"![peak memory by configuration]({rel}/{fig.name})", ""]

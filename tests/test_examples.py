@@ -44,6 +44,15 @@ def test_finetune_smollm2_example_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "dense, greedy: 'The capital of France is Paris." in out
-    assert "reloaded in a fresh process, greedy:" in out and "held-out loss after" in out
+    assert "reloaded in a fresh process, greedy:" in out
+    # the real model, made spectral at half its decoder linears' parameters, learns in two steps
+    name, total, layers = re.search(r"^(\w+): ([\d,]+) parameters, (\d+) decoder layers$", out, re.M).groups()
+    assert name == "LlamaForCausalLM" and int(layers) == 30 and 134e6 < int(total.replace(",", "")) < 135e6
+    dense, kept = re.search(r"^210 of 210 candidate layers converted: ([\d,]+) -> ([\d,]+) parameters", out,
+                            re.M).groups()
+    assert 2 * int(kept.replace(",", "")) <= int(dense.replace(",", ""))
+    before = float(re.search(r"held-out loss before: +(\S+)", out).group(1))
+    after = float(re.search(r"held-out loss after: +(\S+)", out).group(1))
+    assert after < before
     assert (tmp_path / "dense" / "config.json").is_file() and (tmp_path / "final" / "spectral" / "spectral_config.json").is_file()
     assert (tmp_path / "checkpoint-1" / "spectral" / "model.safetensors").is_file()
