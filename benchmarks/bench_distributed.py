@@ -69,31 +69,22 @@ def _worker(rank, world, port, args, kind, out):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     # an error leaves the group as it is: the peer fails on its next collective and mp.spawn
     # reports this process's traceback (destroying the group first could surface the peer's error)
-    from stiefel_sct import SpectralAdam, optim
+    from stiefel_sct import SpectralAdam
     from stiefel_sct import distributed as sd
 
     x, y = _data(args)
     per = args.batch // world
     x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
-    stats = []
     if kind == "ddp":
         model = nn.parallel.DistributedDataParallel(_model(args))
     else:
         from torch.distributed.device_mesh import init_device_mesh
 
         model = sd.shard_model(_model(args), mesh=init_device_mesh("cpu", (world,)))
-        real = optim.sharded_retract_
-
-        def counting(*a, **k):  # the optimizer's own retraction, with its counters kept
-            stats.append(real(*a, **k))
-            return stats[-1]
-
-        # patched where SpectralAdam looks it up (patching stiefel_sct.distributed's name left
-        # every count empty and the summary failing on None)
-        optim.sharded_retract_ = counting
-    step = _steps(model, SpectralAdam(model.parameters(), lr=1e-3), x, y, args.steps)
-    if rank == 0:
-        out.put({"kind": kind, "step_s": step, "retraction": stats[-1] if stats else None})
+    opt = SpectralAdam(model.parameters(), lr=1e-3)
+    step = _steps(model, opt, x, y, args.steps)
+    if rank == 0:  # the optimizer's own counters of its last sharded retraction (None under DDP)
+        out.put({"kind": kind, "step_s": step, "retraction": opt.sharded_stats})
     dist.barrier()
     dist.destroy_process_group()
     # End without the interpreter's finalization: after fully_shard, DTensor's caches keep the

@@ -3,13 +3,13 @@ retracts each chunk with one batched factorization, straight into spare memory, 
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from .manifold import plain, retract_into
 
-__all__ = ["CHUNK_BYTES", "DEVICE_CHUNK_BYTES", "FactorBank", "chunk_bytes_for"]
+__all__ = ["CHUNK_BYTES", "DEVICE_CHUNK_BYTES", "FactorBank", "GroupBanks", "chunk_bytes_for"]
 
 # Bytes per chunk slot. Each bank keeps one spare slot, so this is also the bank's extra memory:
 # 8 MB instead of 32 MB cut the spares of the 8-layer 70B-shaped set (rank 32) from 63.5 to
@@ -97,3 +97,22 @@ class FactorBank:
         """Retract every factor of the bank."""
         for j in range(len(self.chunks)):
             self.retract_chunk_(j, retraction)
+
+
+class GroupBanks:
+    """The :class:`FactorBank` of each (shape, dtype, device) among one param group's factors
+    (layouts with a single factor get none), rebuilt only when the factors change or a bank was
+    re-homed by something else (:meth:`FactorBank.intact`)."""
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._banks: List[FactorBank] = []
+
+    def of(self, factors: List[torch.Tensor]) -> List[FactorBank]:
+        key = tuple(map(id, factors))
+        if key != self._key or not all(b.intact() for b in self._banks):
+            by_layout: Dict[tuple, List[torch.Tensor]] = {}
+            for p in factors:
+                by_layout.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            self._key, self._banks = key, [FactorBank(ps) for ps in by_layout.values() if len(ps) > 1]
+        return self._banks

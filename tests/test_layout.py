@@ -18,7 +18,8 @@ def _imports(path):
 
 
 def test_the_optimizer_imports_no_layer():
-    for name in ("optim.py", "adam.py", "bank.py", "triples.py", "manifold.py"):
+    for name in ("optim.py", "optim_settings.py", "optim_state.py", "step_plan.py", "grad_checks.py",
+                 "backward_step.py", "adam.py", "bank.py", "triples.py", "manifold.py"):
         for module, _ in _imports(PKG / name):
             assert "layers" not in module and "convert" not in module, (name, module)
 

@@ -434,11 +434,10 @@ def test_step_in_backward_rejects_bad_gradients_and_modes():
         SpectralAdam(SpectralLinear(6, 5, 2).parameters(), mode="riemannian", step_in_backward=True)
 
 
-def test_step_in_backward_updates_in_bounded_batches(monkeypatch):
+def test_step_in_backward_updates_in_bounded_batches():
     """Gradients are batched up to the chunk size (one Adam call per batch), the last batch when
     backward() ends; a NaN anywhere in a batch leaves every parameter of that batch unchanged,
     and the next backward starts clean."""
-    from stiefel_sct import optim as optim_module
 
     def make():
         torch.manual_seed(5)
@@ -447,12 +446,10 @@ def test_step_in_backward_updates_in_bounded_batches(monkeypatch):
     model, ref = make(), make()
     x = torch.randn(8, 16)
     calls = []
-    real = optim_module.spectral_adam
-    monkeypatch.setattr(optim_module, "spectral_adam",
-                        lambda params, *a, **k: calls.append([p.numel() * 4 for p in params]) or real(params, *a, **k))
     limit = 2 * 16 * 4 * 4  # bytes of two U or V gradients
-    monkeypatch.setattr(optim_module, "chunk_bytes_for", lambda device: limit)
     opt = SpectralAdam(model.parameters(), lr=1e-2, step_in_backward=True)
+    opt.backward.batch_bytes = limit
+    opt.backward.on_update = lambda params: calls.append([p.numel() * 4 for p in params])
     n_params = len(list(model.parameters()))
     model(x).square().mean().backward()
     assert all(p.grad is None for p in model.parameters())  # every batch flushed by the end of backward
@@ -465,7 +462,7 @@ def test_step_in_backward_updates_in_bounded_batches(monkeypatch):
     for a, b in zip(model.parameters(), ref.parameters()):
         assert (a - b).abs().max() <= 1e-6
 
-    monkeypatch.setattr(optim_module, "chunk_bytes_for", lambda device: 1 << 30)  # one batch per backward
+    opt.backward.batch_bytes = 1 << 30  # one batch per backward
     before = [p.detach().clone() for p in model.parameters()]
     handle = model[2].s.register_hook(lambda g: torch.full_like(g, float("nan")))
     with pytest.raises(FloatingPointError, match="no parameter of its batch was changed"):
