@@ -10,7 +10,7 @@ from .config import SpectralConfig
 from .convert import ConversionReport, LayerConversion, budget_ranks, densify, match_module, spectralize
 from .export import export_peft_lora
 from .hook import RetractionHandle, stiefel_retraction
-from .layers import SpectralEmbedding, SpectralLinear, spectral_linear
+from .layers import SpectralConv1D, SpectralEmbedding, SpectralLinear, spectral_linear
 from .manifold import (
     RETRACTIONS,
     Stiefel,
@@ -39,6 +39,7 @@ __all__ = [
     "SpectralAdam",
     "SpectralAdamW",
     "SpectralConfig",
+    "SpectralConv1D",
     "SpectralEmbedding",
     "SpectralLinear",
     "Stiefel",

@@ -39,7 +39,7 @@ import pathlib
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import geoopt
 import torch
@@ -47,7 +47,8 @@ from torch import nn
 
 from .config import SpectralConfig
 from .integrity import CheckpointError, ValueCheck, file_checksum, read_header, read_weights, validate_config
-from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, weight_fingerprint
+from .kinds import LayerKind, dense_kind, kind_named, spectral_kind
+from .layers import SpectralLinear, SpectralModule, weight_fingerprint
 
 __all__ = ["CONFIG_NAME", "FORMAT_VERSION", "OPTIMIZER_NAME", "WEIGHTS_NAME", "AtomicDirectory", "CheckpointError",
            "load_optimizer_state", "load_spectral", "read_config", "read_recipe", "save_spectral"]
@@ -68,20 +69,20 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _layer_entry(module: SpectralModule) -> Dict[str, Any]:
-    common = {"rank": module.rank, "retraction": module.manifold.retraction, "dtype": _dtype_name(module.U.dtype)}
-    if isinstance(module, SpectralLinear):
-        residual = None
+    kind = spectral_kind(module)
+    if kind is None:
+        raise TypeError(f"unknown spectral module {type(module).__name__}")
+    entry = {"kind": kind.name, **kind.entry(module), "rank": module.rank,
+             "retraction": module.manifold.retraction, "dtype": _dtype_name(module.U.dtype)}
+    if kind.residual:
+        assert isinstance(module, SpectralLinear)
+        entry["residual"] = None
         if module.residual_dtype is not None:
             if module.residual is None or module.base_fingerprint is None:
                 raise CheckpointError("cannot save a residual layer whose residual is not attached")
-            residual = {"dtype": _dtype_name(module.residual_dtype), "base_fingerprint": module.base_fingerprint,
-                        "blocks": list(module.residual_blocks)}
-        return {"kind": "linear", "in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None, "residual": residual, **common}
-    if isinstance(module, SpectralEmbedding):
-        return {"kind": "embedding", "num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
-                "padding_idx": module.padding_idx, **common}
-    raise TypeError(f"unknown spectral module {type(module).__name__}")
+            entry["residual"] = {"dtype": _dtype_name(module.residual_dtype), "base_fingerprint": module.base_fingerprint,
+                                 "blocks": list(module.residual_blocks)}
+    return entry
 
 
 def _unique_state(model: nn.Module) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -224,6 +225,20 @@ def _trained_names(model: nn.Module, layers: Dict[str, Any]) -> set:
     return keep
 
 
+def _split_base(tensors: Dict[str, torch.Tensor], tied: Dict[str, str], keep: set) -> Dict[str, Dict[str, Any]]:
+    """Move every tensor not in ``keep`` out of ``tensors`` (and ``tied``) into the base record:
+    name -> shape, dtype and SHA-256, which the base model must match on load."""
+    base: Dict[str, Dict[str, Any]] = {}
+    for name in [n for n in tensors if n not in keep]:
+        t = tensors.pop(name)
+        base[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "sha256": weight_fingerprint(t)}
+    for alias, source in list(tied.items()):
+        if source in base:  # tied to a base tensor (e.g. an LM head tied to a frozen embedding): base too
+            base[alias] = base[source]
+            del tied[alias]
+    return base
+
+
 @torch.no_grad()
 def save_spectral(model: nn.Module, directory: os.PathLike | str,
                   optimizer: Optional[torch.optim.Optimizer] = None, *, trained_only: bool = False) -> pathlib.Path:
@@ -251,16 +266,7 @@ def save_spectral(model: nn.Module, directory: os.PathLike | str,
         raise TypeError(f"trained_only must be a bool, got {type(trained_only).__name__}")
     layers = {name: _layer_entry(m) for name, m in model.named_modules() if isinstance(m, SpectralModule)}
     tensors, tied = _unique_state(model)
-    base: Dict[str, Dict[str, Any]] = {}
-    if trained_only:
-        keep = _trained_names(model, layers)
-        for name in [n for n in tensors if n not in keep]:
-            t = tensors.pop(name)
-            base[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype), "sha256": weight_fingerprint(t)}
-        for alias, source in list(tied.items()):
-            if source in base:  # tied to a base tensor (e.g. an LM head tied to a frozen embedding): base too
-                base[alias] = base[source]
-                del tied[alias]
+    base = _split_base(tensors, tied, _trained_names(model, layers)) if trained_only else {}
     config: Dict[str, Any] = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "library_version": _library_version(),
         "model_class": type(model).__name__, "layers": layers, "tied": tied,
@@ -334,29 +340,20 @@ def _weight_file(path: pathlib.Path, config: Dict[str, Any], verify: bool = True
 
 
 def _expected_shapes(entry: Dict[str, Any]) -> Dict[str, Tuple[int, ...]]:
-    k = entry["rank"]
-    if entry["kind"] == "linear":
-        shapes: Dict[str, Tuple[int, ...]] = {"U": (entry["in_features"], k), "s": (k,), "V": (entry["out_features"], k)}
-        if entry["bias"]:
-            shapes["bias"] = (entry["out_features"],)
-    else:
-        shapes = {"U": (entry["num_embeddings"], k), "s": (k,), "V": (entry["embedding_dim"], k)}
-    if entry["kind"] == "linear" and entry.get("residual"):
+    kind = kind_named(entry["kind"])
+    k, (rows_u, rows_v) = entry["rank"], (entry[key] for key in kind.dims)
+    shapes: Dict[str, Tuple[int, ...]] = {"U": (rows_u, k), "s": (k,), "V": (rows_v, k)}
+    if entry.get("bias"):
+        shapes["bias"] = (rows_v,)
+    if kind.residual and entry.get("residual"):
         k0 = sum(entry["residual"].get("blocks") or [k])  # the conversion's rank plus every move's columns
-        shapes.update(U0=(entry["in_features"], k0), s0=(k0,), V0=(entry["out_features"], k0))
+        shapes.update(U0=(rows_u, k0), s0=(k0,), V0=(rows_v, k0))
     return shapes
 
 
-def _dense_shape(module: nn.Module) -> Optional[Tuple[str, Tuple[int, int]]]:
-    if isinstance(module, nn.Linear):
-        return "linear", (module.in_features, module.out_features)
-    if isinstance(module, nn.Embedding):
-        return "embedding", (module.num_embeddings, module.embedding_dim)
-    if isinstance(module, SpectralLinear):
-        return "linear", (module.in_features, module.out_features)
-    if isinstance(module, SpectralEmbedding):
-        return "embedding", (module.num_embeddings, module.embedding_dim)
-    return None
+def _found_kind(module: nn.Module) -> Optional[LayerKind]:
+    """The kind of ``module``, dense or spectral; ``None`` for any other module."""
+    return dense_kind(module) or spectral_kind(module)
 
 
 def _plan(model: nn.Module, config: Dict[str, Any]) -> Dict[str, nn.Module]:
@@ -368,51 +365,48 @@ def _plan(model: nn.Module, config: Dict[str, Any]) -> Dict[str, nn.Module]:
             raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in this {type(model).__name__} "
                                   "(a checkpoint of another architecture?)")
         module = modules[name]
-        found = _dense_shape(module)
-        saved = ((entry["in_features"], entry["out_features"]) if entry["kind"] == "linear"
-                 else (entry["num_embeddings"], entry["embedding_dim"]))
-        if found is None or found[0] != entry["kind"]:
+        kind = _found_kind(module)
+        if kind is None or kind.name != entry["kind"]:
             raise CheckpointError(f"layer {name!r}: the checkpoint has a spectral {entry['kind']}, the model a "
                                   f"{type(module).__name__}")
-        if found[1] != saved:
+        found, saved = kind.sizes(module), tuple(entry[key] for key in kind.dims)
+        if found != saved:
             raise CheckpointError(f"layer {name!r}: the checkpoint's {entry['kind']} is {saved[0]} -> {saved[1]}, "
-                                  f"the model's {found[1][0]} -> {found[1][1]}")
-        if entry["kind"] == "linear" and isinstance(module, (nn.Linear, SpectralLinear)):
-            has_bias = module.bias is not None
-            if has_bias != entry["bias"]:
-                raise CheckpointError(f"layer {name!r}: bias={entry['bias']} in the checkpoint, bias={has_bias} in the model")
+                                  f"the model's {found[0]} -> {found[1]}")
+        if "bias" in entry and (getattr(module, "bias", None) is not None) != entry["bias"]:
+            raise CheckpointError(f"layer {name!r}: bias={entry['bias']} in the checkpoint, "
+                                  f"bias={not entry['bias']} in the model")
         if entry.get("residual"):
-            _check_residual_base(name, module, entry["residual"])
+            _check_residual_base(name, module, kind, entry["residual"])
         plan[name] = module
     return plan
 
 
-def _check_residual_base(name: str, module: nn.Module, residual: Dict[str, Any]) -> None:
+def _check_residual_base(name: str, module: nn.Module, kind: LayerKind, residual: Dict[str, Any]) -> None:
     """A residual layer is rebuilt from the base weight it was cut from: ``module`` must be that
     dense layer, with real values equal (SHA-256) to the ones at conversion."""
-    if not isinstance(module, nn.Linear):
+    if not kind.is_dense(module):
         raise CheckpointError(f"layer {name!r} is a residual layer: load the checkpoint into the base model, whose "
                               f"dense weight rebuilds its residual (found a {type(module).__name__})")
-    if module.weight.is_meta:
+    weight = kind.matrix(module)
+    if weight.is_meta:
         raise CheckpointError(f"layer {name!r} is a residual layer: its base weight must be loaded (it is on the "
                               "meta device)")
-    if weight_fingerprint(module.weight) != residual["base_fingerprint"]:
+    if weight_fingerprint(weight) != residual["base_fingerprint"]:
         raise CheckpointError(f"layer {name!r}: the model's weight is not the base weight this residual checkpoint "
                               "was converted from (SHA-256 differs)")
 
 
 def _build(entry: Dict[str, Any]) -> SpectralModule:
-    dtype = _DTYPES[entry["dtype"]]
-    if entry["kind"] == "linear":
-        residual = entry.get("residual")
-        layer = SpectralLinear(entry["in_features"], entry["out_features"], entry["rank"], bias=entry["bias"],
-                               device="meta", dtype=dtype, retraction=entry["retraction"],
-                               residual_dtype=_DTYPES[residual["dtype"]] if residual else None)
-        if residual and residual.get("blocks"):
-            layer.set_residual_blocks(residual["blocks"])
-        return layer
-    return SpectralEmbedding(entry["num_embeddings"], entry["embedding_dim"], entry["rank"],
-                             padding_idx=entry["padding_idx"], device="meta", dtype=dtype, retraction=entry["retraction"])
+    """The checkpoint entry's layer, on ``meta``."""
+    residual = entry.get("residual")
+    layer = kind_named(entry["kind"]).build(entry, device="meta", dtype=_DTYPES[entry["dtype"]],
+                                            retraction=entry["retraction"],
+                                            residual_dtype=_DTYPES[residual["dtype"]] if residual else None)
+    if residual and residual.get("blocks"):
+        assert isinstance(layer, SpectralLinear)
+        layer.set_residual_blocks(residual["blocks"])
+    return layer
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -462,6 +456,23 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     directory = pathlib.Path(directory)
     config = read_config(directory)
     recipe = read_recipe(directory, config)
+    plan, state = _verify(model, directory, config, verify)
+    bases = {name: kind_named(entry["kind"]).matrix(plan[name]).detach()  # _plan made sure each is dense
+             for name, entry in config["layers"].items() if entry.get("residual")}
+    # everything fits: convert, materialise, load
+    result, homes = _convert_layers(model, config, plan)
+    _materialise(result, homes, torch.device(device) if device is not None else torch.device("cpu"))
+    _load(result, config, state, bases)
+    if recipe is not None:
+        setattr(result, "spectral_config", recipe)  # noqa: B010 (nn.Module types attributes as Tensor | Module)
+    return result
+
+
+def _verify(model: nn.Module, directory: pathlib.Path, config: Dict[str, Any],
+            verify: bool) -> Tuple[Dict[str, nn.Module], Dict[str, torch.Tensor]]:
+    """Every check before ``model`` changes: each saved layer against the model, each tensor's name,
+    shape and dtype against the model and the file, and (``verify``) the file's checksum and the
+    spectral values. Returns the modules to replace and the file's tensors."""
     weights = directory / WEIGHTS_NAME
     files = _weight_file(weights, config, verify)
     plan = _plan(model, config)
@@ -470,20 +481,25 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     if set(stored) != listed:
         diff = sorted(listed ^ set(stored))
         raise CheckpointError(f"{weights} does not hold the tensors {CONFIG_NAME} lists (e.g. {diff[0]!r})")
+    _check_shapes(model, config, plan, weights)
+    for qname, record in stored.items():
+        entry = config["tensors"][qname]
+        if list(record.shape) != entry["shape"] or record.dtype != _DTYPES[entry["dtype"]]:
+            raise CheckpointError(f"{weights}: tensor {qname!r} is {_dtype_name(record.dtype)} {list(record.shape)}, "
+                                  f"{CONFIG_NAME} says {entry['dtype']} {entry['shape']} (a damaged or hand-edited checkpoint?)")
+    # one pass over the file, checksummed and probed block by block while each block is in cache
+    return plan, read_weights(weights, files, ValueCheck(config["layers"], weights) if verify else None, CONFIG_NAME)
 
-    # the state-dict names and shapes the converted model will have, checked against the file
-    expected: Dict[str, Tuple[int, ...]] = {}
-    for qname, t in model.state_dict(keep_vars=True).items():
-        owner, _, _ = qname.rpartition(".")
-        if owner in plan:
-            continue  # a tensor of a layer that is replaced by its spectral form below
-        expected[qname] = tuple(t.shape)
+
+def _check_shapes(model: nn.Module, config: Dict[str, Any], plan: Dict[str, nn.Module], weights: pathlib.Path) -> None:
+    """The state-dict names and shapes the converted model will have, checked against the file's."""
+    current = model.state_dict(keep_vars=True)
+    expected = {qname: tuple(t.shape) for qname, t in current.items()
+                if qname.rpartition(".")[0] not in plan}  # a replaced layer's tensors: its spectral ones below
     for name, entry in config["layers"].items():
         prefix = f"{name}." if name else ""
-        for key, shape in _expected_shapes(entry).items():
-            expected[prefix + key] = shape
+        expected.update((prefix + key, shape) for key, shape in _expected_shapes(entry).items())
     base = config.get("base_tensors") or {}
-    current = model.state_dict(keep_vars=True)
     for qname, shape in expected.items():
         source = config["tied"].get(qname, qname)
         if source not in config["tensors"] and qname in base:
@@ -497,19 +513,15 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     for qname in list(config["tensors"]) + list(config["tied"]) + list(base):
         if qname not in expected:
             raise CheckpointError(f"tensor {qname!r} of the checkpoint has no place in this {type(model).__name__}")
-    for qname, record in stored.items():
-        entry = config["tensors"][qname]
-        if list(record.shape) != entry["shape"] or record.dtype != _DTYPES[entry["dtype"]]:
-            raise CheckpointError(f"{weights}: tensor {qname!r} is {_dtype_name(record.dtype)} {list(record.shape)}, "
-                                  f"{CONFIG_NAME} says {entry['dtype']} {entry['shape']} (a damaged or hand-edited checkpoint?)")
-    bases = {name: cast(nn.Linear, plan[name]).weight.detach()  # _check_residual_base made sure it is
-             for name, entry in config["layers"].items() if entry.get("residual")}
-    # one pass over the file, checksummed and probed block by block while each block is in cache
-    state = read_weights(weights, files, ValueCheck(config["layers"], weights) if verify else None, CONFIG_NAME)
 
-    # everything fits: convert, materialise, load
+
+def _convert_layers(model: nn.Module, config: Dict[str, Any],
+                    plan: Dict[str, nn.Module]) -> Tuple[nn.Module, Dict[int, torch.device]]:
+    """Every saved layer rebuilt on ``meta`` (one already spectral at the saved rank is kept) and the
+    saved ties restored. Returns the model (a new layer if ``model`` itself was the saved layer) and
+    the device of each layer that was converted from real parameters (they never move)."""
     result = model
-    homes: Dict[int, torch.device] = {}  # a layer converted from real parameters stays on their device
+    homes: Dict[int, torch.device] = {}
     for name, entry in config["layers"].items():
         module = plan[name]
         if isinstance(module, SpectralModule) and module.rank == entry["rank"]:
@@ -528,15 +540,20 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
         if alias in params and source in params and params[alias] is not params[source]:
             owner, _, key = alias.rpartition(".")
             result.get_submodule(owner)._parameters[key] = params[source]
-    target = torch.device(device) if device is not None else torch.device("cpu")
+    return result, homes
+
+
+def _materialise(model: nn.Module, homes: Dict[int, torch.device], target: torch.device) -> None:
+    """Every ``meta`` parameter and buffer of ``model`` as an empty real tensor of the same kind
+    (on its layer's home, else ``target``); a tied parameter stays one tensor."""
     fresh: Dict[int, Any] = {}  # Parameter, ManifoldParameter or buffer, by the meta tensor's id
-    for module, key, qname, t, is_param in list(_named_tensors(result)):
+    for module, key, qname, t, is_param in list(_named_tensors(model)):
         if not t.is_meta:
             continue
         if not is_param and key in getattr(module, "_non_persistent_buffers_set", ()):
             raise CheckpointError(f"buffer {qname!r} is on the meta device and is not saved in checkpoints: "
                                   "build the model with real buffers (init_empty_weights(include_buffers=False))")
-        if id(t) not in fresh:  # a tied parameter stays one tensor
+        if id(t) not in fresh:
             data = torch.empty(t.shape, dtype=t.dtype, device=homes.get(id(module), target))
             if isinstance(t, geoopt.ManifoldParameter):
                 fresh[id(t)] = geoopt.ManifoldParameter(data, manifold=t.manifold, requires_grad=t.requires_grad)
@@ -545,22 +562,26 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
             else:
                 fresh[id(t)] = data
         (module._parameters if is_param else module._buffers)[key] = fresh[id(t)]
-    for module in result.modules():
+    for module in model.modules():
         if isinstance(module, SpectralModule):
             module.register_factors()
+
+
+def _load(model: nn.Module, config: Dict[str, Any], state: Dict[str, torch.Tensor],
+          bases: Dict[str, torch.Tensor]) -> None:
+    """The checkpoint's tensors into ``model`` (tied names included); residual layers rebuild their
+    residual from their base weight (``bases``, by layer name)."""
     for alias, source in config["tied"].items():
         state[alias] = state[source]
-    missing, _ = result.load_state_dict(state, strict=not base)
+    base = config.get("base_tensors") or {}
+    missing, _ = model.load_state_dict(state, strict=not base)
     if set(missing) - set(base):  # checked above; a partial load leaves exactly the base tensors as they are
         raise CheckpointError(f"tensor {sorted(set(missing) - set(base))[0]!r} was not loaded")
-    modules = dict(result.named_modules())
+    modules = dict(model.named_modules())
     for name, weight in bases.items():
         layer = modules[name]
         assert isinstance(layer, SpectralLinear)
         layer.attach_residual(weight)
-    if recipe is not None:
-        setattr(result, "spectral_config", recipe)  # noqa: B010 (nn.Module types attributes as Tensor | Module)
-    return result
 
 
 def read_recipe(directory: os.PathLike | str, config: Optional[Dict[str, Any]] = None) -> Optional[SpectralConfig]:
@@ -592,6 +613,27 @@ def _check_base_tensor(qname: str, tensor: Optional[torch.Tensor], saved: Dict[s
 
 
 @torch.no_grad()
+def _optimizer_index(optimizer: torch.optim.Optimizer, saved: Dict[str, Any], names: Dict[int, str]) -> Dict[str, int]:
+    """Each parameter's name -> its index in the state dict to load, after checking that the
+    optimizer's groups hold exactly the saved groups' parameters (by name, in any order)."""
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise CheckpointError(f"the checkpoint has {len(saved['param_groups'])} param groups, "
+                              f"the optimizer {len(optimizer.param_groups)}")
+    index: Dict[str, int] = {}
+    for gi, (group, entry) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+        mine = []
+        for p in group["params"]:
+            if id(p) not in names:
+                raise CheckpointError(f"optimizer param_groups[{gi}] holds a tensor that is not a parameter of the model")
+            mine.append(names[id(p)])
+        if sorted(mine) != sorted(entry["params"]):
+            raise CheckpointError(f"param group {gi}: the checkpoint's parameters {sorted(set(entry['params']) ^ set(mine))[:3]} "
+                                  "do not match the optimizer's")
+        for name in mine:
+            index[name] = len(index)
+    return index
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, directory: os.PathLike | str) -> None:
     """Restore the optimizer saved by ``save_spectral(model, directory, optimizer)`` into
     ``optimizer``, a new optimizer of the same class over the loaded ``model``'s parameters in
@@ -605,23 +647,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dir
     if saved["class"] != type(optimizer).__name__:
         raise CheckpointError(f"the checkpoint holds a {saved['class']} state, the optimizer is a {type(optimizer).__name__}")
     names = _param_names(model)
-    if len(saved["param_groups"]) != len(optimizer.param_groups):
-        raise CheckpointError(f"the checkpoint has {len(saved['param_groups'])} param groups, "
-                              f"the optimizer {len(optimizer.param_groups)}")
-    index: Dict[str, int] = {}
-    i = 0
-    for gi, (group, entry) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
-        mine = []
-        for p in group["params"]:
-            if id(p) not in names:
-                raise CheckpointError(f"optimizer param_groups[{gi}] holds a tensor that is not a parameter of the model")
-            mine.append(names[id(p)])
-        if sorted(mine) != sorted(entry["params"]):
-            raise CheckpointError(f"param group {gi}: the checkpoint's parameters {sorted(set(entry['params']) ^ set(mine))[:3]} "
-                                  "do not match the optimizer's")
-        for name in mine:
-            index[name] = i
-            i += 1
+    index = _optimizer_index(optimizer, saved, names)
     opt_file = pathlib.Path(directory) / OPTIMIZER_NAME
     tensors: Dict[str, torch.Tensor] = {}
     if opt_file.is_file():

@@ -7,7 +7,7 @@ import heapq
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from .calibration import (
 )
 from .checks import is_int
 from .config import SpectralConfig
-from .layers import SpectralEmbedding, SpectralLinear, SpectralModule, check_rank
+from .kinds import LayerKind, dense_kind, spectral_kind
+from .layers import SpectralModule, check_rank
 from .rank import select_rank, spectral_params
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
@@ -109,23 +110,28 @@ class ConversionReport(list):
         return "\n".join(rows)
 
 
-Dense = Union[nn.Linear, nn.Embedding]  # the module kinds spectralize converts
-
-
-def _record(name: str, module: Dense, new: Optional[SpectralModule], note: str,
+def _record(name: str, module: nn.Module, new: Optional[SpectralModule], note: str,
             kept: Optional[float] = None) -> LayerConversion:
     """The report line of a candidate layer, converted to ``new`` or (``None``) left dense. The
     kept energy is ``sum(s^2) / ||W||_F^2``: the truncated SVD keeps the ``k`` largest singular
     values (a calibrated conversion passes the whitened spectrum's kept fraction as ``kept``)."""
     dense = sum(p.numel() for p in module.parameters())
-    kind = "linear" if isinstance(module, nn.Linear) else "embedding"
-    shape = (int(module.weight.shape[0]), int(module.weight.shape[1]))
+    kind = _kind(module)
+    weight = kind.matrix(module)
+    shape = (int(weight.shape[0]), int(weight.shape[1]))
     if new is None:
-        return LayerConversion(name, kind, shape, None, None, dense, dense, note)
-    if kept is None and not module.weight.is_meta:
-        total = float(module.weight.detach().double().square().sum())
+        return LayerConversion(name, kind.name, shape, None, None, dense, dense, note)
+    if kept is None and not weight.is_meta:
+        total = float(weight.detach().double().square().sum())
         kept = float(new.s.detach().double().square().sum()) / total if total > 0 else 1.0
-    return LayerConversion(name, kind, shape, new.rank, kept, dense, sum(p.numel() for p in new.parameters()), note)
+    return LayerConversion(name, kind.name, shape, new.rank, kept, dense, sum(p.numel() for p in new.parameters()),
+                           note)
+
+
+def _kind(module: nn.Module) -> LayerKind:
+    kind = dense_kind(module)
+    assert kind is not None, type(module)
+    return kind
 
 
 def _max_profitable_rank(m: int, n: int) -> int:
@@ -196,7 +202,8 @@ def spectralize(
     budget_fraction: Optional[float] = None,
     config: Optional[SpectralConfig] = None,
 ):
-    """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place.
+    """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place (GPT-2's
+    ``Conv1D`` by :class:`~stiefel_sct.SpectralConv1D`; the kinds are :data:`~stiefel_sct.kinds.KINDS`).
 
     The recipe is either a :class:`~stiefel_sct.SpectralConfig` (``spectralize(model, config)``
     or ``config=...``) or the keywords below, which build one; not both. The converted model
@@ -288,48 +295,54 @@ def spectralize(
     return (result, records) if report else result
 
 
+def _candidates(model: nn.Module, config: SpectralConfig, records: ConversionReport) -> List[Tuple[str, nn.Module]]:
+    """The layers the recipe selects, in module order; a tied layer that ``include`` did not name
+    is left dense, with a warning and a line in ``records``."""
+    tied = _tied_weights(model)
+    plan: List[Tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        kind = dense_kind(module)  # exact types: subclasses (quantized, LoRA, ...) are not ours to touch
+        if kind is None or (kind.name == "embedding" and not config.embeddings):
+            continue
+        if (config.include is not None and not match_module(name, config.include)) or (
+                config.exclude is not None and match_module(name, config.exclude)):
+            continue
+        if id(module.weight) in tied and config.include is None:
+            warnings.warn(f"spectralize: leaving {name or 'model'!r} dense, its weight is tied to another module",
+                          stacklevel=4)
+            records.append(_record(name, module, None, "left dense: weight tied to another module"))
+            continue
+        plan.append((name, module))
+    return plan
+
+
 def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Union[torch.device, str]],
                  calibration: Union[Iterable[Any], InputMoments, None],
                  calibration_forward: Optional[Callable[[nn.Module, Any], Any]]) -> Tuple[nn.Module, ConversionReport]:
     """:func:`spectralize` on a checked recipe: returns the converted model and its report."""
     rank, energy, budget = config.rank, config.energy, config.budget
-    include, exclude, embeddings = config.include, config.exclude, config.embeddings
     convert_small, retraction, damping = config.convert_small, config.retraction, config.damping
     residual_dtype = config.residual_torch_dtype
     if calibration is None and calibration_forward is not None:
         raise ValueError("calibration_forward needs calibration data (calibration=...)")
-    tied = _tied_weights(model)
-
-    kinds = (nn.Linear, nn.Embedding) if embeddings else (nn.Linear,)
-    plan: List[Tuple[str, Dense]] = []
     records = ConversionReport()
-    for name, module in model.named_modules():
-        if type(module) not in kinds or not isinstance(module, (nn.Linear, nn.Embedding)):
-            continue  # subclasses (quantized, LoRA, ...) are not ours to touch
-        if include is not None and not match_module(name, include):
-            continue
-        if exclude is not None and match_module(name, exclude):
-            continue
-        if id(module.weight) in tied and include is None:
-            warnings.warn(f"spectralize: leaving {name or 'model'!r} dense, its weight is tied to another module", stacklevel=2)
-            records.append(_record(name, module, None, "left dense: weight tied to another module"))
-            continue
-        plan.append((name, module))
+    plan = _candidates(model, config, records)
+    matrices = {name: _kind(module).matrix(module) for name, module in plan}  # each V diag(s) U^T-shaped
     if config.budget_fraction is not None:
-        dense = sum(module.weight.numel() for _, module in plan)
+        dense = sum(w.numel() for w in matrices.values())
         budget = sum(p.numel() for p in model.parameters()) - dense + int(config.budget_fraction * dense)
 
     whitened = _Whitened(model, plan, calibration, calibration_forward, damping) if calibration is not None else None
     ranks: Dict[str, Optional[int]] = {name: rank for name, _ in plan}
     if budget is not None:
-        if any(module.weight.is_meta for _, module in plan):
+        if any(w.is_meta for w in matrices.values()):
             raise ValueError("budget-based ranks need materialised weights; this model is on the meta device")
-        fixed = sum(p.numel() for p in model.parameters()) - sum(module.weight.numel() for _, module in plan)
+        fixed = sum(p.numel() for p in model.parameters()) - sum(w.numel() for w in matrices.values())
         if budget <= fixed:
             raise ValueError(f"budget must exceed the {fixed:,d} parameters that are not converted, got {budget:,d}")
         spectra = {name: whitened.spectrum(name) if whitened is not None and name in whitened
-                   else torch.linalg.svdvals(module.weight.detach().float()) for name, module in plan}
-        shapes = {name: (int(module.weight.shape[0]), int(module.weight.shape[1])) for name, module in plan}
+                   else torch.linalg.svdvals(w.detach().float()) for name, w in matrices.items()}
+        shapes = {name: (int(w.shape[0]), int(w.shape[1])) for name, w in matrices.items()}
         ranks = dict(budget_ranks(spectra, shapes, budget - fixed))
     result = model
     for name, module in plan:
@@ -366,11 +379,11 @@ class _Whitened:
     the spectra first (for a budget), the factors when a layer is converted; nothing model-sized
     is kept between layers."""
 
-    def __init__(self, model: nn.Module, plan: List[Tuple[str, Dense]], calibration: Any,
+    def __init__(self, model: nn.Module, plan: List[Tuple[str, nn.Module]], calibration: Any,
                  forward: Optional[Callable[[nn.Module, Any], Any]], damping: float) -> None:
-        self.linears = {name: m for name, m in plan if isinstance(m, nn.Linear)}
+        self.linears = {name: m for name, m in plan if _kind(m).residual}  # the linear kinds, Conv1D too
         for name, m in self.linears.items():
-            if m.weight.is_meta:
+            if _kind(m).matrix(m).is_meta:
                 raise ValueError(f"calibration needs materialised weights; layer {name!r} is on the meta device")
         if isinstance(calibration, InputMoments):
             missing = [name for name in self.linears if name not in calibration]
@@ -385,41 +398,30 @@ class _Whitened:
         return name in self.linears
 
     def spectrum(self, name: str) -> torch.Tensor:
-        return whitened_spectrum(self.linears[name].weight, self.moments.moment(name), self.damping, name)
+        linear = self.linears[name]
+        return whitened_spectrum(_kind(linear).matrix(linear), self.moments.moment(name), self.damping, name)
 
     def convert(self, name: str, rank: Optional[int], energy: Optional[float], convert_small: bool,
                 retraction: str, residual_dtype: Optional[torch.dtype]) -> Tuple[Optional[SpectralModule], float]:
         linear = self.linears[name]
-        P, S, Qh, chol = whitened_svd(linear.weight, self.moments.moment(name), self.damping, name)
-        k = _chosen_rank(rank, energy, S, linear.in_features, linear.out_features, convert_small)
+        kind = _kind(linear)
+        P, S, Qh, chol = whitened_svd(kind.matrix(linear), self.moments.moment(name), self.damping, name)
+        k = _chosen_rank(rank, energy, S, *kind.sizes(linear), convert_small)
         if k is None:
             return None, 1.0
         U, s, V = whitened_factors(P, S, Qh, chol, k)
-        layer = SpectralLinear.from_factors(linear, U, s, V, retraction=retraction, residual_dtype=residual_dtype)
+        layer = kind.from_factors(linear, U, s, V, retraction=retraction, residual_dtype=residual_dtype)
         sq = S.square()
         return layer, float(sq[:k].sum() / sq.sum()) if float(sq.sum()) > 0 else 1.0
 
 
-def _convert(module: Dense, rank: Optional[int], energy: Optional[float], convert_small: bool,
+def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], convert_small: bool,
              retraction: str, device, residual_dtype: Optional[torch.dtype] = None) -> Optional[SpectralModule]:
-    """The spectral counterpart of an ``nn.Linear``/``nn.Embedding``, or None where it would not shrink."""
-    cls: type[SpectralModule]
-    extra: Dict[str, Any]
-    if isinstance(module, nn.Linear):
-        rows, cols, cls = module.in_features, module.out_features, SpectralLinear
-        extra = {"bias": module.bias is not None}
-        linear = module
-
-        def factor(**kw) -> SpectralModule:
-            return SpectralLinear.from_linear(linear, retraction=retraction, residual_dtype=residual_dtype, **kw)
-    else:
-        rows, cols, cls = module.num_embeddings, module.embedding_dim, SpectralEmbedding
-        extra = {"padding_idx": module.padding_idx}
-        embedding = module
-
-        def factor(**kw) -> SpectralModule:
-            return SpectralEmbedding.from_embedding(embedding, retraction=retraction, **kw)
-    w = module.weight
+    """The spectral counterpart of a dense layer of any kind (:data:`~stiefel_sct.kinds.KINDS`), or
+    None where it would not shrink."""
+    kind = _kind(module)
+    rows, cols = kind.sizes(module)
+    w = kind.matrix(module)
     if rank is not None:
         k = min(rank, rows, cols) if convert_small else rank
         if not convert_small and (k > min(rows, cols) or not _profitable(k, rows, cols)):
@@ -429,12 +431,13 @@ def _convert(module: Dense, rank: Optional[int], energy: Optional[float], conver
             if residual_dtype is not None:
                 raise ValueError("residual mode needs materialised weights (the residual is the rest of each weight); "
                                  "this model is on the meta device")
-            return cls(rows, cols, k, device=device or "meta", dtype=w.dtype, retraction=retraction, **extra)
-        return factor(rank=k)
+            return kind.build({kind.dims[0]: rows, kind.dims[1]: cols, "rank": k, **kind.extra(module)},
+                              device=device or "meta", dtype=w.dtype, retraction=retraction)
+        return kind.from_dense(module, rank=k, energy=None, retraction=retraction, residual_dtype=residual_dtype)
     if w.is_meta:
         raise ValueError("energy-based rank selection needs materialised weights; "
                          "this model is on the meta device (use rank=...)")
-    layer = factor(energy=energy)
+    layer = kind.from_dense(module, rank=None, energy=energy, retraction=retraction, residual_dtype=residual_dtype)
     if not convert_small and not _profitable(layer.rank, rows, cols):
         return None
     return layer
@@ -442,8 +445,9 @@ def _convert(module: Dense, rank: Optional[int], energy: Optional[float], conver
 
 @torch.no_grad()
 def densify(model: nn.Module) -> nn.Module:
-    """Inverse of :func:`spectralize`: every :class:`SpectralLinear` back to ``nn.Linear`` and every
-    :class:`SpectralEmbedding` back to ``nn.Embedding``.
+    """Inverse of :func:`spectralize`: every spectral layer back to its dense kind
+    (:data:`~stiefel_sct.kinds.KINDS`: :class:`SpectralLinear` to ``nn.Linear``,
+    :class:`SpectralEmbedding` to ``nn.Embedding``, :class:`SpectralConv1D` to GPT-2's ``Conv1D``).
 
     The dense weights are materialised (``V diag(s) U^T``, plus the frozen residual of a residual
     layer: merged); use this for export. Returns ``model``
@@ -451,12 +455,10 @@ def densify(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(model, SpectralLinear):
-        return model.to_linear()
-    if isinstance(model, SpectralEmbedding):
-        return model.to_embedding()
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, (SpectralLinear, SpectralEmbedding))]
-    for name, module in targets:
-        dense = module.to_linear() if isinstance(module, SpectralLinear) else module.to_embedding()
-        _set_submodule(model, name, dense)
+    kind = spectral_kind(model)
+    if kind is not None:
+        return kind.to_dense(cast(SpectralModule, model))
+    targets = [(name, m, k) for name, m in model.named_modules() if (k := spectral_kind(m)) is not None]
+    for name, module, kind in targets:
+        _set_submodule(model, name, kind.to_dense(cast(SpectralModule, module)))
     return model

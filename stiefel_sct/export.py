@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import AtomicDirectory
-from .layers import SpectralLinear, SpectralModule
+from .layers import SpectralConv1D, SpectralLinear, SpectralModule
 
 __all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "export_peft_lora", "lora_factors"]
 
@@ -37,6 +37,36 @@ def lora_factors(layer: SpectralLinear) -> tuple:
     A = torch.cat([layer.U.detach(), layer.U0], dim=1).mT
     B = torch.cat([layer.V.detach() * layer.s.detach(), -(layer.V0 * layer.s0)], dim=1)
     return A.contiguous(), B.contiguous()
+
+
+def _residual_layers(model: nn.Module) -> Dict[str, SpectralLinear]:
+    """``model``'s residual layers by name, after checking that they are all it trained and that
+    they are of one kind (PEFT's ``fan_in_fan_out`` is one setting per adapter)."""
+    layers: Dict[str, SpectralLinear] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, SpectralModule):
+            continue
+        if not isinstance(module, SpectralLinear) or module.residual_dtype is None:
+            raise ValueError(f"export_peft_lora: layer {name!r} is a spectral layer without a residual; only a "
+                             "residual-mode model (spectralize(..., residual_dtype=...)) is a LoRA on its base")
+        if module.bias is not None and module.bias.requires_grad:
+            raise ValueError(f"export_peft_lora: layer {name!r} has a trainable bias, which a LoRA adapter does not "
+                             "carry; freeze it (bias.requires_grad_(False)) before training")
+        layers[name] = module
+    if not layers or "" in layers:
+        raise ValueError("export_peft_lora: model has no residual layer inside it to export")
+    conv = [n for n, m in layers.items() if isinstance(m, SpectralConv1D)]
+    if conv and len(conv) != len(layers):
+        linear = next(n for n in layers if n not in conv)
+        raise ValueError(f"export_peft_lora: the model mixes GPT-2 Conv1D layers ({conv[0]!r}) and nn.Linear layers "
+                         f"({linear!r}); PEFT's fan_in_fan_out is one setting per adapter: convert one kind only "
+                         "(spectralize(..., include=...))")
+    factor_ids = {id(p) for m in layers.values() for p in (m.U, m.s, m.V)}
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in factor_ids]
+    if trained:
+        raise ValueError(f"export_peft_lora: parameter {trained[0]!r} is trainable but not part of a residual layer's "
+                         f"factors ({len(trained)} in all); a LoRA adapter cannot carry it: freeze it before training")
+    return layers
 
 
 def export_peft_lora(model: nn.Module, directory: os.PathLike | str,
@@ -57,24 +87,8 @@ def export_peft_lora(model: nn.Module, directory: os.PathLike | str,
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    layers: Dict[str, SpectralLinear] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, SpectralModule):
-            continue
-        if not isinstance(module, SpectralLinear) or module.residual_dtype is None:
-            raise ValueError(f"export_peft_lora: layer {name!r} is a spectral layer without a residual; only a "
-                             "residual-mode model (spectralize(..., residual_dtype=...)) is a LoRA on its base")
-        if module.bias is not None and module.bias.requires_grad:
-            raise ValueError(f"export_peft_lora: layer {name!r} has a trainable bias, which a LoRA adapter does not "
-                             "carry; freeze it (bias.requires_grad_(False)) before training")
-        layers[name] = module
-    if not layers or "" in layers:
-        raise ValueError("export_peft_lora: model has no residual layer inside it to export")
-    factor_ids = {id(p) for m in layers.values() for p in (m.U, m.s, m.V)}
-    trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in factor_ids]
-    if trained:
-        raise ValueError(f"export_peft_lora: parameter {trained[0]!r} is trainable but not part of a residual layer's "
-                         f"factors ({len(trained)} in all); a LoRA adapter cannot carry it: freeze it before training")
+    layers = _residual_layers(model)
+    conv = sorted(n for n, m in layers.items() if isinstance(m, SpectralConv1D))  # GPT-2's (in, out) storage
     tensors: Dict[str, torch.Tensor] = {}
     ranks: Dict[str, int] = {}
     for name, layer in layers.items():
@@ -86,7 +100,7 @@ def export_peft_lora(model: nn.Module, directory: os.PathLike | str,
     pattern = {name: k for name, k in ranks.items() if k != r}
     config: Dict[str, Any] = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "r": r, "lora_alpha": r, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": bool(conv),
         "target_modules": sorted(layers), "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "init_lora_weights": True, "use_rslora": False, "use_dora": False, "modules_to_save": None,
         "inference_mode": True,

@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
 import torch
 
 from .checks import is_int
+from .kinds import KINDS
 from .manifold import RETRACTIONS
 
 __all__ = ["CheckpointError", "TensorRecord", "ValueCheck", "check_spectral_tensors", "file_checksum", "read_header",
@@ -135,39 +136,42 @@ def _dict(path: pathlib.Path, value: Any, where: str) -> Dict[str, Any]:
     return value
 
 
-def _layer(path: pathlib.Path, name: str, entry: Any, dtypes: Mapping[str, torch.dtype]) -> None:
-    where = f"layers[{name!r}]"
+def _layer(path: pathlib.Path, layer: str, entry: Any, dtypes: Mapping[str, torch.dtype]) -> None:
+    where = f"layers[{layer!r}]"
     entry = _dict(path, entry, where)
-    kind = _need(path, entry, "kind", where)
-    dims = {"linear": ("in_features", "out_features"), "embedding": ("num_embeddings", "embedding_dim")}
-    if kind not in dims:
-        raise _fail(path, f"{where}.kind", f"must be one of {tuple(dims)}, got {kind!r}")
-    m, n = (_int(path, _need(path, entry, key, where), f"{where}.{key}", 1) for key in dims[kind])
+    name = _need(path, entry, "kind", where)
+    kind = next((k for k in KINDS if k.name == name), None)
+    if kind is None:
+        raise _fail(path, f"{where}.kind", f"must be one of {tuple(k.name for k in KINDS)}, got {name!r}")
+    m, n = (_int(path, _need(path, entry, key, where), f"{where}.{key}", 1) for key in kind.dims)
     _int(path, _need(path, entry, "rank", where), f"{where}.rank", 1, min(m, n))
     if _need(path, entry, "retraction", where) not in RETRACTIONS:
         raise _fail(path, f"{where}.retraction", f"must be one of {RETRACTIONS}, got {entry['retraction']!r}")
     if _need(path, entry, "dtype", where) not in dtypes or not dtypes[entry["dtype"]].is_floating_point:
         raise _fail(path, f"{where}.dtype", f"must be a floating dtype name, got {entry['dtype']!r}")
-    if kind == "linear":
+    if kind.residual:  # the linear kinds
         if not isinstance(_need(path, entry, "bias", where), bool):
             raise _fail(path, f"{where}.bias", f"must be true or false, got {entry['bias']!r}")
-        residual = entry.get("residual")
-        if residual is not None:
-            residual = _dict(path, residual, f"{where}.residual")
-            if _need(path, residual, "dtype", f"{where}.residual") not in dtypes:
-                raise _fail(path, f"{where}.residual.dtype", f"must be a dtype name, got {residual['dtype']!r}")
-            if not isinstance(_need(path, residual, "base_fingerprint", f"{where}.residual"), str):
-                raise _fail(path, f"{where}.residual.base_fingerprint", "must be a string")
-            blocks = residual.get("blocks")
-            if blocks is not None:
-                if not isinstance(blocks, list) or not blocks:
-                    raise _fail(path, f"{where}.residual.blocks", f"must be a non-empty list of ints, got {blocks!r}")
-                for i, b in enumerate(blocks):
-                    _int(path, b, f"{where}.residual.blocks[{i}]", 1, min(m, n))
+        if entry.get("residual") is not None:
+            _residual(path, f"{where}.residual", entry["residual"], min(m, n), dtypes)
     else:
         pad = _need(path, entry, "padding_idx", where)
         if pad is not None:
             _int(path, pad, f"{where}.padding_idx", -m, m - 1)
+
+
+def _residual(path: pathlib.Path, where: str, residual: Any, max_rank: int, dtypes: Mapping[str, torch.dtype]) -> None:
+    residual = _dict(path, residual, where)
+    if _need(path, residual, "dtype", where) not in dtypes:
+        raise _fail(path, f"{where}.dtype", f"must be a dtype name, got {residual['dtype']!r}")
+    if not isinstance(_need(path, residual, "base_fingerprint", where), str):
+        raise _fail(path, f"{where}.base_fingerprint", "must be a string")
+    blocks = residual.get("blocks")
+    if blocks is not None:
+        if not isinstance(blocks, list) or not blocks:
+            raise _fail(path, f"{where}.blocks", f"must be a non-empty list of ints, got {blocks!r}")
+        for i, b in enumerate(blocks):
+            _int(path, b, f"{where}.blocks[{i}]", 1, max_rank)
 
 
 def _tensor_entry(path: pathlib.Path, where: str, entry: Any, dtypes: Mapping[str, torch.dtype]) -> None:

@@ -16,7 +16,8 @@ from .manifold import Stiefel, compute_dtype, is_stiefel, retract, stiefel_manif
 from .rank import select_rank, spectral_params
 from .triples import register_factors
 
-__all__ = ["RESIDUAL_DTYPES", "SpectralEmbedding", "SpectralLinear", "SpectralModule", "check_rank", "spectral_linear",
+__all__ = ["RESIDUAL_DTYPES", "SpectralConv1D", "SpectralEmbedding", "SpectralLinear", "SpectralModule", "check_rank",
+           "conv1d_as_linear", "spectral_linear",
            "weight_fingerprint"]
 
 # dtypes a frozen residual may be stored in (bf16 halves its memory; it is never trained)
@@ -562,3 +563,50 @@ class SpectralEmbedding(SpectralModule):
                 + (f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
                 + f", compression={self.compression:.1f}x")
 
+
+
+def conv1d_as_linear(conv: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` over GPT-2 ``Conv1D`` ``conv``'s own storage (its weight ``(in, out)``
+    seen transposed, its bias shared; nothing copied, nothing trainable): what the linear
+    conversions read."""
+    weight, bias = getattr(conv, "weight"), getattr(conv, "bias", None)  # noqa: B009 (typed Tensor | Module)
+    assert isinstance(weight, torch.Tensor)
+    nx, nf = weight.shape
+    linear = nn.Linear(nx, nf, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight.detach().t(), requires_grad=False)
+    if isinstance(bias, torch.Tensor):
+        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return linear
+
+
+class SpectralConv1D(SpectralLinear):
+    """GPT-2's ``Conv1D`` (``transformers.pytorch_utils.Conv1D``: ``y = x @ W + b`` with ``W``
+    stored ``(in, out)``) in spectral form.
+
+    The same layer as :class:`SpectralLinear` of ``W^T`` (``V``: ``(out, k)``, ``U``: ``(in, k)``,
+    residual mode included); what differs is its dense form: it converts from a ``Conv1D``
+    (:meth:`from_conv1d`) and densifies back to one (:meth:`to_conv1d`), so a densified GPT-2 has
+    the original architecture's modules and state-dict shapes, and a checkpoint records it as its
+    own layer kind."""
+
+    @classmethod
+    @torch.no_grad()
+    def from_conv1d(cls, conv: nn.Module, rank: Optional[int] = None, energy: Optional[float] = None,
+                    retraction: str = "qr", residual_dtype: Optional[torch.dtype] = None) -> SpectralConv1D:
+        """Factor a (trained) ``Conv1D`` by truncated SVD of ``W^T`` (as :meth:`SpectralLinear.from_linear`)."""
+        layer = cls.from_linear(conv1d_as_linear(conv), rank, energy, retraction, residual_dtype)
+        assert isinstance(layer, SpectralConv1D)
+        return layer
+
+    @torch.no_grad()
+    def to_conv1d(self) -> nn.Module:
+        """An equivalent ``Conv1D`` (dense weight materialised, stored ``(in, out)``). Export only."""
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(self.out_features, self.in_features).to(device=self.U.device, dtype=self.U.dtype)
+        conv.weight.copy_(self.dense_weight().mT)
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        else:
+            conv.bias.zero_()
+        return conv
