@@ -105,59 +105,16 @@ def collect_input_moments(model: nn.Module, layers: Mapping[str, nn.Module], bat
     """
     if not layers:
         raise ValueError("calibration: no layer to calibrate")
-    sums: Dict[str, torch.Tensor] = {}
-    counts: Dict[str, int] = {}
-    leaders: Dict[str, str] = {}
-    # "the same input" means the same tensor object, unmodified: a weak reference proves identity
-    # (a data pointer does not: a freed activation's memory is reused by the next one)
-    seen: Dict[str, Tuple[weakref.ref, int]] = {}   # this batch: layer -> its input
-    readers: List[Tuple[weakref.ref, int, str]] = []  # this batch: input -> the first layer that read it
-    first = [True]
-
-    def same(entry: Optional[Tuple[weakref.ref, int]], x: torch.Tensor) -> bool:
-        return entry is not None and entry[0]() is x and entry[1] == x._version
-
-    def hook_for(name: str):
-        def hook(module: nn.Module, args: Tuple) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                raise TypeError(f"calibration: layer {name!r} was called without a tensor input")
-            x = args[0]
-            if first[0] and name not in leaders:
-                leaders[name] = next((who for ref, version, who in readers if same((ref, version), x)), name)
-            leader = leaders[name]
-            if leader != name:
-                if not same(seen.get(leader), x):
-                    raise RuntimeError(f"calibration: layers {leader!r} and {name!r} read the same input in the "
-                                       "first batch but not in a later one")
-                seen[name] = (weakref.ref(x), x._version)
-                return
-            flat = x.detach().reshape(-1, x.shape[-1])
-            if flat.dtype not in (torch.float32, torch.float64):
-                flat = flat.float()
-            if not bool(torch.isfinite(flat).all()):
-                raise ValueError(f"calibration: layer {name!r} received a non-finite input")
-            if name not in sums:
-                sums[name] = flat.new_zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
-                counts[name] = 0
-            # one batch's Gram matrix in fp32 (a float64 GEMM is ~4x slower here: 80 s for SmolLM2's
-            # 8,192 tokens), summed across batches in float64
-            sums[name] += flat.mT @ flat
-            counts[name] += flat.shape[0]
-            seen[name] = (weakref.ref(x), x._version)
-            readers.append((weakref.ref(x), x._version, name))
-
-        return hook
-
-    handles = [module.register_forward_pre_hook(hook_for(name)) for name, module in layers.items()]
+    collector = _Collector()
+    handles = [module.register_forward_pre_hook(collector.hook(name)) for name, module in layers.items()]
     was_training = model.training
     model.eval()
     n_batches = 0
     try:
         for batch in batches:
-            seen.clear()
-            readers.clear()
+            collector.start_batch()
             _run(model, batch, forward)
-            first[0] = False
+            collector.first = False
             n_batches += 1
     finally:
         for h in handles:
@@ -165,11 +122,69 @@ def collect_input_moments(model: nn.Module, layers: Mapping[str, nn.Module], bat
         model.train(was_training)
     if n_batches == 0:
         raise ValueError("calibration: the calibration data yielded no batch")
-    missing = [name for name in layers if name not in leaders]
+    missing = [name for name in layers if name not in collector.leaders]
     if missing:
         raise ValueError(f"calibration: layer {missing[0]!r} was never called by the model on the calibration "
                          f"batches ({len(missing)} layer(s) in all)")
-    return InputMoments(sums, counts, leaders)
+    return InputMoments(collector.sums, collector.counts, collector.leaders)
+
+
+class _Collector:
+    """The hooks' shared state: per leader a float64 sum of ``X^T X`` and a row count; per layer
+    its leader (the first layer that read the same input tensor in the first batch).
+
+    "The same input" means the same tensor object, unmodified: a weak reference proves identity
+    (a data pointer does not: a freed activation's memory is reused by the next one)."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, int] = {}
+        self.leaders: Dict[str, str] = {}
+        self.first = True
+        self._seen: Dict[str, Tuple[weakref.ref, int]] = {}   # this batch: layer -> its input
+        self._readers: List[Tuple[weakref.ref, int, str]] = []  # this batch: input -> the first layer that read it
+
+    def start_batch(self) -> None:
+        self._seen.clear()
+        self._readers.clear()
+
+    @staticmethod
+    def _same(entry: Optional[Tuple[weakref.ref, int]], x: torch.Tensor) -> bool:
+        return entry is not None and entry[0]() is x and entry[1] == x._version
+
+    def hook(self, name: str) -> Callable[[nn.Module, Tuple], None]:
+        def hook(module: nn.Module, args: Tuple) -> None:
+            if not args or not isinstance(args[0], torch.Tensor):
+                raise TypeError(f"calibration: layer {name!r} was called without a tensor input")
+            self.read(name, args[0])
+
+        return hook
+
+    def read(self, name: str, x: torch.Tensor) -> None:
+        """Layer ``name`` reads ``x``: add ``x``'s Gram matrix to its sum, unless it shares its leader's."""
+        if self.first and name not in self.leaders:
+            self.leaders[name] = next((who for ref, version, who in self._readers if self._same((ref, version), x)),
+                                      name)
+        leader = self.leaders[name]
+        self._seen[name] = (weakref.ref(x), x._version)
+        if leader != name:
+            if not self._same(self._seen.get(leader), x):
+                raise RuntimeError(f"calibration: layers {leader!r} and {name!r} read the same input in the "
+                                   "first batch but not in a later one")
+            return
+        flat = x.detach().reshape(-1, x.shape[-1])
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError(f"calibration: layer {name!r} received a non-finite input")
+        if name not in self.sums:
+            self.sums[name] = flat.new_zeros(flat.shape[1], flat.shape[1], dtype=torch.float64)
+            self.counts[name] = 0
+        # one batch's Gram matrix in fp32 (a float64 GEMM is ~4x slower here: 80 s for SmolLM2's
+        # 8,192 tokens), summed across batches in float64
+        self.sums[name] += flat.mT @ flat
+        self.counts[name] += flat.shape[0]
+        self._readers.append((weakref.ref(x), x._version, name))
 
 
 def check_damping(damping: object) -> float:

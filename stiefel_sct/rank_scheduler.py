@@ -265,7 +265,14 @@ class RankScheduler:
         # the running sum of each param group's lr over the steps, and its value at each event
         self.lr_sums: List[float] = [0.0] * len(optimizer.param_groups)
         self.lr_at: Dict[int, List[float]] = {}
-        layers = self._layers()
+        self._check_layers(self._layers())
+        # growth="gradient": per compact layer, the sketch the backward before the next event fills
+        self._sketches: Dict[str, GradientSketch] = {}
+        self._arm()
+
+    def _check_layers(self, layers: List[Tuple[str, Any]]) -> None:
+        """The layers this scheduler's settings can serve: at least one; one kind under a growing
+        budget; linear layers for gradient growth."""
         if not layers:
             raise ValueError("the optimizer holds no spectral layer (U, s and V of one layer all in it)")
         kinds = {getattr(layer, "residual_dtype", None) is not None for _, layer in layers}
@@ -273,15 +280,11 @@ class RankScheduler:
             raise NotImplementedError("a budget over residual-mode and compact spectral layers together: their growth "
                                       "scores (a residual's singular values, a compact layer's gradient energy) are "
                                       "not comparable; schedule the two kinds with two RankSchedulers")
-        if self.growth == "gradient" and self.grow:
-            for name, layer in layers:
-                if getattr(layer, "residual_dtype", None) is None and not isinstance(layer, SpectralLinear):
-                    raise NotImplementedError(f"growth='gradient' sketches a linear layer's weight gradient from its "
-                                              f"inputs and output gradients; {name} is a {type(layer).__name__}: use "
-                                              "growth='factors', or a second RankScheduler without it")
-        # growth="gradient": per compact layer, the sketch the backward before the next event fills
-        self._sketches: Dict[str, GradientSketch] = {}
-        self._arm()
+        for name, layer in layers if self.growth == "gradient" and self.grow else ():
+            if getattr(layer, "residual_dtype", None) is None and not isinstance(layer, SpectralLinear):
+                raise NotImplementedError(f"growth='gradient' sketches a linear layer's weight gradient from its "
+                                          f"inputs and output gradients; {name} is a {type(layer).__name__}: use "
+                                          "growth='factors', or a second RankScheduler without it")
 
     # ------------------------------------------------------------------------------ discovery
     def _layers(self) -> List[Tuple[str, Any]]:
