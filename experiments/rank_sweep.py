@@ -134,11 +134,11 @@ class Config:
 
 PRESETS = {
     "quick": {},
-    # first contact (the README's main command): a third of the steps, two learning rates picked in
-    # 20-step runs, the schedule comparison and ablations at rank 64 (150 steps and rank 128 took
-    # 490 s on a 2-core EPYC, this 281 s with 30-step sweeps)
-    "fast": dict(steps=100, warmup=10, lr_sweep=[1e-3, 3e-3], sweep_steps=20, schedule_rank=64, eval_every=50,
-                 eval_batches=8, ckpt_every=50),
+    # first contact (the README's main command): a sixth of the steps, two learning rates picked in
+    # 10-step runs, the schedule comparison and ablations at rank 64 (100 steps with 20-step sweeps
+    # took 411 s on a 2-core EPYC once the adaptive arm and the ablations had joined; this about half)
+    "fast": dict(steps=50, warmup=5, lr_sweep=[1e-3, 3e-3], sweep_steps=10, schedule_rank=64, eval_every=25,
+                 eval_batches=8, ckpt_every=25),
     "paper": dict(shape="1.7B", layers=None, ranks=[32, 64, 128, 256], steps=2000, batch=16, seq=512,
                   vocab=49152, warmup=100, sweep_steps=400, lr_sweep=[3e-4, 1e-3, 3e-3], schedule_rank=128,
                   eval_every=200, eval_batches=32, ckpt_every=200),
