@@ -72,13 +72,14 @@ def riemannian_manifold(p: torch.Tensor, retraction: str):
     return stiefel_manifold(retraction)
 
 
-@torch.no_grad()
 def run_plan(plan: StepPlan, t: GroupTensors, hp: Mapping[str, Any], *, mode: str, retraction: str, impl: str,
              retract: Retract) -> None:
     """One group's step: Adam on every unit of ``plan`` (``hp``: :func:`~stiefel_sct.optim_settings.group_hyperparameters`),
     each bank chunk retracted right after its update, the loose factors handed to ``retract``.
     Factors never get weight decay (shrinking an orthonormal basis means nothing on the manifold);
-    ``mode="riemannian"`` gives them geoopt ``RiemannianAdam``'s update instead."""
+    ``mode="riemannian"`` gives them geoopt ``RiemannianAdam``'s update instead. Run it under
+    ``torch.no_grad()``, as ``step()`` does (no decorator here: it would be a frame on every
+    kernel call's path)."""
     adam = adam_kernel(impl, t.params, t.exp_avgs)
     if plan.euclidean:
         e = t.take(plan.euclidean)

@@ -47,3 +47,36 @@ def test_one_place_decides_the_cholesky_qr_passes():
     # defined once, read by its certified form _ONE_PASS_DELTA (twice) and once in cholqr_into
     assert text.count("_ONE_PASS_KAPPA") == 4
     assert text.count("_ONE_PASS_DELTA") == 2  # defined once, read once (in _certified_one_pass)
+
+
+def test_a_step_reaches_the_adam_kernel_and_each_chunks_retraction_in_three_frames(monkeypatch):
+    """``SpectralAdam.step -> run_plan -> kernel``: the step's bookkeeping is one loop (issue 28)."""
+    import inspect
+
+    import torch
+
+    from stiefel_sct import SpectralAdam, SpectralLinear, bank, step_plan
+
+    paths = {}
+
+    def path() -> list:
+        names = [f.function for f in inspect.stack()[2:]]  # above the wrapper and path() itself
+        return list(reversed(names[: names.index("step") + 1]))
+
+    real_kernel, real_chunk = step_plan.adam_kernel, bank.FactorBank.retract_chunk_
+
+    def kernel(*args):
+        k = real_kernel(*args)
+        return lambda *a, **kw: paths.setdefault("adam", path() + ["kernel"]) and k(*a, **kw)
+
+    def chunk(self, *args):
+        paths.setdefault("retract_chunk_", path() + ["retract_chunk_"])
+        return real_chunk(self, *args)
+
+    monkeypatch.setattr(step_plan, "adam_kernel", kernel)
+    monkeypatch.setattr(bank.FactorBank, "retract_chunk_", chunk)
+    model = torch.nn.Sequential(*[SpectralLinear(16, 16, 4) for _ in range(3)])
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 16)).sum().backward()
+    opt.step()
+    assert paths == {"adam": ["step", "run_plan", "kernel"], "retract_chunk_": ["step", "run_plan", "retract_chunk_"]}
