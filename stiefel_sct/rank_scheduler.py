@@ -344,7 +344,8 @@ class RankScheduler:
                 young = [y or (L is not None and mag >= self.newborn_rate * L) for y, L, mag in zip(young, reach, mags)]
             keep = self._kept(s, young)
             plans[name] = (layer, keep)
-        grown = self._growth(plans)
+        grown = self._growth(plans, {name: float(groups[group_of.get(id(layer.s), 0)]["lr"])
+                                     for name, (layer, _) in plans.items()})
         replaced: Dict[int, Tuple[torch.Tensor, torch.Tensor, int, Optional[int]]] = {}
         for name, (layer, keep) in plans.items():
             k = layer.s.shape[0]
@@ -383,12 +384,6 @@ class RankScheduler:
             sketch.remove()
         self._sketches = {}
 
-    def _group_lr(self, param: torch.Tensor) -> float:
-        for group in self.optimizer.param_groups:
-            if any(p is param for p in group["params"]):
-                return float(group["lr"])
-        return 0.0
-
     def _born(self, name: str, k: int) -> List[Optional[int]]:
         born = self.born.get(name)
         return born if born is not None and len(born) == k else [None] * k
@@ -422,9 +417,10 @@ class RankScheduler:
             keep[torch.topk(mag, floor).indices] = True
         return keep.nonzero().flatten().tolist()
 
-    def _growth(self, plans: Dict[str, tuple]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+    def _growth(self, plans: Dict[str, tuple],
+                lrs: Dict[str, float]) -> Dict[str, Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
         """New ``U`` and ``V`` columns per layer (and their ``s``: ``None`` for zeros), within
-        ``max_rank`` and the budget."""
+        ``max_rank`` and the budget; ``lrs``: each layer's ``s`` group's lr (gradient growth's step)."""
         if not self.grow:
             return {}
         candidates = []
@@ -458,7 +454,7 @@ class RankScheduler:
                 # 7 in rank_sweep, dropped at the next event
                 new_v = -new_v
                 r = sigma.numel()
-                length = self._group_lr(layer.s) * (u.shape[0] * v.shape[0]) ** 0.5
+                length = lrs[name] * (u.shape[0] * v.shape[0]) ** 0.5
                 new_s = (sigma.double() * (length / max(float(sigma.double().norm()), 1e-300))).to(layer.s.dtype)
                 energy = float((sigma.double() ** 2).sum())
             else:
