@@ -574,6 +574,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     reset_peak_rss()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     losses, times = [], []
+    rank_curve = [{"step": 0, **ranks_by_type(model)}] if sched is not None else []  # each type's rank per event
     base = [g["lr"] for g in opt.param_groups]
     for step in range(steps):
         scale = warmup_cosine(step, steps, min(cfg.warmup, max(1, steps // 5)))
@@ -595,7 +596,10 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
         if sched is not None and step < steps - 1:  # growth reads the gradients: before the next zero_grad
+            changes = len(sched.history)
             sched.step()
+            if len(sched.history) > changes:
+                rank_curve.append({"step": sched.last_step, **ranks_by_type(model)})
         if stage == "reference" and method == "sct":
             retract_all(model, retraction="qr")  # the reference's sign-fixed QR after every step
         times.append(time.perf_counter() - t0)
@@ -612,7 +616,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     errs = [orthonormality_error(p) for p in model.parameters() if is_stiefel(p)]
     out["orthonormality_error"] = max(errs) if errs else None
     if sched is not None:
-        out["adaptive"] = adaptive_summary(model, sched)
+        out["adaptive"] = dict(adaptive_summary(model, sched), ranks_by_type_curve=rank_curve)
     if measure and stage == "compare":
         out["generations_after"] = generations(model, tok, cfg.new_tokens)
         out["saved_bytes"] = saved_size(method, model)

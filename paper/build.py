@@ -490,6 +490,7 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
         lines += finetune_verdict(rows)
         lines += finetune_adaptive_paragraph(table, cfg)
         lines += residual_adaptive_paragraph(table, cfg)
+        lines += adaptive_rank_tables(table)
         gens = [(k.split("/")[1], r) for k, r in m["runs"].items() if k.startswith("compare/") and k.endswith("/main")
                 and r.get("generations_after")]
         if gens:
@@ -597,6 +598,22 @@ def _growth_text(growth: str, sketch_steps: int, newborn_rate: Optional[float]) 
     if newborn_rate is not None:
         text += f"; a newborn is kept while its `|s|` stays above {newborn_rate:g} x the lrs summed since its birth"
     return text
+
+
+def adaptive_rank_tables(table: Dict) -> List[str]:
+    """Each adaptive arm's mean rank per layer type over training: at the start and after each
+    event that changed a rank (results written before the curve was recorded have none)."""
+    lines: List[str] = []
+    for method in ("sct_adapt", "residual_adapt"):
+        run = table.get(f"compare/{method}/main") or {}
+        curve = (run.get("adaptive") or {}).get("ranks_by_type_curve")
+        if not curve:
+            continue
+        types = [t for t in curve[-1] if t != "step"]
+        lines += ["", f"`{method}`: mean rank of each layer type over training (step 0: the conversion):", "",
+                  "| step | " + " | ".join(f"`{t}`" for t in types) + " |", "| ---: | " + " | ".join("---:" for _ in types) + " |"]
+        lines += [f"| {row['step']} | " + " | ".join(f"{row.get(t, 0):.1f}" for t in types) + " |" for row in curve]
+    return lines
 
 
 def _survival_text(survival: List[Dict]) -> str:

@@ -165,6 +165,8 @@ def test_smoke_preset_end_to_end_into_the_report(tmp_path):
     lines = report.finetune_section(saved, tmp_path / "figures", "figures")
     text = "\n".join(lines)
     assert "Stage `reference`" in text and "| `sct_b50` |" in text and "| `sct_adapt` |" in text
+    curve = saved["metrics"]["table"]["compare/sct_adapt/main"]["adaptive"]["ranks_by_type_curve"]
+    assert curve[0]["step"] == 0 and "`sct_adapt`: mean rank of each layer type over training" in text
     assert (tmp_path / "figures" / "finetune_smollm2.png").stat().st_size > 1000
 
 
