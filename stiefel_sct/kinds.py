@@ -3,13 +3,13 @@ module, its spectral module, its dense shape, how to convert from dense and back
 entry and how to rebuild from one. :mod:`stiefel_sct.convert` and :mod:`stiefel_sct.checkpoint`
 loop over the table; a new kind is one more entry.
 
-============  ==============================  ===========================  ========
-kind          dense module                    spectral module              residual
-============  ==============================  ===========================  ========
-``linear``    ``nn.Linear``                   :class:`SpectralLinear`      yes
-``embedding`` ``nn.Embedding``                :class:`SpectralEmbedding`   no
-``conv1d``    GPT-2 ``Conv1D`` (transformers) :class:`SpectralConv1D`      yes
-============  ==============================  ===========================  ========
+=============  ================================  ===========================  ========
+kind           dense module                      spectral module              residual
+=============  ================================  ===========================  ========
+``linear``     ``nn.Linear``                     :class:`SpectralLinear`      yes
+``embedding``  ``nn.Embedding``                  :class:`SpectralEmbedding`   no
+``conv1d``     GPT-2 ``Conv1D`` (transformers)   :class:`SpectralConv1D`      yes
+=============  ================================  ===========================  ========
 
 Dense modules are matched by exact type: subclasses (quantized, LoRA-wrapped, ...) are not ours
 to touch.

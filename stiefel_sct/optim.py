@@ -184,8 +184,8 @@ class SpectralAdam(Optimizer):
     ``step_in_backward`` are optimizer-wide. A param group with any other key is refused
     (``ValueError``), except the keys torch's LR schedulers add.
 
-    Which settings combine (:data:`~stiefel_sct.optim_settings.SUPPORTED`, checked once per group
-    and, for sharded parameters, at ``step()``):
+    Which settings combine (:data:`~stiefel_sct.optim_settings.SUPPORTED`, checked as each group is
+    added, FSDP2 shards included, and at ``step()`` for parameters sharded after construction):
 
     ==============================  ===========================================================
     setting                         needs
@@ -259,8 +259,10 @@ class SpectralAdam(Optimizer):
         if self.step_in_backward:
             self.backward.register()
 
-    def _options(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in OPTIONS}
+    def _options(self, group: Optional[dict] = None) -> Dict[str, Any]:
+        """The optimizer-wide settings (and whether ``group`` holds FSDP2 shards) the SUPPORTED rules read."""
+        options: Dict[str, Any] = {k: getattr(self, k) for k in OPTIONS}
+        return options if group is None else dict(options, sharded=any(is_dtensor(p) for p in group["params"]))
 
     def _reset_transient(self) -> None:
         """Caches that a copy, a reload or new parameters must rebuild, not inherit."""
@@ -272,7 +274,7 @@ class SpectralAdam(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         try:
-            check_group(self.param_groups[-1], self._options())
+            check_group(self.param_groups[-1], self._options(self.param_groups[-1]))
             if getattr(self, "_ready", False):  # __init__ checks once, after every group is in
                 self._check_triples()
                 if self.step_in_backward:
@@ -339,7 +341,7 @@ class SpectralAdam(Optimizer):
         super().load_state_dict(state_dict)
         try:
             for group in self.param_groups:
-                check_group(group, self._options())
+                check_group(group, self._options(group))
             owner = {id(p): g for g in self.param_groups for p in g["params"]}
             for pid, saved in state_dict["state"].items():
                 if pid in id_map:
@@ -378,8 +380,8 @@ class SpectralAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         mesh = next((p.device_mesh for g in self.param_groups for p in g["params"] if is_dtensor(p)), None)
-        for group in self.param_groups if mesh is not None else ():
-            check_options({**group, **self._options(), "sharded": True})
+        for group in self.param_groups if mesh is not None else ():  # sharded since construction
+            check_options({**group, **self._options(group)})
         if self.step_in_backward:
             self.backward.finish(self._retract_triples)
             return loss

@@ -91,3 +91,27 @@ def test_distributed_benchmark_counts_the_optimizers_sharded_retraction(tmp_path
     assert ret["allgather_bytes"] == 2 * 16 * 4 * 4
     assert "fsdp2 retraction per step" in capsys.readouterr().out
     assert out.exists() and "environment" in json.loads(out.read_text())
+
+
+def test_ab_summary_quotes_the_median_of_per_round_ratios():
+    from benchmarks import bench_ab
+
+    times = {"baseline": [1.0, 2.0, 4.0], "this": [2.0, 1.0, 2.0], "adam_fused": [0.5] * 3, "gemm_floor": [0.5] * 3}
+    out = bench_ab.summarise(times)
+    assert out["this_over_baseline"] == pytest.approx(0.5)  # ratios 2, 0.5, 0.5: not 2.0 / 2.0
+    assert out["floor_ms"] == pytest.approx(1000.0) and out["this_over_floor"] == pytest.approx(2.0)
+
+
+def test_ab_benchmark_runs_a_checkout_against_itself(tmp_path):
+    import pathlib
+
+    from benchmarks import bench_ab
+
+    root = pathlib.Path(bench_ab.__file__).resolve().parents[1]
+    result = bench_ab.main(["--baseline", str(root), "--layers", "1", "--rank", "4", "--rounds", "2",
+                            "--out", str(tmp_path / "ab.json")])
+    saved = json.loads((tmp_path / "ab.json").read_text())
+    assert saved["summary"]["this_over_baseline"] == result["summary"]["this_over_baseline"] > 0
+    assert set(saved["summary"]["median_ms"]) == {"baseline", "this", "adam_fused", "gemm_floor"}
+    with pytest.raises(SystemExit, match="not found"):
+        bench_ab.main(["--baseline", str(tmp_path)])
