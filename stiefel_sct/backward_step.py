@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
-from .bank import chunk_bytes_for
+from .bank import chunk_bytes_for, live_banks
 from .grad_checks import first_nonfinite, param_name
 from .manifold import retract_
 from .optim_settings import group_hyperparameters, select_impl
@@ -138,10 +138,7 @@ class BackwardStepper:
             group = groups[gi]
             if group["preserve_function"]:
                 continue
-            ids = {id(p) for p in ps}
-            covered: Set[int] = set()
-            for bank in self.optimizer.banks_of(gi):
-                if bank.ids <= ids:
-                    bank.retract_(group["retraction"])
-                    covered |= bank.ids
+            live, covered = live_banks(self.optimizer.banks_of(gi), {id(p) for p in ps})
+            for bank in live:
+                bank.retract_(group["retraction"])
             retract_([p for p in ps if id(p) not in covered], group["retraction"])

@@ -3,13 +3,13 @@ retracts each chunk with one batched factorization, straight into spare memory, 
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
 from .manifold import plain, retract_into
 
-__all__ = ["CHUNK_BYTES", "DEVICE_CHUNK_BYTES", "FactorBank", "GroupBanks", "chunk_bytes_for"]
+__all__ = ["CHUNK_BYTES", "DEVICE_CHUNK_BYTES", "FactorBank", "GroupBanks", "chunk_bytes_for", "live_banks"]
 
 # Bytes per chunk slot. Each bank keeps one spare slot, so this is also the bank's extra memory:
 # 8 MB instead of 32 MB cut the spares of the 8-layer 70B-shaped set (rank 32) from 63.5 to
@@ -116,3 +116,10 @@ class GroupBanks:
                 by_layout.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
             self._key, self._banks = key, [FactorBank(ps) for ps in by_layout.values() if len(ps) > 1]
         return self._banks
+
+
+def live_banks(banks: Iterable[FactorBank], updated: Set[int]) -> Tuple[List[FactorBank], Set[int]]:
+    """The banks whose every factor is in ``updated`` (ids), and the ids of the factors they cover: a
+    bank's chunks are retracted whole, so the factors of any other bank are retracted loose."""
+    live = [bank for bank in banks if bank.ids <= updated]
+    return live, set().union(*(bank.ids for bank in live))

@@ -126,8 +126,7 @@ class _Linear(LayerKind):
         return {**super().entry(module), "bias": getattr(module, "bias", None) is not None}
 
     def build(self, entry: Dict[str, Any], **factory: Any) -> SpectralModule:
-        layer = self.spectral(entry[self.dims[0]], entry[self.dims[1]], entry["rank"], bias=entry["bias"], **factory)
-        return layer
+        return self.spectral(entry[self.dims[0]], entry[self.dims[1]], entry["rank"], bias=entry["bias"], **factory)
 
 
 class _Conv1D(_Linear):
@@ -144,9 +143,6 @@ class _Conv1D(_Linear):
 
     def matrix(self, module: nn.Module) -> torch.Tensor:
         return _weight(module).t()
-
-    def extra(self, module: nn.Module) -> Dict[str, Any]:
-        return {"bias": True}  # a Conv1D always has one
 
     def as_linear(self, module: nn.Module) -> nn.Linear:
         return conv1d_as_linear(module)

@@ -23,7 +23,7 @@ import geoopt
 import torch
 
 from .adam import adam_kernel, riemannian_adam
-from .bank import FactorBank
+from .bank import FactorBank, live_banks
 from .manifold import is_stiefel, plain, retract_triples_, stiefel_manifold
 from .optim_state import GroupTensors
 from .triples import Triple, spectral_triples
@@ -54,8 +54,7 @@ def plan_for(tensors: GroupTensors, banks: Sequence[FactorBank], cached: Optiona
         return cached
     position = {id(p): i for i, p in enumerate(tensors.params)}
     with_grad = {id(p) for p, f in zip(tensors.params, tensors.factors) if f}
-    live = [bank for bank in banks if bank.ids <= with_grad]
-    covered = set().union(*(bank.ids for bank in live))
+    live, covered = live_banks(banks, with_grad)
     chunks = [(bank, j, [position[id(p)] for p in chunk]) for bank in live for j, chunk in enumerate(bank.chunks)]
     euclidean = [i for i, f in enumerate(tensors.factors) if not f]
     factors = [i for i, (p, f) in enumerate(zip(tensors.params, tensors.factors)) if f and id(p) not in covered]
