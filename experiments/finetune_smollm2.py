@@ -112,6 +112,7 @@ class Config:
         "dense": [1e-4, 3e-4], "lora_match": [3e-4, 1e-3], "lora_r16": [1e-3, 3e-3], "galore": [3e-4, 1e-3],
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
         "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [3e-4, 1e-3],
+        "sct_f50": [3e-5, 1e-4, 3e-4], "sct_f25": [1e-4, 3e-4, 1e-3],
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
         "residual_adapt": [1e-4, 2e-4],
         "pissa_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3]})
@@ -254,9 +255,11 @@ def _freeze_all_but_factors(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def calibration_batches(cfg: Config, data: Optional[Dict]) -> List[Dict[str, torch.Tensor]]:
+def calibration_batches(cfg: Config, data: Optional[Dict], labels: bool = False) -> List[Dict[str, torch.Tensor]]:
     """The whitened arms' calibration data: ``cfg.calib_tokens`` tokens of the *training* plays
-    (the new domain), windows of ``cfg.seq`` at seeded random starts, in batches of 8 windows."""
+    (the new domain), windows of ``cfg.seq`` at seeded random starts, in batches of 8 windows;
+    ``labels``: each batch also passes ``labels`` (the model then returns its next-token loss, which
+    the Fisher whitening differentiates)."""
     if data is None or "train" not in data:
         raise ValueError("the whitened SCT arms need calibration data: build_method(..., data=<the token blob>)")
     train = data["train"]
@@ -264,7 +267,7 @@ def calibration_batches(cfg: Config, data: Optional[Dict]) -> List[Dict[str, tor
     n = max(1, cfg.calib_tokens // cfg.seq)
     starts = torch.randint(0, train.numel() - cfg.seq, (n,), generator=gen).tolist()
     windows = torch.stack([train[s:s + cfg.seq] for s in starts])
-    return [{"input_ids": w} for w in windows.split(8)]
+    return [{"input_ids": w, **({"labels": w} if labels else {})} for w in windows.split(8)]
 
 
 def _dense(model, cfg, lr, data) -> Built:
@@ -306,12 +309,14 @@ def _lowrank(model, cfg, lr, data) -> Built:
     return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info
 
 
-def _sct(fraction: Callable[[Config], float], calibrated: bool = False, factors_only: bool = False):
+def _sct(fraction: Callable[[Config], float], whitening: Optional[str] = None, factors_only: bool = False):
+    """SCT at ``fraction`` of the linear parameters: plain SVD, or (``whitening``: ``"inputs"`` or
+    ``"fisher"``) the calibrated conversion in that metric."""
     def build(model, cfg, lr, data) -> Built:
         from stiefel_sct import SpectralAdam
 
-        if calibrated:
-            info = _whitened_conversion(model, cfg, fraction(cfg), data)
+        if whitening is not None:
+            info = _whitened_conversion(model, cfg, fraction(cfg), data, whitening)
         else:
             info = convert(model, "sct", LINEAR, budget_fraction=fraction(cfg))
             info.pop("ranks_by_name", None)
@@ -321,23 +326,27 @@ def _sct(fraction: Callable[[Config], float], calibrated: bool = False, factors_
     return build
 
 
-def _whitened_conversion(model: nn.Module, cfg: Config, fraction: float, data: Optional[Dict]) -> Dict:
+def _whitened_conversion(model: nn.Module, cfg: Config, fraction: float, data: Optional[Dict],
+                         whitening: str = "inputs") -> Dict:
     """The calibrated conversion at ``fraction``; with ``data["cache_dir"]`` the converted model is
     kept there as a spectral checkpoint, so an lr sweep's runs convert once (the info, conversion
     time included, is the converting run's)."""
     from stiefel_sct import load_spectral, save_spectral
 
     cache = pathlib.Path(data["cache_dir"]) if data and data.get("cache_dir") else None
-    from stiefel_sct.calibration import DEFAULT_DAMPING
+    from stiefel_sct.calibration import DEFAULT_DAMPING, DEFAULT_GRAD_DAMPING
 
+    fisher = whitening == "fisher"
     name = (f"whitened-{cfg.preset}-{cfg.model}-{fraction:g}-{cfg.calib_tokens}x{cfg.seq}-seed{cfg.seed}"
-            f"-damping{DEFAULT_DAMPING:g}")
+            f"-damping{DEFAULT_DAMPING:g}" + (f"-fisher{DEFAULT_GRAD_DAMPING:g}" if fisher else ""))
     if cache is not None and (cache / f"{name}.json").is_file() and (cache / name).is_dir():
         load_spectral(model, cache / name)
         return {**json.loads((cache / f"{name}.json").read_text()), "conversion_cached": True}
-    info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data))
+    info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data, fisher),
+                   whitening=whitening)
     info.pop("ranks_by_name", None)
-    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of the training plays"
+    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of the training plays" + (
+        ", with their next-token loss's gradients" if fisher else "")
     if cache is not None:
         save_spectral(model, cache / name)
         atomic_write_json(cache / f"{name}.json", info)
@@ -416,12 +425,15 @@ METHOD_TABLE: Tuple[Method, ...] = (
            _sct(_B50)),
     Method("sct_b25", "sct", "SCT, every decoder linear spectral at 25% of their parameters (plain SVD), SpectralAdam",
            _sct(_B25)),
-    Method("sct_w50", "sct", "SCT at 50%, whitened (calibrated) conversion, SpectralAdam", _sct(_B50, calibrated=True)),
-    Method("sct_w25", "sct", "SCT at 25%, whitened (calibrated) conversion, SpectralAdam", _sct(_B25, calibrated=True)),
+    Method("sct_w50", "sct", "SCT at 50%, whitened (calibrated) conversion, SpectralAdam", _sct(_B50, "inputs")),
+    Method("sct_w25", "sct", "SCT at 25%, whitened (calibrated) conversion, SpectralAdam", _sct(_B25, "inputs")),
     Method("sct_w50_kd", "sct", "SCT at 50%, whitened conversion, healed with distillation from the dense teacher "
-           "(at sct_w50's lr)", _sct(_B50, calibrated=True), distill=True, lr_of="sct_w50"),
+           "(at sct_w50's lr)", _sct(_B50, "inputs"), distill=True, lr_of="sct_w50"),
     Method("sct_w25_kd", "sct", "SCT at 25%, whitened conversion, healed with distillation from the dense teacher "
-           "(at sct_w25's lr)", _sct(_B25, calibrated=True), distill=True, lr_of="sct_w25"),
+           "(at sct_w25's lr)", _sct(_B25, "inputs"), distill=True, lr_of="sct_w25"),
+    Method("sct_f50", "sct", "SCT at 50%, Fisher-whitened conversion (calibrated on the inputs and the loss's "
+           "output gradients, spectralize(whitening='fisher')), SpectralAdam", _sct(_B50, "fisher")),
+    Method("sct_f25", "sct", "SCT at 25%, Fisher-whitened conversion, SpectralAdam", _sct(_B25, "fisher")),
     Method("residual_r16", "sct", "SCT residual mode: top-16 spectral part of every decoder linear trained on the "
            "manifold, the rest a frozen fp32 residual (starts at the pretrained model)", _residual),
     Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),

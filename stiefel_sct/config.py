@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import torch
 
-from .calibration import DEFAULT_DAMPING, check_damping
+from .calibration import DEFAULT_DAMPING, DEFAULT_GRAD_DAMPING, check_damping, check_whitening
 from .checks import check_int, is_real
 from .layers import RESIDUAL_DTYPES, check_residual_dtype
 from .manifold import check_retraction
@@ -66,6 +66,10 @@ class SpectralConfig:
         convert_small: also convert layers the spectral form would not make smaller.
         retraction: the factors' retraction backend, ``"qr"`` or ``"cholqr2"``.
         damping: the calibrated whitening's ridge (used only with calibration data), ``>= 0``.
+        whitening: the calibrated metric: ``"inputs"`` (the layer's output error on its inputs) or
+            ``"fisher"`` (that error weighed by the loss gradient at the output too; the
+            calibration batches must yield a loss). Only with calibration data.
+        grad_damping: ``whitening="fisher"``'s ridge on the output-gradient moment, ``>= 0``.
         residual_dtype: residual mode's storage dtype (``"float32"``, ``"bfloat16"`` or the
             ``torch.dtype``; kept as its name), or ``None`` for compact layers.
 
@@ -83,6 +87,8 @@ class SpectralConfig:
     convert_small: bool = False
     retraction: str = "qr"
     damping: float = DEFAULT_DAMPING
+    whitening: str = "inputs"
+    grad_damping: float = DEFAULT_GRAD_DAMPING
     residual_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -105,6 +111,11 @@ class SpectralConfig:
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         self.retraction = check_retraction(self.retraction)
         self.damping = check_damping(self.damping)
+        self.whitening = check_whitening(self.whitening)
+        self.grad_damping = check_damping(self.grad_damping, "grad_damping")
+        if self.whitening == "fisher" and self.embeddings:
+            raise ValueError("whitening='fisher' weighs linear layers by their loss gradients; embeddings have no "
+                             "such metric: use embeddings=False")
         if self.residual_dtype is not None:
             dtype = _RESIDUAL_NAMES.get(self.residual_dtype, self.residual_dtype) \
                 if isinstance(self.residual_dtype, str) else self.residual_dtype

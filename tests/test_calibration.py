@@ -12,6 +12,7 @@ from torch import nn
 
 from stiefel_sct import (
     SpectralAdam,
+    SpectralConfig,
     SpectralLinear,
     densify,
     load_spectral,
@@ -20,8 +21,9 @@ from stiefel_sct import (
     spectralize,
     stiefel_retraction,
 )
-from stiefel_sct.calibration import collect_input_moments, whitened_svd
+from stiefel_sct.calibration import collect_input_moments, whitened_spectrum, whitened_svd
 from stiefel_sct.checkpoint import CheckpointError
+from stiefel_sct.convert import budget_ranks
 
 
 def _inputs(n, m, seed=0, dtype=torch.float64):
@@ -137,6 +139,146 @@ def test_a_layer_the_calibration_never_reaches_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     with pytest.raises(ValueError, match="never called"):
         spectralize(model, rank=1, calibration=[torch.randn(3, 4)], calibration_forward=lambda m, b: m[0](b))
+
+
+def _sqrtm(A):
+    w, Q = torch.linalg.eigh(A)
+    return (Q * w.clamp_min(0).sqrt()) @ Q.mT
+
+
+def _regression(seed=0, n=400, m=9, out=6):
+    """A linear layer, correlated inputs and a loss whose output gradients are correlated too
+    (``loss = ||(y - t) M||^2``: ``g`` lives in ``M M^T``'s metric)."""
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(m, out).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out, m, generator=g, dtype=torch.float64))
+    X = _inputs(n, m, seed=seed)
+    T = torch.randn(n, out, generator=g, dtype=torch.float64)
+    M = torch.randn(out, out, generator=g, dtype=torch.float64) * torch.logspace(0, -1.5, out, dtype=torch.float64)
+    batches = [(X[i:i + 100], T[i:i + 100]) for i in range(0, n, 100)]
+    forward = lambda model, b: ((model(b[0]) - b[1]) @ M).square().sum()
+    return lin, X, batches, forward
+
+
+def _fisher_metric(lin, batches, forward):
+    """``(C, G)`` computed directly: the inputs' and the output gradients' second moments."""
+    xs, gs = [], []
+    for x, t in batches:
+        y = lin(x).detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(forward(lambda _, y=y: y, (x, t)), y)  # the loss as a function of y
+        xs.append(x)
+        gs.append(g)
+    X, Gr = torch.cat(xs), torch.cat(gs)
+    return X.mT @ X / len(X), Gr.mT @ Gr / len(Gr)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_fisher_conversion_minimises_the_kfac_loss_estimate(k):
+    lin, X, batches, forward = _regression()
+    C, G = _fisher_metric(lin, batches, forward)
+    layer = spectralize(copy.deepcopy(lin), rank=k, calibration=batches, calibration_forward=forward,
+                        whitening="fisher", damping=0.0, grad_damping=0.0, convert_small=True)
+    # brute reference with symmetric square roots (no Cholesky): truncate G^1/2 W C^1/2
+    Gh, Ch = _sqrtm(G), _sqrtm(C)
+    W = lin.weight.detach()
+    P, S, Qh = torch.linalg.svd(Gh @ W @ Ch)
+    ref = torch.linalg.solve(Gh, P[:, :k] * S[:k] @ Qh[:k]) @ torch.linalg.inv(Ch)
+    err = lambda A: float(torch.linalg.norm(Gh @ (W - A) @ Ch))
+    assert err(layer.dense_weight()) == pytest.approx(err(ref), rel=1e-9)
+    assert torch.allclose(layer.dense_weight(), ref, atol=1e-8)
+    # ... and beats the inputs-only truncation in that metric
+    inputs_only = spectralize(copy.deepcopy(lin), rank=k, calibration=[X], damping=0.0, convert_small=True)
+    assert err(layer.dense_weight()) <= err(inputs_only.dense_weight()) + 1e-12
+    assert orthonormality_error(layer.U) < 1e-12 and orthonormality_error(layer.V) < 1e-12
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 4))
+def test_no_rank_k_matrix_beats_the_fisher_one(seed, k):
+    lin, X, batches, forward = _regression(seed)
+    C, G = _fisher_metric(lin, batches, forward)
+    Gh, Ch, W = _sqrtm(G), _sqrtm(C), lin.weight.detach()
+    best = spectralize(copy.deepcopy(lin), rank=k, calibration=batches, calibration_forward=forward,
+                       whitening="fisher", damping=0.0, grad_damping=0.0, convert_small=True).dense_weight()
+    err = lambda A: float(torch.linalg.norm(Gh @ (W - A) @ Ch))
+    g = torch.Generator().manual_seed(seed + 1)
+    for _ in range(5):
+        d = torch.randn(6, k, generator=g, dtype=torch.float64) @ torch.randn(k, 9, generator=g, dtype=torch.float64)
+        P, S, Qh = torch.linalg.svd(best + 1e-2 * d)
+        assert err(best) <= err(P[:, :k] * S[:k] @ Qh[:k]) + 1e-9
+
+
+def test_gradient_moments_leave_the_model_as_it_was_and_match_autograd():
+    lin, X, batches, forward = _regression()
+    C, G = _fisher_metric(lin, batches, forward)
+    lin.weight.requires_grad_(False)
+    moments = collect_input_moments(lin, {"": lin}, batches, forward=forward, gradients=True)
+    assert torch.allclose(moments.moment(""), C, rtol=1e-10) and torch.allclose(moments.gradient_moment(""), G, rtol=1e-10)
+    assert not lin.weight.requires_grad and lin.bias.requires_grad
+    assert lin.weight.grad is None and lin.bias.grad is None
+    # the inputs-only collection has none, and says how to get them
+    plain = collect_input_moments(lin, {"": lin}, [X])
+    assert not plain.has_gradients
+    with pytest.raises(ValueError, match="gradients=True"):
+        plain.gradient_moment("")
+
+
+def test_fisher_budget_compares_layers_by_their_loss_and_ignores_its_scale():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 12)).double()
+    X, T = torch.randn(200, 12, dtype=torch.float64), torch.randn(200, 12, dtype=torch.float64)
+    batches = [(X[i:i + 50], T[i:i + 50]) for i in range(0, 200, 50)]
+    dense = 2 * 12 * 16
+
+    def ranks(scale):
+        forward = lambda m, b: scale * (m(b[0]) - b[1]).square().mean()
+        out = spectralize(copy.deepcopy(model), budget_fraction=0.5, calibration=batches, calibration_forward=forward,
+                          whitening="fisher", convert_small=True)
+        assert sum(r.params - r.shape[0] if r.converted else 0 for r in out.spectral_report) <= dense // 2
+        return [r.rank for r in out.spectral_report]
+
+    base = ranks(1.0)
+    assert ranks(1e4) == base  # a loss in other units: the same ranks
+    # the ranks are budget_ranks on the Fisher spectra themselves (not shares of each layer's own)
+    layers = {"0": model[0], "2": model[2]}
+    forward = lambda m, b: (m(b[0]) - b[1]).square().mean()
+    moments = collect_input_moments(model, layers, batches, forward=forward, gradients=True)
+    spectra = {n: whitened_spectrum(layers[n].weight, moments.moment(n), grad_moment=moments.gradient_moment(n))
+               for n in layers}
+    assert base == list(budget_ranks(spectra, {n: tuple(layers[n].weight.shape) for n in layers}, dense // 2,
+                                     relative=False).values())
+
+
+def test_fisher_whitening_errors_name_what_is_missing():
+    lin, X, batches, forward = _regression()
+    with pytest.raises(TypeError, match="scalar loss"):  # the forward returns outputs, not a loss
+        spectralize(copy.deepcopy(lin), rank=2, calibration=[X], whitening="fisher")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        spectralize(copy.deepcopy(lin), rank=2, whitening="fisher")
+    with pytest.raises(ValueError, match="output-gradient moments"):
+        spectralize(copy.deepcopy(lin), rank=2, whitening="fisher",
+                    calibration=collect_input_moments(lin, {"": lin}, [X]))
+    with pytest.raises(ValueError, match="whitening must be one of"):
+        spectralize(copy.deepcopy(lin), rank=2, calibration=[X], whitening="outputs")
+    with pytest.raises(ValueError, match="grad_damping must be"):
+        spectralize(copy.deepcopy(lin), rank=2, calibration=batches, calibration_forward=forward, whitening="fisher",
+                    grad_damping=-1.0)
+    with pytest.raises(ValueError, match="embeddings"):
+        SpectralConfig(rank=2, whitening="fisher", embeddings=True)
+    with pytest.raises(ValueError, match="singular.*grad_damping"):  # one output direction only, no ridge
+        spectralize(copy.deepcopy(lin), rank=2, calibration=batches, whitening="fisher", grad_damping=0.0,
+                    calibration_forward=lambda m, b: m(b[0])[:, 0].sum())
+    model = nn.Sequential(nn.Linear(9, 6), nn.Linear(9, 6)).double()
+    with pytest.raises(ValueError, match="does not reach the loss"):
+        spectralize(model, rank=1, whitening="fisher", calibration=[X[:10]], include=["0", "1"],
+                    calibration_forward=lambda m, b: m[0](b).sum() + 0 * m[1](b).detach().sum())
+    # the recipe round-trips, and a recipe saved before the field existed reads as "inputs"
+    cfg = SpectralConfig(budget_fraction=0.5, whitening="fisher", grad_damping=0.05)
+    assert SpectralConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = cfg.to_dict()
+    del old["whitening"], old["grad_damping"]
+    assert SpectralConfig.from_dict(old).whitening == "inputs"
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])

@@ -53,7 +53,8 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
         assert trainable == info["lora_r"] * per_rank and info["lora_r"] == ft.lora_rank_matching(tiny_llama(), linear // 2)
     elif method in ("lora_r16", "pissa_r16"):
         assert trainable == 16 * per_rank
-    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt", "sct_w50", "sct_w25", "sct_w50_kd", "sct_w25_kd"):
+    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt", "sct_w50", "sct_w25", "sct_w50_kd", "sct_w25_kd",
+                    "sct_f50", "sct_f25"):
         fraction = cfg.adapt_start if method == "sct_adapt" else (0.25 if "25" in method else 0.5)
         assert sum(p.numel() for p in model.parameters()) <= total - linear + fraction * linear
         if method != "lowrank":
