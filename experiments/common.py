@@ -311,11 +311,13 @@ class LowRankLinear(torch.nn.Module):
 
 
 def convert(model: torch.nn.Module, method: str, include: str, *, energy: Optional[float] = None,
-            budget_fraction: Optional[float] = None, calibration: Any = None, whitening: str = "inputs") -> Dict:
+            budget_fraction: Optional[float] = None, calibration: Any = None, whitening: str = "inputs",
+            rank: Optional[int] = None, residual_dtype: Optional[str] = None) -> Dict:
     """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
     fraction of the selected layers' dense size; ``calibration``: data-aware truncation on those
     batches, in the ``whitening`` metric); ``"lowrank"`` with :class:`LowRankLinear` at the ranks
-    SCT would choose. Returns the conversion report as a dict (with the seconds it took)."""
+    SCT would choose (or, for ``"sct"``, one ``rank`` for every layer; ``residual_dtype``: residual
+    mode). Returns the conversion report as a dict (with the seconds it took)."""
     import copy
 
     from stiefel_sct import SpectralConfig, match_module, spectralize
@@ -323,8 +325,8 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
     t0 = time.perf_counter()
     selected = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and match_module(n, include)]
     dense = sum(m.weight.numel() for _, m in selected)
-    recipe = SpectralConfig(energy=energy, budget_fraction=budget_fraction, include=include, retraction="cholqr2",
-                            whitening=whitening)
+    recipe = SpectralConfig(rank=rank, energy=energy, budget_fraction=budget_fraction, include=include,
+                            retraction="cholqr2", whitening=whitening, residual_dtype=residual_dtype)
     probe = copy.deepcopy(model) if method == "lowrank" else model
     report = spectralize(probe, recipe, calibration=calibration).spectral_report
     if method == "lowrank":

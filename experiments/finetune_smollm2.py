@@ -107,13 +107,15 @@ class Config:
     warmup: int = 6
     # principal-direction methods (whitened SCT, residual, PiSSA) get lower rates: they start from
     # the directions that carry the pretrained function (PiSSA's paper: lower lr than LoRA); the
-    # distilled arms run at their twin's swept lr (lr_of), their one-entry grid is the fallback
+    # distilled arms run at their twin's swept lr (lr_of), their one-entry grid is the fallback; a
+    # preset without a sweep runs each method at its grid's first lr
     lrs: Dict[str, List[float]] = field(default_factory=lambda: {
         "dense": [1e-4, 3e-4], "lora_match": [3e-4, 1e-3], "lora_r16": [1e-3, 3e-3], "galore": [3e-4, 1e-3],
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
         "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [3e-4, 1e-3],
-        "sct_f50": [3e-5, 1e-4, 3e-4], "sct_f25": [1e-4, 3e-4, 1e-3],
+        "sct_f50": [3e-5, 1e-5, 1e-4, 3e-4], "sct_f25": [3e-5, 1e-4, 3e-4],
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
+        "residual_f16": [3e-5, 1e-4, 2e-4],
         "residual_adapt": [1e-4, 2e-4],
         "pissa_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3]})
     sweep_steps: int = 8
@@ -326,24 +328,26 @@ def _sct(fraction: Callable[[Config], float], whitening: Optional[str] = None, f
     return build
 
 
-def _whitened_conversion(model: nn.Module, cfg: Config, fraction: float, data: Optional[Dict],
-                         whitening: str = "inputs") -> Dict:
-    """The calibrated conversion at ``fraction``; with ``data["cache_dir"]`` the converted model is
-    kept there as a spectral checkpoint, so an lr sweep's runs convert once (the info, conversion
-    time included, is the converting run's)."""
+def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float], data: Optional[Dict],
+                         whitening: str = "inputs", rank: Optional[int] = None) -> Dict:
+    """The calibrated conversion at ``fraction`` of the linear parameters (or, with ``rank``, the
+    residual mode at that rank); with ``data["cache_dir"]`` the converted model is kept there as a
+    spectral checkpoint, so an lr sweep's runs convert once (the info, conversion time included,
+    is the converting run's)."""
     from stiefel_sct import load_spectral, save_spectral
 
     cache = pathlib.Path(data["cache_dir"]) if data and data.get("cache_dir") else None
     from stiefel_sct.calibration import DEFAULT_DAMPING, DEFAULT_GRAD_DAMPING
 
     fisher = whitening == "fisher"
-    name = (f"whitened-{cfg.preset}-{cfg.model}-{fraction:g}-{cfg.calib_tokens}x{cfg.seq}-seed{cfg.seed}"
+    size = f"{fraction:g}" if rank is None else f"residual{rank}"
+    name = (f"whitened-{cfg.preset}-{cfg.model}-{size}-{cfg.calib_tokens}x{cfg.seq}-seed{cfg.seed}"
             f"-damping{DEFAULT_DAMPING:g}" + (f"-fisher{DEFAULT_GRAD_DAMPING:g}" if fisher else ""))
     if cache is not None and (cache / f"{name}.json").is_file() and (cache / name).is_dir():
         load_spectral(model, cache / name)
         return {**json.loads((cache / f"{name}.json").read_text()), "conversion_cached": True}
     info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data, fisher),
-                   whitening=whitening)
+                   whitening=whitening, rank=rank, residual_dtype=None if rank is None else "float32")
     info.pop("ranks_by_name", None)
     info["calibration"] = f"{cfg.calib_tokens:,d} tokens of the training plays" + (
         ", with their next-token loss's gradients" if fisher else "")
@@ -371,23 +375,27 @@ def _sct_adapt(model, cfg, lr, data) -> Built:
     return model, SpectralAdam(model.parameters(), lr=lr), info
 
 
-def _residual_at(rank: Callable[[Config], int]) -> Callable[..., Built]:
+def _residual_at(rank: Callable[[Config], int], whitening: Optional[str] = None) -> Callable[..., Built]:
     """Every decoder linear: its top-``rank(cfg)`` spectral part trains on the manifold, the rest of
-    its weight is a frozen fp32 residual (the function is the pretrained one at step 0). ``info``
-    also carries what ``cfg.residual_r`` would cost in spectral parameters: the adaptive arm's
-    budget."""
+    its weight is a frozen fp32 residual (the function is the pretrained one at step 0); the part is
+    the weight's own top singular part, or (``whitening``) the top part in that calibrated metric.
+    ``info`` also carries what ``cfg.residual_r`` would cost in spectral parameters: the adaptive
+    arm's budget."""
 
     def build(model, cfg, lr, data) -> Built:
         from stiefel_sct import SpectralAdam, spectralize
 
         t0 = time.perf_counter()
         k = rank(cfg)
-        report = spectralize(model, rank=k, include=LINEAR, residual_dtype=torch.float32,
-                             retraction="cholqr2").spectral_report
+        if whitening is None:
+            report = spectralize(model, rank=k, include=LINEAR, residual_dtype=torch.float32,
+                                 retraction="cholqr2").spectral_report
+            info = {"converted_layers": sum(r.converted for r in report), "convert_s": time.perf_counter() - t0}
+        else:
+            info = _whitened_conversion(model, cfg, None, data, whitening, rank=k)
         layers = [m for _, m in spectral_layers(model)]
-        info = {"rank": k, "converted_layers": sum(r.converted for r in report), "residual_dtype": "float32",
-                "convert_s": time.perf_counter() - t0,
-                "rank_budget": sum(spectral_params(m.in_features, m.out_features, cfg.residual_r) for m in layers)}
+        info.update(rank=k, residual_dtype="float32",
+                    rank_budget=sum(spectral_params(m.in_features, m.out_features, cfg.residual_r) for m in layers))
         return model, SpectralAdam(_freeze_all_but_factors(model), lr=lr), info
 
     return build
@@ -436,6 +444,9 @@ METHOD_TABLE: Tuple[Method, ...] = (
     Method("sct_f25", "sct", "SCT at 25%, Fisher-whitened conversion, SpectralAdam", _sct(_B25, "fisher")),
     Method("residual_r16", "sct", "SCT residual mode: top-16 spectral part of every decoder linear trained on the "
            "manifold, the rest a frozen fp32 residual (starts at the pretrained model)", _residual),
+    Method("residual_f16", "sct", "SCT residual mode as residual_r16, its trained top-16 part chosen in the Fisher "
+           "metric of the calibration text (spectralize(whitening='fisher', residual_dtype=...))",
+           _residual_at(lambda c: c.residual_r, "fisher")),
     Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),
     Method("sct_adapt", "sct", "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter "
            "budget", _sct_adapt),
@@ -458,7 +469,7 @@ PRESETS = {
                   warmup=3, ref_steps=6, eval_windows=6, seq=64, new_tokens=8, train_docs=6, calib_tokens=2048),
     # fast: plain SVD's conversion jump shows in the reference stage (energy 0.95); sct_b50 is left
     # to quick and cpu (the preset took 312 s with it on a 2-core EPYC)
-    "fast": dict(methods=["dense", "sct_w50", "residual_r16"], steps=6, sweep_steps=0, warmup=2, ref_steps=4,
+    "fast": dict(methods=["dense", "sct_f50", "residual_r16"], steps=6, sweep_steps=0, warmup=2, ref_steps=4,
                  eval_windows=4, seq=64, new_tokens=8, train_docs=4, calib_tokens=1024),
     "cpu": dict(steps=100, sweep_steps=20, warmup=20, ref_steps=60, eval_windows=24),
     "paper": dict(steps=400, sweep_steps=60, warmup=20, ref_steps=400, eval_windows=64),
@@ -632,7 +643,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     if measure and stage == "compare":
         out["generations_after"] = generations(model, tok, cfg.new_tokens)
         out["saved_bytes"] = saved_size(method, model)
-        if method in ("residual_r16", "residual_adapt"):  # after rank moves too: replayed bitwise
+        if method in ("residual_r16", "residual_f16", "residual_adapt"):  # after rank moves too: replayed bitwise
             out["roundtrip"] = residual_roundtrip(model, cfg, val[0])
     return out
 

@@ -508,12 +508,14 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
 
 
 def conversion_jump_table(table: Dict, runs: Dict) -> List[str]:
-    """Held-out loss right after conversion, plain truncated SVD against the calibrated (whitened)
-    one at each budget, with what the conversion cost (time and peak of the run that converted:
-    the other runs of a sweep load its cached result), computed from the runs."""
-    pairs = [(f"{b}%", table.get(f"compare/sct_b{b}/main"), table.get(f"compare/sct_w{b}/main")) for b in (50, 25)]
-    pairs = [p for p in pairs if p[1] or p[2]]
-    if not pairs:
+    """Held-out loss right after conversion at each budget: plain truncated SVD, the calibrated
+    conversion whitened by the inputs, and by the inputs and the loss's output gradients (Fisher),
+    with what each conversion cost (time and peak of the run that converted: the other runs of a
+    sweep load its cached result), computed from the runs."""
+    arms = (("plain SVD", "sct_b"), ("whitened by the inputs", "sct_w"), ("Fisher-whitened", "sct_f"))
+    rows = [(f"{b}%", [table.get(f"compare/{prefix}{b}/main") for _, prefix in arms]) for b in (50, 25)]
+    rows = [r for r in rows if any(r[1])]
+    if not rows:
         return []
     cell = lambda r: f"{r['val_loss_before']:.3f}" if r else "not run"
 
@@ -523,14 +525,19 @@ def conversion_jump_table(table: Dict, runs: Dict) -> List[str]:
         peak = next((x["load_convert_peak_mb"] for x in runs.values() if (x.get("info") or {}).get("convert_s")
                      == r["info"]["convert_s"] and not x["info"].get("conversion_cached")), None)
         return f"{r['info']['convert_s']:.0f} s" + (f", {peak:.0f} MiB" if peak is not None else "")
-    pre = next(r["val_loss_pretrained"] for _, a, b in pairs for r in (a, b) if r)
+    pre = next(r["val_loss_pretrained"] for _, rs in rows for r in rs if r)
     lines = ["", f"**The conversion's loss jump** (held-out loss before any training step; pretrained {pre:.3f}):", "",
-             "| linear parameters kept | plain SVD | whitened (calibrated) | conversion: plain | conversion: whitened |",
-             "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {label} | {cell(a)} | **{cell(b)}** | {cost(a)} | {cost(b)} |" for label, a, b in pairs]
+             "| linear parameters kept | " + " | ".join(label for label, _ in arms) + " | "
+             + " | ".join(f"conversion: {label}" for label, _ in arms) + " |",
+             "| --- " * (1 + 2 * len(arms)) + "|"]
+    for label, rs in rows:
+        done = [r["val_loss_before"] for r in rs if r]
+        best = min(done) if done else None
+        losses = [f"**{cell(r)}**" if r and r["val_loss_before"] == best else cell(r) for r in rs]
+        lines.append(f"| {label} | " + " | ".join(losses) + " | " + " | ".join(cost(r) for r in rs) + " |")
     lines.append("")
-    lines.append("Conversion time is `spectralize` alone (calibration forward passes and both SVD passes included); "
-                 "the peak is the whole load-and-convert process's `VmHWM`.")
+    lines.append("Conversion time is `spectralize` alone (calibration forward passes, the Fisher arm's backward "
+                 "passes, and both SVD passes included); the peak is the whole load-and-convert process's `VmHWM`.")
     return lines
 
 
@@ -827,7 +834,7 @@ def _compress_figures(res: Dict) -> List[Figure]:
 def _finetune_figures(res: Dict) -> List[Figure]:
     table = _dig(res, "metrics", "table")
     arms = (("dense", "dense AdamW"), ("residual_r16", "SCT residual r=16"), ("sct_w50", "SCT calibrated 50%"),
-            ("sct_b50", "SCT plain SVD 50%"))
+            ("sct_f50", "SCT Fisher-calibrated 50%"), ("sct_b50", "SCT plain SVD 50%"))
     return [(f"SmolLM2 held-out after training: {label}", _dig(table, f"compare/{arm}/main", "val_loss_after"), "loss")
             for arm, label in arms]
 
