@@ -113,7 +113,9 @@ class Config:
     #   growth="gradient", sketch over the window, every 25, grow 16: 5.590; grow 56: 5.621
     #   growth="gradient", sketch over the window, every 10, grow 56: 5.575 (these settings, run alone;
     #   5.703 as the last run of the whole quick sweep: one direction more survived its second event,
-    #   rounding the rank events amplify; the factors arm gave 5.633 both ways)
+    #   rounding the rank events amplify; the factors arm gave 5.633 both ways). Re-run alone on
+    #   2026-12-07 with no event after the last step: 5.549. The 5.703 run's last event had changed
+    #   no rank, so 5.549-5.703 is this arm's spread from rounding, not the fix's effect
     adaptive_every: int = 10
     adaptive_grow: int = 56            # rank 8 -> 64 at the first event
     # 0.02 (and 0.005) dropped every grown direction at the next event (new s start at 0 and move
@@ -379,7 +381,7 @@ def train_run(run: Run, cfg: Config, data: data_lib.TokenData, ckpt_dir: pathlib
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if sched is not None:
+        if sched is not None and step < run.steps - 1:  # no event after the last update: nothing would train it
             sched.step()  # after the update, while the factors' gradients are still there
         history["step_s"].append(time.perf_counter() - t)
         logged = loss.detach()
