@@ -312,12 +312,14 @@ class LowRankLinear(torch.nn.Module):
 
 def convert(model: torch.nn.Module, method: str, include: str, *, energy: Optional[float] = None,
             budget_fraction: Optional[float] = None, calibration: Any = None, whitening: str = "inputs",
-            rank: Optional[int] = None, residual_dtype: Optional[str] = None) -> Dict:
+            rank: Optional[int] = None, residual_dtype: Optional[str] = None,
+            calibration_forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None) -> Dict:
     """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
     fraction of the selected layers' dense size; ``calibration``: data-aware truncation on those
     batches, in the ``whitening`` metric); ``"lowrank"`` with :class:`LowRankLinear` at the ranks
     SCT would choose (or, for ``"sct"``, one ``rank`` for every layer; ``residual_dtype``: residual
-    mode). Returns the conversion report as a dict (with the seconds it took)."""
+    mode; ``calibration_forward``: ``spectralize``'s, how a calibration batch runs). Returns the
+    conversion report as a dict (with the seconds it took)."""
     import copy
 
     from stiefel_sct import SpectralConfig, match_module, spectralize
@@ -328,7 +330,7 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
     recipe = SpectralConfig(rank=rank, energy=energy, budget_fraction=budget_fraction, include=include,
                             retraction="cholqr2", whitening=whitening, residual_dtype=residual_dtype)
     probe = copy.deepcopy(model) if method == "lowrank" else model
-    report = spectralize(probe, recipe, calibration=calibration).spectral_report
+    report = spectralize(probe, recipe, calibration=calibration, calibration_forward=calibration_forward).spectral_report
     if method == "lowrank":
         modules = dict(model.named_modules())
         for r in report:

@@ -13,7 +13,10 @@ A. **all-MiniLM-L6-v2** (sentence-transformers' 6-layer BERT sentence encoder, r
    toward the original embeddings (on lines of the training plays), SCT (``SpectralAdam``) against
    an unconstrained low-rank baseline ``W = B A`` of the same ranks, initialised from the same
    truncated SVD and trained with AdamW for the same steps (each at its best learning rate from a
-   small sweep at the middle budget).
+   small sweep at the middle budget). The calibrated arms convert in the metric of the training
+   lines' activations (``sct_whitened``) and, ``sct_fisher``, of those and of the distillation
+   loss's curvature (``spectralize(whitening="fisher")`` fed a Gauss-Newton probe, see
+   :func:`gauss_newton_forward`).
 B. **a causal LM trained here**: the rank sweep's tiny SmolLM2-shaped model trained dense, then
    converted: held-out loss right after conversion, after SCT fine-tuning, after low-rank
    fine-tuning, and continued dense training for the same steps.
@@ -81,7 +84,10 @@ class Config:
     heal_lrs: List[float] = field(default_factory=lambda: [3e-4, 1e-3])
     heal_batch: int = 16
     calib_sentences: int = 512      # sct_whitened: calibration lines (from the training lines)
-    whitened_budgets: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # budgets with an sct_whitened arm
+    whitened_budgets: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])  # budgets with calibrated arms
+    # sct_fisher's heal lrs: it starts close to the original (cosine 0.859 at 50% where sct_whitened
+    # starts at 0.737), and 100 steps at sct's 1e-3 took it down to 0.802; 1e-4 reached 0.877
+    fisher_heal_lrs: List[float] = field(default_factory=lambda: [1e-4, 3e-4])
     train_sentences: int = 1600
     eval_sentences: int = 256
     max_len: int = 32
@@ -100,10 +106,12 @@ PRESETS = {
     # (energy 0.99 converts nothing on MiniLM and budget 0.7 repeats 0.5's story: left to quick;
     # the preset took 335 s with them on a 2-core EPYC, 292 s without them at 30/200/60 steps)
     "fast": dict(energies=[0.95], budgets=[0.3, 0.5], heal_steps=20, heal_lrs=[1e-3], train_sentences=800,
-                 eval_sentences=256, lm_pretrain_steps=120, lm_heal_steps=40, lm_lrs=[1e-3], whitened_budgets=[0.5]),
+                 eval_sentences=256, lm_pretrain_steps=120, lm_heal_steps=40, lm_lrs=[1e-3], whitened_budgets=[0.5],
+                 fisher_heal_lrs=[1e-4]),
     "paper": dict(energies=[0.8, 0.9, 0.95, 0.99], budgets=[0.2, 0.3, 0.5, 0.7], heal_steps=1000,
                   train_sentences=20000, eval_sentences=2000, lm_pretrain_steps=2000, lm_heal_steps=500),
-    "smoke": dict(energies=[0.95], budgets=[0.5], heal_steps=2, heal_lrs=[1e-3], heal_batch=4, train_sentences=16,
+    "smoke": dict(energies=[0.95], budgets=[0.5], heal_steps=2, heal_lrs=[1e-3], fisher_heal_lrs=[1e-3], heal_batch=4,
+                  train_sentences=16,
                   eval_sentences=8, max_len=16, lm_pretrain_steps=2, lm_heal_steps=2, lm_lrs=[1e-3]),
 }
 
@@ -151,6 +159,32 @@ def sentence_embeddings(model: nn.Module, batch: Dict[str, torch.Tensor]) -> tor
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
     return nn.functional.normalize(pooled, dim=-1)
+
+
+def gauss_newton_forward(seed: int = 0):
+    """``calibration_forward`` for ``whitening="fisher"`` on the sentence encoder: the projection
+    ``r^T e(x)`` of each batch's embeddings on a fresh Gaussian ``r``. The distillation loss
+    ``||e(x) - e_0(x)||^2`` has no gradient at the original model, but its curvature there is the
+    Gauss-Newton matrix ``J^T J``, and the output-gradient moment of ``r^T e``, ``E[J^T r r^T J]``,
+    is that matrix (one probe per batch; the moments average over batches and tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def forward(model: nn.Module, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        emb = sentence_embeddings(model, batch)
+        return (emb * torch.randn(emb.shape, generator=gen, dtype=emb.dtype)).sum()
+
+    return forward
+
+
+def _convert_arm(model: nn.Module, method: str, policy: Dict, calibration: List) -> Dict:
+    """Convert ``model`` for ``method``: ``sct`` / ``lowrank`` (plain truncated SVD), ``sct_whitened``
+    (calibrated on the inputs) or ``sct_fisher`` (on the inputs and the Gauss-Newton curvature)."""
+    if method == "sct_whitened":
+        return convert(model, "sct", BERT_ALL, calibration=calibration, **policy)
+    if method == "sct_fisher":
+        return convert(model, "sct", BERT_ALL, calibration=calibration, whitening="fisher",
+                       calibration_forward=gauss_newton_forward(), **policy)
+    return convert(model, method, BERT_ALL, **policy)
 
 
 def pick_sentences(docs, n: int, seed: int, min_words: int = 6) -> List[str]:
@@ -223,42 +257,40 @@ def minilm_part(cfg: Config, cache_dir=None) -> Dict:
         rep = convert(model, "sct", pattern, energy=0.95)
         out["per_type_energy_0.95"][name] = {"cosine": mean_cosine(model, held_out), **_brief(rep)}
 
-    # heal-lr sweep at the middle budget, per method
+    # heal-lr sweep at the middle budget, per method (sct_whitened heals at sct's)
+    calibration = [enc for enc, _ in train.batches[: max(1, cfg.calib_sentences // cfg.heal_batch)]]
     mid = cfg.budgets[len(cfg.budgets) // 2]
     best_lr, sweep = {}, {}
-    for method in ("sct", "lowrank"):
+    for method, lrs in (("sct", cfg.heal_lrs), ("lowrank", cfg.heal_lrs), ("sct_fisher", cfg.fisher_heal_lrs)):
         sweep[method] = {}
-        if len(cfg.heal_lrs) == 1:  # nothing to choose
-            best_lr[method] = cfg.heal_lrs[0]
+        if len(lrs) == 1:  # nothing to choose
+            best_lr[method] = lrs[0]
             continue
-        for lr in cfg.heal_lrs:
+        for lr in lrs:
             model = fresh()
-            convert(model, method, BERT_ALL, budget_fraction=mid)
-            distill(model, method, train, cfg.heal_steps, lr)
+            _convert_arm(model, method, {"budget_fraction": mid}, calibration)
+            distill(model, "lowrank" if method == "lowrank" else "sct", train, cfg.heal_steps, lr)
             sweep[method][str(lr)] = mean_cosine(model, held_out)
-            print(f"  minilm heal-lr sweep, budget {mid:g}: {method:8s} lr {lr:.0e} cos {sweep[method][str(lr)]:.4f}",
+            print(f"  minilm heal-lr sweep, budget {mid:g}: {method:10s} lr {lr:.0e} cos {sweep[method][str(lr)]:.4f}",
                   flush=True)
         best_lr[method] = float(max(sweep[method], key=sweep[method].get))
     out["heal_lr_sweep"], out["heal_lr"] = sweep, best_lr
 
-    # sct_whitened: the calibrated conversion (on the training lines' batches, the inputs the
-    # encoder is healed on), then the same distillation toward the original embeddings as sct
-    calibration = [enc for enc, _ in train.batches[: max(1, cfg.calib_sentences // cfg.heal_batch)]]
+    # the calibrated arms calibrate on the training lines' batches (the inputs the encoder is healed
+    # on), then heal by the same distillation toward the original embeddings as sct
     rows = []
     policies = [("energy", e) for e in cfg.energies] + [("budget", b) for b in cfg.budgets]
     for kind, value in progress(policies, desc="minilm"):
         whitened = kind == "budget" and value in cfg.whitened_budgets
-        for method in ("sct", "sct_whitened", "lowrank") if whitened else ("sct", "lowrank"):
+        for method in ("sct", "sct_whitened", "sct_fisher", "lowrank") if whitened else ("sct", "lowrank"):
             model = fresh()
             policy = {"energy": value} if kind == "energy" else {"budget_fraction": value}
-            if method == "sct_whitened":
-                rep = convert(model, "sct", BERT_ALL, calibration=calibration, **policy)
-            else:
-                rep = convert(model, method, BERT_ALL, **policy)
+            rep = _convert_arm(model, method, policy, calibration)
             before = mean_cosine(model, held_out)
             t = time.perf_counter()
-            base = "sct" if method == "sct_whitened" else method  # its optimizer and heal lr are sct's
-            losses = distill(model, base, train, cfg.heal_steps, best_lr[base]) if rep["converted_layers"] else []
+            lr = best_lr["sct" if method == "sct_whitened" else method]
+            losses = distill(model, "lowrank" if method == "lowrank" else "sct", train, cfg.heal_steps, lr) \
+                if rep["converted_layers"] else []
             rows.append({"policy": kind, "value": value, "method": method, "cosine_before": before,
                          "cosine_after": mean_cosine(model, held_out), "heal_s": time.perf_counter() - t,
                          "final_train_loss": losses[-1] if losses else None, **_brief(rep)})

@@ -337,7 +337,9 @@ def compress_section(res: Dict, figures: pathlib.Path, rel: str,
     lines = [f"## {title}", "",
              f"How obtained: `experiments/compress_pretrained.py`, {_provenance(res)}. Budgets are fractions of the "
              "converted layers' dense size; `sct` = `spectralize` + `SpectralAdam`, `sct_whitened` = the same with the "
-             "calibrated (activation-whitened) conversion on training lines, `lowrank` = the same ranks as an "
+             "calibrated (activation-whitened) conversion on training lines, `sct_fisher` = calibrated in the "
+             "Fisher metric (`whitening=\"fisher\"`, the output side weighed by the distillation loss's Gauss-Newton "
+             "curvature, probed by a random projection of the embeddings), `lowrank` = the same ranks as an "
              "unconstrained `W = B A` (same truncated SVD start) + AdamW; equal steps, each method at its best lr "
              "(`sct_whitened` at sct's).", ""]
     mini = m.get("minilm")
@@ -345,7 +347,7 @@ def compress_section(res: Dict, figures: pathlib.Path, rel: str,
         lines += [f"**all-MiniLM-L6-v2** ({mini['params'] / 1e6:.1f}M parameters; {mini['model']}): mean cosine "
                   f"similarity of sentence embeddings to the original on {mini['eval_sentences']} held-out lines, "
                   f"before and after {cfg['heal_steps']} distillation steps on {mini['train_sentences']} training lines "
-                  f"(heal lr: sct {mini['heal_lr']['sct']:g}, lowrank {mini['heal_lr']['lowrank']:g}).", "",
+                  "(heal lr: " + ", ".join(f"{k} {v:g}" for k, v in mini["heal_lr"].items()) + ").", "",
                   "| policy | method | model params | converted layers | mean rank | kept energy | cosine after conversion | cosine after healing |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in mini["rows"]:
@@ -390,7 +392,7 @@ def plot_compress(m: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
     fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4), squeeze=False)
     for ax, (key, part) in zip(axes[0], parts):
         before, after = ("cosine_before", "cosine_after") if key == "minilm" else ("loss_before", "loss_after")
-        for method, color in (("sct", "C1"), ("sct_whitened", "C0"), ("lowrank", "C2")):
+        for method, color in (("sct", "C1"), ("sct_whitened", "C0"), ("sct_fisher", "C3"), ("lowrank", "C2")):
             rows = sorted((r for r in part["rows"] if r["method"] == method), key=lambda r: r["params_after"])
             if not rows:
                 continue
@@ -828,7 +830,8 @@ def _compress_figures(res: Dict) -> List[Figure]:
                      if r["policy"] == "budget" and r["value"] == 0.5 and r["method"] == method), None)
 
     return [("MiniLM at 50%, SCT healed: cosine", cosine("sct"), "cosine"),
-            ("MiniLM at 50%, calibrated SCT healed: cosine", cosine("sct_whitened"), "cosine")]
+            ("MiniLM at 50%, calibrated SCT healed: cosine", cosine("sct_whitened"), "cosine"),
+            ("MiniLM at 50%, Fisher-calibrated SCT healed: cosine", cosine("sct_fisher"), "cosine")]
 
 
 def _finetune_figures(res: Dict) -> List[Figure]:
