@@ -253,6 +253,8 @@ class _GradientCollector:
     def backward(self, loss: torch.Tensor) -> None:
         names, outs = [n for n, _ in self._outputs], [o for _, o in self._outputs]
         self._outputs = []
+        if not outs:  # no selected layer ran on this batch: nothing to differentiate (the pass names them)
+            return
         grads = torch.autograd.grad(loss, outs, allow_unused=True)
         for name, g in zip(names, grads):
             if g is None:

@@ -273,6 +273,9 @@ def test_fisher_whitening_errors_name_what_is_missing():
     with pytest.raises(ValueError, match="does not reach the loss"):
         spectralize(model, rank=1, whitening="fisher", calibration=[X[:10]], include=["0", "1"],
                     calibration_forward=lambda m, b: m[0](b).sum() + 0 * m[1](b).detach().sum())
+    with pytest.raises(ValueError, match="never called"):  # no selected layer runs: named, not autograd's error
+        spectralize(copy.deepcopy(model), rank=1, whitening="fisher", calibration=[X[:10]], include=["1"],
+                    calibration_forward=lambda m, b: m[0](b).sum())
     # the recipe round-trips, and a recipe saved before the field existed reads as "inputs"
     cfg = SpectralConfig(budget_fraction=0.5, whitening="fisher", grad_damping=0.05)
     assert SpectralConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
