@@ -84,6 +84,7 @@ class InputMoments:
         self._cache: Dict[str, torch.Tensor] = {}
         self._grad_sums = dict(grad_sums or {})
         self._grad_counts = dict(grad_counts or {})
+        self._grad_cache: Dict[str, torch.Tensor] = {}  # a Fisher conversion reads each G twice
 
     @property
     def has_gradients(self) -> bool:
@@ -95,7 +96,9 @@ class InputMoments:
         if name not in self._grad_sums:
             raise ValueError(f"calibration: no output-gradient moment for layer {name!r}; collect them with "
                              "collect_input_moments(..., gradients=True) on batches that yield a loss")
-        return self._grad_sums[name] / self._grad_counts[name]
+        if name not in self._grad_cache:
+            self._grad_cache[name] = self._grad_sums[name] / self._grad_counts[name]
+        return self._grad_cache[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self.leaders
