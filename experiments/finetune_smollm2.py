@@ -22,7 +22,8 @@ Two stages, each method in a fresh process (so its peak memory is its own):
    (the model itself shrinks); SCT on the reference's recipe (MLP only, energy 0.95); SCT with an
    adaptive rank (``sct_adapt``: starts at SCT-25%'s ranks, a ``RankScheduler`` grows each layer
    from its factors' gradients, shrinks by ``tol``, within SCT-50%'s parameter budget, the best
-   budgeted fixed-rank arm: does adapting the rank reach SCT-50% with fewer parameters?), and the
+   budgeted fixed-rank arm: does adapting the rank reach SCT-50% with fewer parameters?), the same
+   from the Fisher-whitened 25% conversion (``sct_fadapt``, against ``sct_f25`` and ``sct_f50``), and the
    residual mode with an adaptive rank (``residual_adapt``: every decoder linear starts at rank 8
    of the residual split, a ``RankScheduler`` gives weak directions back to the frozen residual
    and takes the residual's strongest ones, with their singular values, within ``residual_r16``'s
@@ -114,6 +115,7 @@ class Config:
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
         "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [3e-4, 1e-3],
         "sct_f50": [3e-5, 1e-5, 1e-4, 3e-4], "sct_f25": [3e-5, 1e-4, 3e-4],
+        "sct_fadapt": [3e-5, 1e-4, 3e-4],
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
         "residual_f16": [3e-5, 1e-4, 2e-4],
         "residual_adapt": [1e-4, 2e-4],
@@ -365,14 +367,23 @@ def _sct_ref(model, cfg, lr, data) -> Built:
     return model, SpectralAdam(model.parameters(), lr=lr), info
 
 
-def _sct_adapt(model, cfg, lr, data) -> Built:
-    from stiefel_sct import SpectralAdam
+def _sct_adapt_from(whitening: Optional[str] = None):
+    """SCT from the ``cfg.adapt_start`` conversion (plain SVD, or calibrated in the ``whitening``
+    metric, the fixed arm's cached conversion), with ``cfg.adapt_budget`` of the dense linears as the
+    rank scheduler's budget (:func:`adaptive_scheduler`)."""
+    def build(model, cfg, lr, data) -> Built:
+        from stiefel_sct import SpectralAdam
 
-    budget = int(cfg.adapt_budget * linear_params(model))  # before converting: the dense linears
-    info = convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
-    info.pop("ranks_by_name", None)
-    info["rank_budget"] = budget
-    return model, SpectralAdam(model.parameters(), lr=lr), info
+        budget = int(cfg.adapt_budget * linear_params(model))  # before converting: the dense linears
+        if whitening is None:
+            info = convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
+            info.pop("ranks_by_name", None)
+        else:
+            info = _whitened_conversion(model, cfg, cfg.adapt_start, data, whitening)
+        info["rank_budget"] = budget
+        return model, SpectralAdam(model.parameters(), lr=lr), info
+
+    return build
 
 
 def _residual_at(rank: Callable[[Config], int], whitening: Optional[str] = None) -> Callable[..., Built]:
@@ -449,11 +460,13 @@ METHOD_TABLE: Tuple[Method, ...] = (
            _residual_at(lambda c: c.residual_r, "fisher")),
     Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),
     Method("sct_adapt", "sct", "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter "
-           "budget", _sct_adapt),
+           "budget", _sct_adapt_from()),
+    Method("sct_fadapt", "sct", "SCT from sct_f25's Fisher-whitened conversion, a RankScheduler growing the ranks "
+           "within SCT-50%'s parameter budget", _sct_adapt_from("fisher")),
     Method("residual_adapt", "sct", "SCT residual mode from rank 8, a RankScheduler moving rank between the residual "
            "and the factors within residual_r16's parameters", _residual_at(lambda c: c.radapt_start)),
 )
-ADAPTIVE = ("sct_adapt", "residual_adapt")  # the arms a RankScheduler drives
+ADAPTIVE = ("sct_adapt", "sct_fadapt", "residual_adapt")  # the arms a RankScheduler drives
 # bench_finetune's factors-only arms (not run by this experiment)
 EXTRA_METHODS: Tuple[Method, ...] = (
     Method("sct_b50_factors", "sct", "sct_b50 with only U, s, V trained", _sct(_B50, factors_only=True)),

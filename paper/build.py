@@ -337,7 +337,9 @@ def compress_section(res: Dict, figures: pathlib.Path, rel: str,
     lines = [f"## {title}", "",
              f"How obtained: `experiments/compress_pretrained.py`, {_provenance(res)}. Budgets are fractions of the "
              "converted layers' dense size; `sct` = `spectralize` + `SpectralAdam`, `sct_whitened` = the same with the "
-             "calibrated (activation-whitened) conversion on training lines, `sct_fisher` = calibrated in the "
+             "calibrated (activation-whitened) conversion on "
+             + (f"the first {cfg['calib_sentences']:,} training lines" if cfg.get("calib_sentences") else "training lines")
+             + ", `sct_fisher` = calibrated in the "
              "Fisher metric (`whitening=\"fisher\"`, the output side weighed by the distillation loss's Gauss-Newton "
              "curvature, probed by a random projection of the embeddings), `lowrank` = the same ranks as an "
              "unconstrained `W = B A` (same truncated SVD start) + AdamW; equal steps, each method at its best lr "
@@ -555,15 +557,30 @@ def _adaptive_run(table: Dict, method: str) -> Optional[Tuple[Dict, Dict, Dict, 
             sum(e["dropped"] for e in end["events"]))
 
 
+# the compact adaptive arms: (arm, its conversion in words, the fixed arm at its start, the fixed arm at its budget)
+COMPACT_ADAPTIVE = (("sct_adapt", "plain SVD", "sct_b25", "sct_b50"),
+                    ("sct_fadapt", "the Fisher-whitened conversion", "sct_f25", "sct_f50"))
+
+
 def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
-    """The adaptive arm against the fixed-rank SCT arms at its start and at its budget, computed
-    from the runs: held-out loss, the spectral parameters it ended with, and where the rank went."""
-    run = _adaptive_run(table, "sct_adapt")
+    """Each compact adaptive arm against the fixed-rank SCT arms of its conversion at its start and
+    at its budget, computed from the runs: held-out loss, the spectral parameters it ended with, and
+    where the rank went."""
+    lines: List[str] = []
+    for method, conversion, start_arm, budget_arm in COMPACT_ADAPTIVE:
+        lines += _compact_adaptive_paragraph(table, cfg, method, conversion, start_arm, budget_arm)
+    return lines
+
+
+def _compact_adaptive_paragraph(table: Dict, cfg: Dict, method: str, conversion: str, start_arm: str,
+                                budget_arm: str) -> List[str]:
+    run = _adaptive_run(table, method)
     if run is None:
         return []
     a, end, info, order, grown, dropped = run
-    start, at_budget = table.get("compare/sct_b25/main"), table.get("compare/sct_b50/main")
-    text = (f"**Adaptive rank** (`sct_adapt`: starts at {cfg['adapt_start']:.0%} of the linear parameters, a "
+    start, at_budget = table.get(f"compare/{start_arm}/main"), table.get(f"compare/{budget_arm}/main")
+    text = (f"**Adaptive rank** (`{method}`: starts at {cfg['adapt_start']:.0%} of the linear parameters, "
+            f"converted by {conversion}, a "
             f"`RankScheduler` every {info['every']} steps drops `|s_i| < {info['tol']:g} ||s||` and grows up to "
             f"{info['grow']} directions per layer within {cfg['adapt_budget']:.0%} of them; "
             + _growth_text(info.get("growth", "factors"), info.get("sketch_steps", 1), info.get("newborn_rate"))
@@ -571,7 +588,7 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
             f"{end['budget']:,} spectral parameters): held-out loss **{a['val_loss_after']:.3f}**, ending with "
             f"{end['spectral_params_after']:,} spectral parameters ({end['spectral_params_after'] / end['budget']:.0%} "
             f"of the budget; {grown:,} directions grown, {dropped:,} dropped over {len(end['events'])} events)")
-    for name, r in (("sct_b25", start), ("sct_b50", at_budget)):
+    for name, r in ((start_arm, start), (budget_arm, at_budget)):
         if r:
             text += f"; `{name}` {r['val_loss_after']:.3f} ({a['val_loss_after'] - r['val_loss_after']:+.3f})"
     if at_budget:
@@ -581,7 +598,7 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
              + ", ".join(f"`{t}` {end['ranks_by_type'][t]:.0f}" for t in order) + ".")
     if end["spectral_params_after"] < end["budget"] and all(e["grown"] == e["layers"] * info["grow"] for e in end["events"]):
         text += (f" The budget never bound and every layer grew {info['grow']} directions per event, so these are the "
-                 f"{cfg['adapt_start']:.0%} conversion's allocation (attention got more rank than the MLP) plus the last "
+                 f"{cfg['adapt_start']:.0%} conversion's allocation plus the last "
                  "event's growth: no layer type took more rank than another.")
     per_event = "; ".join(f"step {e['step']}: +{e['grown']:,} -{e['dropped']:,} in {e['layers']} layers"
                           for e in end["events"])
@@ -613,7 +630,7 @@ def adaptive_rank_tables(table: Dict) -> List[str]:
     """Each adaptive arm's mean rank per layer type over training: at the start and after each
     event that changed a rank (results written before the curve was recorded have none)."""
     lines: List[str] = []
-    for method in ("sct_adapt", "residual_adapt"):
+    for method in ("sct_adapt", "sct_fadapt", "residual_adapt"):
         run = table.get(f"compare/{method}/main") or {}
         curve = (run.get("adaptive") or {}).get("ranks_by_type_curve")
         if not curve:

@@ -53,9 +53,9 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
         assert trainable == info["lora_r"] * per_rank and info["lora_r"] == ft.lora_rank_matching(tiny_llama(), linear // 2)
     elif method in ("lora_r16", "pissa_r16"):
         assert trainable == 16 * per_rank
-    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt", "sct_w50", "sct_w25", "sct_w50_kd", "sct_w25_kd",
-                    "sct_f50", "sct_f25"):
-        fraction = cfg.adapt_start if method == "sct_adapt" else (0.25 if "25" in method else 0.5)
+    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt", "sct_fadapt", "sct_w50", "sct_w25", "sct_w50_kd",
+                    "sct_w25_kd", "sct_f50", "sct_f25"):
+        fraction = cfg.adapt_start if method.endswith("adapt") else (0.25 if "25" in method else 0.5)
         assert sum(p.numel() for p in model.parameters()) <= total - linear + fraction * linear
         if method != "lowrank":
             assert any(isinstance(m, SpectralLinear) for m in model.modules())
@@ -75,13 +75,15 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
 
 
-def test_adaptive_arm_grows_its_ranks_within_the_budget():
+@pytest.mark.parametrize("method", ["sct_adapt", "sct_fadapt"])
+def test_adaptive_arm_grows_its_ranks_within_the_budget(method):
     cfg = _cfg(adapt_events=2, adapt_grow=3)
     model = tiny_llama()
     budget = int(cfg.adapt_budget * ft.linear_params(model))
-    model, opt, info = ft.build_method("sct_adapt", model, cfg, 1e-3)
+    model, opt, info = ft.build_method(method, model, cfg, 1e-3, data=DATA)
     assert info["rank_budget"] == budget
-    sched = ft.adaptive_scheduler("sct_adapt", opt, cfg, 6, info)
+    assert ("calibration" in info) == (method == "sct_fadapt")  # sct_fadapt starts from the Fisher conversion
+    sched = ft.adaptive_scheduler(method, opt, cfg, 6, info)
     assert info["every"] == 2 and sched.budget == budget
     before = ft.adaptive_summary(model, sched)
     for _ in range(6):
