@@ -7,7 +7,7 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
 
-from .manifold import plain, retract_into
+from .manifold import plain, retract_stack_into
 
 __all__ = ["CHUNK_BYTES", "DEVICE_CHUNK_BYTES", "FactorBank", "GroupBanks", "chunk_bytes_for", "live_banks"]
 
@@ -86,7 +86,7 @@ class FactorBank:
         if dst.dtype not in (torch.float32, torch.float64) and self._workspace is None:
             self._workspace = (torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device),
                                torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device))
-        retract_into(self.slots[self.slot_of[j]][:b], dst, retraction, self._workspace)
+        retract_stack_into(self.slots[self.slot_of[j]][:b], dst, retraction, self._workspace)
         for p, v in zip(chunk, dst.unbind(0)):
             p.data = v
         self.slot_of[j], self.spare = self.spare, self.slot_of[j]

@@ -226,15 +226,10 @@ def _group_by_layout(tensors: Sequence[torch.Tensor]) -> Dict[tuple, List[torch.
     return groups
 
 
-@torch.no_grad()
-@renamed_argument("method", "retraction")
-def retract_into(x: torch.Tensor, out: torch.Tensor, retraction: str = "qr",
-                 workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """Retraction of a stack ``x`` (B, n, k) written to ``out`` (same shape, no overlap).
-
-    Low-precision stacks are factorized in fp32; ``workspace``, two fp32 buffers of at least
-    ``x``'s size, saves allocating them on every call. ``x`` is left unchanged. Returns ``out``.
-    """
+def retract_stack_into(x: torch.Tensor, out: torch.Tensor, retraction: str,
+                       workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """:func:`retract_into` without its wrappers, for callers already under ``torch.no_grad`` that
+    pass ``retraction`` by position (the optimizer's banks: once per chunk per step)."""
     if x.dtype in (torch.float32, torch.float64):
         work, dst = x, out
     elif workspace is not None:
@@ -250,6 +245,18 @@ def retract_into(x: torch.Tensor, out: torch.Tensor, retraction: str = "qr",
     if dst is not out:
         out.copy_(dst)
     return out
+
+
+@torch.no_grad()
+@renamed_argument("method", "retraction")
+def retract_into(x: torch.Tensor, out: torch.Tensor, retraction: str = "qr",
+                 workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Retraction of a stack ``x`` (B, n, k) written to ``out`` (same shape, no overlap).
+
+    Low-precision stacks are factorized in fp32; ``workspace``, two fp32 buffers of at least
+    ``x``'s size, saves allocating them on every call. ``x`` is left unchanged. Returns ``out``.
+    """
+    return retract_stack_into(x, out, retraction, workspace)
 
 
 @torch.no_grad()
