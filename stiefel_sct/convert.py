@@ -400,7 +400,7 @@ class _Whitened:
 
     def __init__(self, model: nn.Module, plan: List[Tuple[str, nn.Module]], calibration: Any,
                  forward: Optional[Callable[[nn.Module, Any], Any]], config: SpectralConfig) -> None:
-        self.linears = {name: m for name, m in plan if _kind(m).residual}  # the linear kinds, Conv1D too
+        self.linears = {name: m for name, m in plan if _kind(m).linear}  # Conv1D too
         for name, m in self.linears.items():
             if _kind(m).matrix(m).is_meta:
                 raise ValueError(f"calibration needs materialised weights; layer {name!r} is on the meta device")

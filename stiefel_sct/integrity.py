@@ -149,15 +149,15 @@ def _layer(path: pathlib.Path, layer: str, entry: Any, dtypes: Mapping[str, torc
         raise _fail(path, f"{where}.retraction", f"must be one of {RETRACTIONS}, got {entry['retraction']!r}")
     if _need(path, entry, "dtype", where) not in dtypes or not dtypes[entry["dtype"]].is_floating_point:
         raise _fail(path, f"{where}.dtype", f"must be a floating dtype name, got {entry['dtype']!r}")
-    if kind.residual:  # the linear kinds
+    if kind.linear:
         if not isinstance(_need(path, entry, "bias", where), bool):
             raise _fail(path, f"{where}.bias", f"must be true or false, got {entry['bias']!r}")
-        if entry.get("residual") is not None:
-            _residual(path, f"{where}.residual", entry["residual"], min(m, n), dtypes)
     else:
         pad = _need(path, entry, "padding_idx", where)
         if pad is not None:
             _int(path, pad, f"{where}.padding_idx", -m, m - 1)
+    if kind.residual and entry.get("residual") is not None:
+        _residual(path, f"{where}.residual", entry["residual"], min(m, n), dtypes)
 
 
 def _residual(path: pathlib.Path, where: str, residual: Any, max_rank: int, dtypes: Mapping[str, torch.dtype]) -> None:

@@ -11,6 +11,10 @@ kind           dense module                      spectral module              re
 ``conv1d``     GPT-2 ``Conv1D`` (transformers)   :class:`SpectralConv1D`      yes
 =============  ================================  ===========================  ========
 
+The ``linear`` and ``conv1d`` kinds compute ``y = x W^T (+ bias)`` (:attr:`LayerKind.linear`):
+calibrated conversion applies to them. Residual mode (:attr:`LayerKind.residual`) applies to the
+same two today; the flags are separate because they answer separate questions.
+
 Dense modules are matched by exact type: subclasses (quantized, LoRA-wrapped, ...) are not ours
 to touch.
 """
@@ -41,6 +45,7 @@ class LayerKind:
     spectral: type
     dims: Tuple[str, str]
     residual: bool = False  # whether residual mode (a frozen rest of the weight) applies
+    linear: bool = False  # whether the layer is y = x W^T (+ bias): calibration applies, the entry has "bias"
 
     def dense_type(self) -> Optional[type]:
         raise NotImplementedError
@@ -89,7 +94,7 @@ class LayerKind:
 
 
 class _Linear(LayerKind):
-    name, spectral, dims, residual = "linear", SpectralLinear, ("in_features", "out_features"), True
+    name, spectral, dims, residual, linear = "linear", SpectralLinear, ("in_features", "out_features"), True, True
 
     def dense_type(self) -> Optional[type]:
         return nn.Linear
