@@ -89,8 +89,9 @@ class GradientSketch:
         self.y = torch.zeros(n, self.probes, dtype=self.work, device=u.device)
         self.z = torch.zeros(m, self.psi.shape[1], dtype=self.work, device=u.device)
         self.backwards = 0  # how many backward passes the sketch has seen
-        # sum over backwards of ||dY||_F ||X||_F >= ||G||_F: the scale of the sketches' rounding
-        self.mass = 0.0
+        # sum over backwards of ||dY||_F ||X||_F >= ||G||_F: the scale of the sketches' rounding, kept
+        # on the layer's device (float64, as a Python float would be) so a backward never waits on the host
+        self.mass = torch.zeros((), dtype=torch.float64, device=u.device)
         self._handle: Optional[torch.utils.hooks.RemovableHandle] = (
             layer.register_forward_hook(self._forward) if self.probes else None)
 
@@ -109,12 +110,12 @@ class GradientSketch:
         self.y += g2.mT @ x_omega                                              # G Omega
         self.z += x.reshape(-1, self.z.shape[0]).to(self.work).mT @ (g2 @ self.psi)  # G^T Psi
         self.backwards += 1
-        self.mass += float(torch.linalg.vector_norm(g2)) * float(torch.linalg.vector_norm(x))
+        self.mass += torch.linalg.vector_norm(g2).double() * torch.linalg.vector_norm(x).double()
 
     def state_dict(self) -> dict:
         """The probes and the sums so far (a scheduler saved inside a sketch window resumes bitwise)."""
         return {"omega": self.omega.clone(), "psi": self.psi.clone(), "y": self.y.clone(), "z": self.z.clone(),
-                "backwards": self.backwards, "mass": self.mass}
+                "backwards": self.backwards, "mass": float(self.mass)}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` of a sketch of the same layer shape; ``ValueError`` otherwise."""
@@ -124,7 +125,8 @@ class GradientSketch:
                                  f"{tuple(getattr(self, key).shape)}: saved for another layer or rank")
         for key in ("omega", "psi", "y", "z"):
             getattr(self, key).copy_(state[key])
-        self.backwards, self.mass = int(state["backwards"]), float(state["mass"])
+        self.backwards = int(state["backwards"])
+        self.mass.fill_(float(state["mass"]))
 
     def remove(self) -> None:
         """Remove the hooks (idempotent)."""
@@ -141,7 +143,7 @@ class GradientSketch:
         ``sigma`` descending. Triplets at rounding level of the sketch are not returned; nothing
         is returned when no backward was seen."""
         empty = (v.new_zeros(v.shape[0], 0), v.new_zeros(0), u.new_zeros(u.shape[0], 0))
-        y, z, seen, mass = self.y, self.z, float(self.backwards), self.mass
+        y, z, seen, mass = self.y, self.z, float(self.backwards), float(self.mass)
         if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
             both = torch.cat([y.reshape(-1), z.reshape(-1), y.new_tensor([seen, mass])])
             torch_dist.all_reduce(both)
