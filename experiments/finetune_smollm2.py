@@ -639,7 +639,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
         if stage == "reference" and method == "sct":
             retract_all(model, retraction="qr")  # the reference's sign-fixed QR after every step
         times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))  # torch 2.13 warns on float() of a tensor that requires grad
     out["train_peak_mb"] = peak_rss_mib()
     out["losses"] = losses
     out["step_s_median"] = statistics.median(times[1:] if len(times) > 1 else times)
