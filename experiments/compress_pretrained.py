@@ -38,7 +38,7 @@ import shutil
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -271,6 +271,24 @@ def minilm_part(cfg: Config, cache_dir=None) -> Dict:
     # heal-lr sweep at the middle budget, per method (sct_whitened heals at sct's)
     calibration = [enc for enc, _ in train.batches[: max(1, cfg.calib_sentences // cfg.heal_batch)]]
     mid = cfg.budgets[len(cfg.budgets) // 2]
+    # the middle budget's conversions, each run once: the sweep's lrs and that budget's row start from
+    # copies (the Fisher conversion takes ~47 s on 1,600 lines; conversion is deterministic)
+    at_mid: Dict[str, Tuple[nn.Module, Dict]] = {}
+
+    def converted(method: str, policy: Dict, keep: bool) -> Tuple[nn.Module, Dict]:
+        """A fresh model converted for ``method`` at ``policy`` and its report; at the middle budget
+        the conversion is kept while ``keep`` and handed out as copies."""
+        shared = policy == {"budget_fraction": mid}
+        if shared and method in at_mid:
+            model, rep = at_mid[method] if keep else at_mid.pop(method)
+            return (copy.deepcopy(model) if keep else model), rep
+        model = fresh()
+        rep = _convert_arm(model, method, policy, calibration)
+        if shared and keep:
+            at_mid[method] = (model, rep)
+            return copy.deepcopy(model), rep
+        return model, rep
+
     best_lr, sweep = {}, {}
     for method, lrs in (("sct", cfg.heal_lrs), ("lowrank", cfg.heal_lrs), ("sct_fisher", cfg.fisher_heal_lrs)):
         sweep[method] = {}
@@ -278,8 +296,7 @@ def minilm_part(cfg: Config, cache_dir=None) -> Dict:
             best_lr[method] = lrs[0]
             continue
         for lr in lrs:
-            model = fresh()
-            _convert_arm(model, method, {"budget_fraction": mid}, calibration)
+            model, _ = converted(method, {"budget_fraction": mid}, keep=True)
             distill(model, _family(method), train, cfg.heal_steps, lr)
             sweep[method][str(lr)] = mean_cosine(model, held_out)
             print(f"  minilm heal-lr sweep, budget {mid:g}: {method:10s} lr {lr:.0e} cos {sweep[method][str(lr)]:.4f}",
@@ -294,9 +311,8 @@ def minilm_part(cfg: Config, cache_dir=None) -> Dict:
     for kind, value in progress(policies, desc="minilm"):
         whitened = kind == "budget" and value in cfg.whitened_budgets
         for method in ("sct", "sct_whitened", "sct_fisher", "lowrank") if whitened else ("sct", "lowrank"):
-            model = fresh()
             policy = {"energy": value} if kind == "energy" else {"budget_fraction": value}
-            rep = _convert_arm(model, method, policy, calibration)
+            model, rep = converted(method, policy, keep=False)
             before = mean_cosine(model, held_out)
             t = time.perf_counter()
             lr = best_lr["sct" if method == "sct_whitened" else method]
