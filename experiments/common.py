@@ -313,12 +313,14 @@ class LowRankLinear(torch.nn.Module):
 def convert(model: torch.nn.Module, method: str, include: str, *, energy: Optional[float] = None,
             budget_fraction: Optional[float] = None, calibration: Any = None, whitening: str = "inputs",
             rank: Optional[int] = None, residual_dtype: Optional[str] = None,
-            calibration_forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None) -> Dict:
+            calibration_forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
+            directions: str = "principal") -> Dict:
     """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
     fraction of the selected layers' dense size; ``calibration``: data-aware truncation on those
     batches, in the ``whitening`` metric); ``"lowrank"`` with :class:`LowRankLinear` at the ranks
     SCT would choose (or, for ``"sct"``, one ``rank`` for every layer; ``residual_dtype``: residual
-    mode; ``calibration_forward``: ``spectralize``'s, how a calibration batch runs). Returns the
+    mode; ``calibration_forward``: ``spectralize``'s, how a calibration batch runs; ``directions``:
+    which directions residual layers train, ``spectralize``'s). Returns the
     conversion report as a dict (with the seconds it took)."""
     import copy
 
@@ -328,7 +330,8 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
     selected = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and match_module(n, include)]
     dense = sum(m.weight.numel() for _, m in selected)
     recipe = SpectralConfig(rank=rank, energy=energy, budget_fraction=budget_fraction, include=include,
-                            retraction="cholqr2", whitening=whitening, residual_dtype=residual_dtype)
+                            retraction="cholqr2", whitening=whitening, residual_dtype=residual_dtype,
+                            directions=directions)
     probe = copy.deepcopy(model) if method == "lowrank" else model
     report = spectralize(probe, recipe, calibration=calibration, calibration_forward=calibration_forward).spectral_report
     if method == "lowrank":

@@ -68,6 +68,7 @@ from experiments.common import (
     config_from_args,
     convert,
     distill_loss,
+    environment,
     lm_loss,
     peak_rss_mib,
     progress,
@@ -117,7 +118,7 @@ class Config:
         "sct_f50": [3e-5, 1e-5, 1e-4, 3e-4], "sct_f25": [3e-5, 1e-4, 3e-4],
         "sct_fadapt": [3e-5, 1e-4, 3e-4],
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
-        "residual_f16": [3e-5, 1e-4, 2e-4],
+        "residual_f16": [3e-5, 1e-4, 2e-4], "residual_k16": [3e-4, 1e-3, 2e-3, 3e-3],
         "residual_adapt": [1e-4, 2e-4],
         "pissa_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3]})
     sweep_steps: int = 8
@@ -191,8 +192,13 @@ def prepare_tokens(cfg: Config, tokenizer, path: pathlib.Path) -> Dict:
     vids, vmask = _padded(reference_samples(val_docs, 64), enc, pad)
     # the second held-out text, of another kind: what the model knew before (general technical English)
     general_docs = data_lib.python_reference_documents()
-    general = torch.tensor([i for _, t in general_docs for i in enc(t + "\n\n")][: 64 * (cfg.seq + 1)], dtype=torch.long)
-    blob = {"train": train, "val": val, "general": general, "ref_ids": ids, "ref_mask": mask, "ref_val_ids": vids,
+    general_ids = [i for _, t in general_docs for i in enc(t + "\n\n")]
+    general = torch.tensor(general_ids[: 64 * (cfg.seq + 1)], dtype=torch.long)
+    # what the knowledge-preserving arm calibrates on: the same reference's text after every
+    # evaluation window (a preset evaluates at most 64 windows), never evaluated
+    general_calib = torch.tensor(general_ids[64 * (cfg.seq + 1):][:4 * cfg.calib_tokens], dtype=torch.long)
+    blob = {"train": train, "val": val, "general": general, "general_calib": general_calib, "ref_ids": ids,
+            "ref_mask": mask, "ref_val_ids": vids,
             "ref_val_mask": vmask}
     atomic_torch_save(path, blob)
     return {"train_tokens": int(train.numel()), "val_tokens": int(val.numel()), "train_documents": len(train_docs),
@@ -259,14 +265,17 @@ def _freeze_all_but_factors(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def calibration_batches(cfg: Config, data: Optional[Dict], labels: bool = False) -> List[Dict[str, torch.Tensor]]:
+def calibration_batches(cfg: Config, data: Optional[Dict], labels: bool = False,
+                        text: str = "train") -> List[Dict[str, torch.Tensor]]:
     """The whitened arms' calibration data: ``cfg.calib_tokens`` tokens of the *training* plays
-    (the new domain), windows of ``cfg.seq`` at seeded random starts, in batches of 8 windows;
-    ``labels``: each batch also passes ``labels`` (the model then returns its next-token loss, which
-    the Fisher whitening differentiates)."""
-    if data is None or "train" not in data:
-        raise ValueError("the whitened SCT arms need calibration data: build_method(..., data=<the token blob>)")
-    train = data["train"]
+    (the new domain; ``text="general_calib"``: of the general text the model should keep knowing,
+    past the windows it is evaluated on), windows of ``cfg.seq`` at seeded random starts, in batches
+    of 8 windows; ``labels``: each batch also passes ``labels`` (the model then returns its
+    next-token loss, which the Fisher whitening differentiates)."""
+    if data is None or text not in data:
+        raise ValueError(f"the whitened SCT arms need calibration data ({text!r}): "
+                         "build_method(..., data=<the token blob>)")
+    train = data[text]
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     n = max(1, cfg.calib_tokens // cfg.seq)
     starts = torch.randint(0, train.numel() - cfg.seq, (n,), generator=gen).tolist()
@@ -331,27 +340,31 @@ def _sct(fraction: Callable[[Config], float], whitening: Optional[str] = None, f
 
 
 def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float], data: Optional[Dict],
-                         whitening: str = "inputs", rank: Optional[int] = None) -> Dict:
+                         whitening: str = "inputs", rank: Optional[int] = None, minor: bool = False) -> Dict:
     """The calibrated conversion at ``fraction`` of the linear parameters (or, with ``rank``, the
-    residual mode at that rank); with ``data["cache_dir"]`` the converted model is kept there as a
-    spectral checkpoint, so an lr sweep's runs convert once (the info, conversion time included,
-    is the converting run's)."""
+    residual mode at that rank; ``minor``: training the ``rank`` weakest directions in the metric
+    of the general text, which is then the calibration text); with ``data["cache_dir"]`` the
+    converted model is kept there as a spectral checkpoint, so an lr sweep's runs convert once (the
+    info, conversion time included, is the converting run's)."""
     from stiefel_sct import load_spectral, save_spectral
 
     cache = pathlib.Path(data["cache_dir"]) if data and data.get("cache_dir") else None
     from stiefel_sct.calibration import DEFAULT_DAMPING, DEFAULT_GRAD_DAMPING
 
     fisher = whitening == "fisher"
-    size = f"{fraction:g}" if rank is None else f"residual{rank}"
+    size = f"{fraction:g}" if rank is None else f"residual{rank}" + ("-minor-general" if minor else "")
     name = (f"whitened-{cfg.preset}-{cfg.model}-{size}-{cfg.calib_tokens}x{cfg.seq}-seed{cfg.seed}"
             f"-damping{DEFAULT_DAMPING:g}" + (f"-fisher{DEFAULT_GRAD_DAMPING:g}" if fisher else ""))
     if cache is not None and (cache / f"{name}.json").is_file() and (cache / name).is_dir():
         load_spectral(model, cache / name)
         return {**json.loads((cache / f"{name}.json").read_text()), "conversion_cached": True}
-    info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data, fisher),
-                   whitening=whitening, rank=rank, residual_dtype=None if rank is None else "float32")
+    text = "general_calib" if minor else "train"
+    info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data, fisher, text),
+                   whitening=whitening, rank=rank, residual_dtype=None if rank is None else "float32",
+                   directions="minor" if minor else "principal")
     info.pop("ranks_by_name", None)
-    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of the training plays" + (
+    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of " + (
+        "the general text (past its evaluation windows)" if minor else "the training plays") + (
         ", with their next-token loss's gradients" if fisher else "")
     if cache is not None:
         save_spectral(model, cache / name)
@@ -386,10 +399,12 @@ def _sct_adapt_from(whitening: Optional[str] = None):
     return build
 
 
-def _residual_at(rank: Callable[[Config], int], whitening: Optional[str] = None) -> Callable[..., Built]:
+def _residual_at(rank: Callable[[Config], int], whitening: Optional[str] = None,
+                 directions: str = "principal") -> Callable[..., Built]:
     """Every decoder linear: its top-``rank(cfg)`` spectral part trains on the manifold, the rest of
     its weight is a frozen fp32 residual (the function is the pretrained one at step 0); the part is
-    the weight's own top singular part, or (``whitening``) the top part in that calibrated metric.
+    the weight's own top singular part, or (``whitening``) the top part in that calibrated metric
+    (``directions="minor"``: the weakest part instead; calibrated, in the general text's metric).
     ``info`` also carries what ``cfg.residual_r`` would cost in spectral parameters: the adaptive
     arm's budget."""
 
@@ -400,10 +415,10 @@ def _residual_at(rank: Callable[[Config], int], whitening: Optional[str] = None)
         k = rank(cfg)
         if whitening is None:
             report = spectralize(model, rank=k, include=LINEAR, residual_dtype=torch.float32,
-                                 retraction="cholqr2").spectral_report
+                                 retraction="cholqr2", directions=directions).spectral_report
             info = {"converted_layers": sum(r.converted for r in report), "convert_s": time.perf_counter() - t0}
         else:
-            info = _whitened_conversion(model, cfg, None, data, whitening, rank=k)
+            info = _whitened_conversion(model, cfg, None, data, whitening, rank=k, minor=directions == "minor")
         layers = [m for _, m in spectral_layers(model)]
         info.update(rank=k, residual_dtype="float32",
                     rank_budget=sum(spectral_params(m.in_features, m.out_features, cfg.residual_r) for m in layers))
@@ -458,6 +473,9 @@ METHOD_TABLE: Tuple[Method, ...] = (
     Method("residual_f16", "sct", "SCT residual mode as residual_r16, its trained top-16 part chosen in the Fisher "
            "metric of the calibration text (spectralize(whitening='fisher', residual_dtype=...))",
            _residual_at(lambda c: c.residual_r, "fisher")),
+    Method("residual_k16", "sct", "SCT residual mode training each decoder linear's 16 weakest directions in the metric "
+           "of general text, the strong part frozen (CorDA's knowledge-preserved mode: spectralize(directions='minor', "
+           "calibration=<general text>))", _residual_at(lambda c: c.residual_r, "inputs", "minor")),
     Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),
     Method("sct_adapt", "sct", "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter "
            "budget", _sct_adapt_from()),
@@ -573,7 +591,8 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     t_load = time.perf_counter()
     model, tok = load_model(cfg)
     model.train()
-    out: Dict = {"stage": stage, "method": method, "lr": lr, "steps": steps}
+    # the CPU each run had: a --resume may add runs on another machine (GEMM-heavy ratios move with it)
+    out: Dict = {"stage": stage, "method": method, "lr": lr, "steps": steps, "cpu": environment()["cpu"]}
     if stage == "reference":
         ids, mask = blob["ref_ids"], blob["ref_mask"]
         val = list(blob["ref_val_ids"][: cfg.eval_windows].split(cfg.batch))
@@ -656,7 +675,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     if measure and stage == "compare":
         out["generations_after"] = generations(model, tok, cfg.new_tokens)
         out["saved_bytes"] = saved_size(method, model)
-        if method in ("residual_r16", "residual_f16", "residual_adapt"):  # after rank moves too: replayed bitwise
+        if method.startswith("residual_"):  # after rank moves too: replayed bitwise
             out["roundtrip"] = residual_roundtrip(model, cfg, val[0])
     return out
 
@@ -809,7 +828,7 @@ def summarise(runs: Dict[str, Dict], cfg: Config) -> Dict:
                                      "val_loss_after", "val_ppl_after", "general_loss_pretrained", "general_loss_before",
                                      "general_loss_after", "train_peak_mb", "load_convert_s", "load_convert_peak_mb",
                                      "step_s_median", "tokens_per_s", "saved_bytes", "train_wall_s",
-                                     "orthonormality_error", "measured_on", "roundtrip")}
+                                     "orthonormality_error", "measured_on", "roundtrip", "cpu")}
         row["train_loss_last20"] = statistics.mean(r["losses"][-20:])
         row["first_loss"] = r["losses"][0]
         row["info"] = r.get("info")
@@ -850,6 +869,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         old = json.loads(out_path.read_text())
         if resumable(old["config"], json.loads(json.dumps(dataclasses.asdict(cfg)))):
             runs = old["metrics"]["runs"]
+            for r in runs.values():  # runs from before each run recorded its CPU: the old file's machine
+                r.setdefault("cpu", old.get("environment", {}).get("cpu"))
             # a main run from before the second held-out text existed is run again when its method is
             # planned; sweep runs are kept (they only pick the lr, from the same held-out loss)
             stale = [k for k, r in runs.items() if k.startswith("compare/") and k.endswith("/main")

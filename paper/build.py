@@ -478,6 +478,13 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
             lines += ["", "(earlier run): " + "; ".join(f"`{n}` was measured on {r['measured_on']}" for n, r in earlier)
                       + ", in the previous run of this preset (same code path for its loss; its step time and peak "
                       "are that machine's, not comparable with the rest of this table)."]
+        cpus: Dict[str, List[str]] = {}
+        for n, r in rows:
+            cpus.setdefault(r.get("cpu") or "an unrecorded CPU", []).append(n)
+        if len(cpus) > 1:  # a --resume added arms on another machine: times and peaks compare within one
+            lines += ["", "Machines: " + "; ".join(f"{', '.join(f'`{n}`' for n in names)} on {cpu}"
+                                                   for cpu, names in sorted(cpus.items(), key=lambda c: -len(c[1])))
+                      + ". Losses compare across them; step times and peaks only within one machine."]
         trip = next((r["roundtrip"] for n, r in rows if r.get("roundtrip")), None)
         if trip:
             lines += ["", f"The residual arm's trained model, saved with `save_spectral(..., trained_only=True)` "
@@ -489,7 +496,10 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
             lines += ["", f"The second held-out text is {m['data']['general_text']} (SHA-256 prefix "
                       f"{m['data']['general_text_sha256']}); a method must not buy the new domain by erasing what the "
                       "model knew. The whitened arms calibrate on "
-                      f"{cfg.get('calib_tokens', 0):,} tokens of the training plays (the new domain)."]
+                      f"{cfg.get('calib_tokens', 0):,} tokens of the training plays (the new domain)"
+                      + ("; `residual_k16` on as many tokens of the general text, taken past the windows it is "
+                         "evaluated on (the text whose knowledge it keeps)" if any(n == "residual_k16" for n, _ in rows)
+                         else "") + "."]
         lines += conversion_jump_table(table, m["runs"])
         lines += finetune_verdict(rows)
         lines += finetune_adaptive_paragraph(table, cfg)

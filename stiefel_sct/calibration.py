@@ -389,15 +389,19 @@ def whitened_spectrum(weight: torch.Tensor, moment: torch.Tensor, damping: float
 
 
 def whitened_factors(P: torch.Tensor, S: torch.Tensor, Qh: torch.Tensor, chol: torch.Tensor,
-                     rank: int, out_chol: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     rank: int, out_chol: Optional[torch.Tensor] = None, minor: bool = False,
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(U, s, V)`` (float64) with orthonormal ``U`` (``m x k``), ``V`` (``n x k``) and
     ``V diag(s) U^T = R^-T P_k Sigma_k Q_k^T L^-1``, the best rank-``k`` weight in the metric of
-    ``L`` (and ``R = out_chol``; ``None``: the identity)."""
+    ``L`` (and ``R = out_chol``; ``None``: the identity). ``minor``: the ``k`` *weakest* whitened
+    directions instead (the part whose removal the metric notices least; what a residual layer
+    with ``directions="minor"`` trains)."""
     k = rank
-    B = torch.linalg.solve_triangular(chol.mT, Qh[:k].mT, upper=True)  # L^-T Q_k, (m, k)
+    take = slice(S.numel() - k, None) if minor else slice(0, k)
+    B = torch.linalg.solve_triangular(chol.mT, Qh[take].mT, upper=True)  # L^-T Q_k, (m, k)
     QB, RB = torch.linalg.qr(B)
-    core = S[:k, None] * RB.mT                                         # Sigma_k R_B^T, (k, k)
-    left = P[:, :k]
+    core = S[take, None] * RB.mT                                         # Sigma_k R_B^T, (k, k)
+    left = P[:, take]
     if out_chol is not None:
         left, RA = torch.linalg.qr(torch.linalg.solve_triangular(out_chol.mT, left, upper=True))  # R^-T P_k
         core = RA @ core

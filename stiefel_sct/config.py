@@ -24,7 +24,10 @@ from .layers import RESIDUAL_DTYPES, check_residual_dtype
 from .manifold import check_retraction
 from .rank import check_energy
 
-__all__ = ["SpectralConfig"]
+__all__ = ["DIRECTIONS", "SpectralConfig"]
+
+# which directions a residual layer trains (SpectralConfig.directions)
+DIRECTIONS = ("principal", "minor")
 
 Selector = Union[str, List[str], None]
 _RESIDUAL_NAMES = {str(d).removeprefix("torch."): d for d in RESIDUAL_DTYPES}
@@ -72,6 +75,8 @@ class SpectralConfig:
         grad_damping: ``whitening="fisher"``'s ridge on the output-gradient moment, ``>= 0``.
         residual_dtype: residual mode's storage dtype (``"float32"``, ``"bfloat16"`` or the
             ``torch.dtype``; kept as its name), or ``None`` for compact layers.
+        directions: which ``rank`` directions a residual layer trains: ``"principal"`` (the
+            strongest, the default) or ``"minor"`` (the weakest; residual mode and ``rank`` only).
 
     ``to_dict()`` / ``from_dict()`` round-trip through JSON; ``from_dict`` refuses unknown keys
     by name, so a recipe saved by a later version is not half-read.
@@ -90,6 +95,7 @@ class SpectralConfig:
     whitening: str = "inputs"
     grad_damping: float = DEFAULT_GRAD_DAMPING
     residual_dtype: Optional[str] = None
+    directions: str = "principal"
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "energy", "budget", "budget_fraction") if getattr(self, k) is not None]
@@ -122,6 +128,20 @@ class SpectralConfig:
             self.residual_dtype = str(check_residual_dtype(dtype)).removeprefix("torch.")
             if self.embeddings:
                 raise ValueError("residual_dtype: residual mode converts linear layers only; use embeddings=False")
+        self._check_directions()
+
+    def _check_directions(self) -> None:
+        """``directions`` is known, and ``"minor"`` comes with residual mode and a ``rank``."""
+        if self.directions not in DIRECTIONS:
+            raise ValueError(f"directions must be one of {', '.join(map(repr, DIRECTIONS))}, got {self.directions!r}")
+        if self.directions == "minor":
+            # the weakest directions alone cannot stand for a layer: the rest must stay, frozen
+            if self.residual_dtype is None:
+                raise ValueError("directions='minor' trains a layer's weakest directions and keeps the rest as a "
+                                 "frozen residual: it needs residual mode (residual_dtype=...)")
+            if self.rank is None:
+                raise ValueError("directions='minor' needs rank=...: energy and budgets rank directions from the "
+                                 "strongest down")
 
     @property
     def residual_torch_dtype(self) -> Optional[torch.dtype]:

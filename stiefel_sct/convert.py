@@ -25,6 +25,7 @@ from .checks import is_int
 from .config import SpectralConfig
 from .kinds import LayerKind, dense_kind, spectral_kind
 from .layers import SpectralModule, check_rank
+from .manifold import compute_dtype
 from .rank import select_rank, spectral_params
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
@@ -204,6 +205,7 @@ def spectralize(
     residual_dtype: Optional[torch.dtype] = None,
     budget_fraction: Optional[float] = None,
     config: Optional[SpectralConfig] = None,
+    directions: str = "principal",
 ):
     """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place (GPT-2's
     ``Conv1D`` by :class:`~stiefel_sct.SpectralConv1D`; the kinds are :data:`~stiefel_sct.kinds.KINDS`).
@@ -272,6 +274,14 @@ def spectralize(
             frozen residual buffer in this dtype (``torch.float32`` or ``torch.bfloat16``), so the
             model computes exactly what it did and only the principal rank-``k`` part trains
             (:class:`SpectralLinear`). Embeddings cannot be residual.
+        directions: which ``rank`` directions a residual layer trains. ``"principal"`` (default):
+            the strongest, in the calibrated metric where calibration data is given (PiSSA's
+            choice uncalibrated, CorDA's instruction-previewed mode calibrated on the task's
+            text). ``"minor"``: the weakest, the strong part frozen in the residual (MiLoRA's
+            choice uncalibrated; calibrated on text the model should keep knowing, CorDA's
+            knowledge-preserved mode: the trained part is the one those inputs use least).
+            Needs residual mode and ``rank``. A :class:`~stiefel_sct.RankScheduler` that moves
+            rank between residual and factors still takes the residual's strongest directions.
 
     A layer is never made larger: where ``k (m + n + 1) >= m n`` it stays dense (unless
     ``convert_small``). Biases are kept.
@@ -289,7 +299,8 @@ def spectralize(
         config, rank = rank, None
     keywords = dict(rank=rank, energy=energy, budget=budget, budget_fraction=budget_fraction, include=include,
                     exclude=exclude, embeddings=embeddings, convert_small=convert_small, retraction=retraction,
-                    damping=damping, whitening=whitening, grad_damping=grad_damping, residual_dtype=residual_dtype)
+                    damping=damping, whitening=whitening, grad_damping=grad_damping, residual_dtype=residual_dtype,
+                    directions=directions)
     if config is None:
         if sum(x is not None for x in (rank, energy, budget, budget_fraction)) != 1:
             raise ValueError("give exactly one of rank, energy or budget (or budget_fraction)")
@@ -338,6 +349,7 @@ def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Unio
     rank, energy, budget = config.rank, config.energy, config.budget
     convert_small, retraction = config.convert_small, config.retraction
     residual_dtype = config.residual_torch_dtype
+    minor = config.directions == "minor"
     if calibration is None and calibration_forward is not None:
         raise ValueError("calibration_forward needs calibration data (calibration=...)")
     if calibration is None and config.whitening != "inputs":
@@ -367,9 +379,9 @@ def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Unio
     for name, module in plan:
         kept: Optional[float] = None
         if whitened is not None and name in whitened:
-            new, kept = whitened.convert(name, ranks[name], energy, convert_small, retraction, residual_dtype)
+            new, kept = whitened.convert(name, ranks[name], energy, convert_small, retraction, residual_dtype, minor)
         else:
-            new = _convert(module, ranks[name], energy, convert_small, retraction, device, residual_dtype)
+            new = _convert(module, ranks[name], energy, convert_small, retraction, device, residual_dtype, minor)
         records.append(_record(name, module, new, "left dense: would not shrink" if new is None else "converted", kept))
         if new is None:
             continue
@@ -431,23 +443,27 @@ class _Whitened:
         return whitened_spectrum(_kind(linear).matrix(linear), **self._metric(name))
 
     def convert(self, name: str, rank: Optional[int], energy: Optional[float], convert_small: bool,
-                retraction: str, residual_dtype: Optional[torch.dtype]) -> Tuple[Optional[SpectralModule], float]:
+                retraction: str, residual_dtype: Optional[torch.dtype],
+                minor: bool = False) -> Tuple[Optional[SpectralModule], float]:
         linear = self.linears[name]
         kind = _kind(linear)
         P, S, Qh, chol, out_chol = whitened_svd(kind.matrix(linear), **self._metric(name))
         k = _chosen_rank(rank, energy, S, *kind.sizes(linear), convert_small)
         if k is None:
             return None, 1.0
-        U, s, V = whitened_factors(P, S, Qh, chol, k, out_chol)
+        U, s, V = whitened_factors(P, S, Qh, chol, k, out_chol, minor=minor)
         layer = kind.from_factors(linear, U, s, V, retraction=retraction, residual_dtype=residual_dtype)
         sq = S.square()
-        return layer, float(sq[:k].sum() / sq.sum()) if float(sq.sum()) > 0 else 1.0
+        trained = sq[-k:] if minor else sq[:k]
+        return layer, float(trained.sum() / sq.sum()) if float(sq.sum()) > 0 else 1.0
 
 
 def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], convert_small: bool,
-             retraction: str, device, residual_dtype: Optional[torch.dtype] = None) -> Optional[SpectralModule]:
+             retraction: str, device, residual_dtype: Optional[torch.dtype] = None,
+             minor: bool = False) -> Optional[SpectralModule]:
     """The spectral counterpart of a dense layer of any kind (:data:`~stiefel_sct.kinds.KINDS`), or
-    None where it would not shrink."""
+    None where it would not shrink; ``minor``: a residual layer training the weight's ``rank``
+    weakest singular directions (the config allows it only with ``rank`` and residual mode)."""
     kind = _kind(module)
     rows, cols = kind.sizes(module)
     w = kind.matrix(module)
@@ -462,6 +478,10 @@ def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], co
                                  "this model is on the meta device")
             return kind.build({kind.dims[0]: rows, kind.dims[1]: cols, "rank": k, **kind.extra(module)},
                               device=device or "meta", dtype=w.dtype, retraction=retraction)
+        if minor:
+            P, S, Qh = torch.linalg.svd(w.detach().to(compute_dtype(w.dtype)), full_matrices=False)
+            return kind.from_factors(module, Qh[-k:].mT, S[-k:], P[:, -k:], retraction=retraction,
+                                     residual_dtype=residual_dtype)
         return kind.from_dense(module, rank=k, energy=None, retraction=retraction, residual_dtype=residual_dtype)
     if w.is_meta:
         raise ValueError("energy-based rank selection needs materialised weights; "

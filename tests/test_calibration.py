@@ -318,6 +318,66 @@ def test_residual_in_bf16_and_argument_errors():
         empty(x)
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_minor_directions_train_the_weakest_part_and_keep_the_function(calibrated):
+    """``directions="minor"``: the trained part is the weight's ``k`` weakest singular directions
+    (plain SVD, MiLoRA) or the ``k`` weakest in the metric of the calibration inputs (CorDA's
+    knowledge-preserved mode), checked against the closed forms; the function is unchanged."""
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 7).double()
+    X = _inputs(300, 10)
+    k = 2
+    layer = spectralize(copy.deepcopy(lin), rank=k, residual_dtype=torch.float64, directions="minor",
+                        calibration=[X] if calibrated else None, damping=0.0)
+    W = lin.weight.detach()
+    if calibrated:  # the whitened metric is X's: X = Q R, so W' = (the bottom-k SVD of R W^T) mapped back
+        _, R = torch.linalg.qr(X)
+        P, S, Qh = torch.linalg.svd(R @ W.mT)
+        ref = torch.linalg.solve(R, P[:, 7 - k:7] * S[7 - k:] @ Qh[7 - k:]).mT
+    else:
+        P, S, Qh = torch.linalg.svd(W, full_matrices=False)
+        ref = P[:, -k:] * S[-k:] @ Qh[-k:]
+        assert torch.allclose(layer.s.detach(), S[-k:], atol=1e-12)
+    trained = (layer.V * layer.s) @ layer.U.mT
+    assert torch.allclose(trained.detach(), ref, atol=1e-9)
+    assert orthonormality_error(layer.U) < 1e-12 and orthonormality_error(layer.V) < 1e-12
+    assert torch.allclose(layer(X), lin(X), atol=1e-12, rtol=0)
+    # the principal default trains the strongest part: the two modes split the weight differently
+    principal = spectralize(copy.deepcopy(lin), rank=k, residual_dtype=torch.float64,
+                            calibration=[X] if calibrated else None, damping=0.0)
+    metric = X if calibrated else torch.eye(10, dtype=X.dtype)  # what the part carries, in the metric used
+    err = lambda m: float(torch.linalg.norm(metric @ ((m.V * m.s) @ m.U.mT).detach().mT))
+    assert err(principal) > err(layer)
+    cfg = SpectralConfig(rank=k, residual_dtype="float32", directions="minor")
+    assert SpectralConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = cfg.to_dict()
+    del old["directions"]
+    assert SpectralConfig.from_dict(old).directions == "principal"  # a checkpoint from before the option
+
+
+def test_minor_directions_checkpoint_keeps_the_recipe_and_rebuilds_the_residual(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 12))
+    model = spectralize(copy.deepcopy(base), rank=3, residual_dtype=torch.float32, directions="minor")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.rsplit(".", 1)[-1] in ("U", "s", "V"))
+    x = _train(model)
+    save_spectral(model, tmp_path / "ck", trained_only=True)
+    back = load_spectral(copy.deepcopy(base), tmp_path / "ck")
+    assert torch.equal(back(x), model(x))
+    assert back.spectral_config.directions == "minor"
+
+
+def test_minor_directions_argument_errors():
+    with pytest.raises(ValueError, match="directions must be one of 'principal', 'minor', got 'weak'"):
+        SpectralConfig(rank=2, residual_dtype="float32", directions="weak")
+    with pytest.raises(ValueError, match=r"directions='minor' .* needs residual mode \(residual_dtype=...\)"):
+        spectralize(nn.Linear(16, 8), rank=2, directions="minor")
+    for recipe in (dict(energy=0.9), dict(budget_fraction=0.5)):
+        with pytest.raises(ValueError, match="directions='minor' needs rank="):
+            spectralize(nn.Linear(16, 8), residual_dtype=torch.float32, directions="minor", **recipe)
+
+
 def _residual_model(seed=0):
     torch.manual_seed(seed)
     base = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 12), nn.LayerNorm(12))

@@ -32,7 +32,9 @@ def test_lora_rank_matches_the_target_parameters():
     assert ft.lora_rank_matching(model, 1) == 1
 
 
-DATA = {"train": torch.randint(0, 96, (400,))}  # the token blob's training stream (whitened arms calibrate on it)
+# the token blob's training stream (whitened arms calibrate on it) and its general text past the
+# evaluation windows (the knowledge-preserving arm calibrates on that)
+DATA = {"train": torch.randint(0, 96, (400,)), "general_calib": torch.randint(0, 96, (400,))}
 
 
 @pytest.mark.parametrize("method", ft.METHODS)
@@ -59,7 +61,7 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
         assert sum(p.numel() for p in model.parameters()) <= total - linear + fraction * linear
         if method != "lowrank":
             assert any(isinstance(m, SpectralLinear) for m in model.modules())
-    elif method in ("residual_r16", "residual_f16"):  # the principal parts alone train, and the function is the pretrained one
+    elif method in ("residual_r16", "residual_f16", "residual_k16"):  # a part alone trains; the function is the pretrained one
         layers = [m for m in model.modules() if isinstance(m, SpectralLinear)]
         assert layers and all(m.residual is not None and m.rank == cfg.residual_r for m in layers)
         assert trainable == sum(m.rank * (m.in_features + m.out_features + 1) for m in layers)
