@@ -314,13 +314,14 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
             budget_fraction: Optional[float] = None, calibration: Any = None, whitening: str = "inputs",
             rank: Optional[int] = None, residual_dtype: Optional[str] = None,
             calibration_forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
-            directions: str = "principal") -> Dict:
+            directions: str = "principal", preserve: Any = None) -> Dict:
     """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
     fraction of the selected layers' dense size; ``calibration``: data-aware truncation on those
     batches, in the ``whitening`` metric); ``"lowrank"`` with :class:`LowRankLinear` at the ranks
     SCT would choose (or, for ``"sct"``, one ``rank`` for every layer; ``residual_dtype``: residual
     mode; ``calibration_forward``: ``spectralize``'s, how a calibration batch runs; ``directions``:
-    which directions residual layers train, ``spectralize``'s). Returns the
+    which directions residual layers train, and ``preserve``, ``directions="contrast"``'s text to
+    keep: ``spectralize``'s). Returns the
     conversion report as a dict (with the seconds it took)."""
     import copy
 
@@ -333,7 +334,8 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
                             retraction="cholqr2", whitening=whitening, residual_dtype=residual_dtype,
                             directions=directions)
     probe = copy.deepcopy(model) if method == "lowrank" else model
-    report = spectralize(probe, recipe, calibration=calibration, calibration_forward=calibration_forward).spectral_report
+    report = spectralize(probe, recipe, calibration=calibration, calibration_forward=calibration_forward,
+                         preserve=preserve).spectral_report
     if method == "lowrank":
         modules = dict(model.named_modules())
         for r in report:

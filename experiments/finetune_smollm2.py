@@ -119,6 +119,7 @@ class Config:
         "sct_fadapt": [3e-5, 1e-4, 3e-4],
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
         "residual_f16": [3e-5, 1e-4, 2e-4], "residual_k16": [3e-4, 1e-3, 2e-3, 3e-3],
+        "residual_c16": [1e-4, 3e-4, 1e-3],
         "residual_adapt": [1e-4, 2e-4],
         "pissa_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3]})
     sweep_steps: int = 8
@@ -340,10 +341,11 @@ def _sct(fraction: Callable[[Config], float], whitening: Optional[str] = None, f
 
 
 def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float], data: Optional[Dict],
-                         whitening: str = "inputs", rank: Optional[int] = None, minor: bool = False) -> Dict:
+                         whitening: str = "inputs", rank: Optional[int] = None, directions: str = "principal") -> Dict:
     """The calibrated conversion at ``fraction`` of the linear parameters (or, with ``rank``, the
-    residual mode at that rank; ``minor``: training the ``rank`` weakest directions in the metric
-    of the general text, which is then the calibration text); with ``data["cache_dir"]`` the
+    residual mode at that rank; ``directions="minor"``: training the ``rank`` weakest directions
+    in the metric of the general text, which is then the calibration text; ``"contrast"``: those
+    the training plays use most relative to the general text); with ``data["cache_dir"]`` the
     converted model is kept there as a spectral checkpoint, so an lr sweep's runs convert once (the
     info, conversion time included, is the converting run's)."""
     from stiefel_sct import load_spectral, save_spectral
@@ -352,20 +354,23 @@ def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float
     from stiefel_sct.calibration import DEFAULT_DAMPING, DEFAULT_GRAD_DAMPING
 
     fisher = whitening == "fisher"
-    size = f"{fraction:g}" if rank is None else f"residual{rank}" + ("-minor-general" if minor else "")
+    size = f"{fraction:g}" if rank is None else f"residual{rank}" + {
+        "principal": "", "minor": "-minor-general", "contrast": "-contrast-general"}[directions]
     name = (f"whitened-{cfg.preset}-{cfg.model}-{size}-{cfg.calib_tokens}x{cfg.seq}-seed{cfg.seed}"
             f"-damping{DEFAULT_DAMPING:g}" + (f"-fisher{DEFAULT_GRAD_DAMPING:g}" if fisher else ""))
     if cache is not None and (cache / f"{name}.json").is_file() and (cache / name).is_dir():
         load_spectral(model, cache / name)
         return {**json.loads((cache / f"{name}.json").read_text()), "conversion_cached": True}
-    text = "general_calib" if minor else "train"
+    general = "the general text (past its evaluation windows)"
+    text = "general_calib" if directions == "minor" else "train"
+    preserve = calibration_batches(cfg, data, text="general_calib") if directions == "contrast" else None
     info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data, fisher, text),
                    whitening=whitening, rank=rank, residual_dtype=None if rank is None else "float32",
-                   directions="minor" if minor else "principal")
+                   directions=directions, preserve=preserve)
     info.pop("ranks_by_name", None)
-    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of " + (
-        "the general text (past its evaluation windows)" if minor else "the training plays") + (
-        ", with their next-token loss's gradients" if fisher else "")
+    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of " + (general if directions == "minor" else "the training plays") + (
+        ", with their next-token loss's gradients" if fisher else "") + (
+        f", against as many of {general}" if directions == "contrast" else "")
     if cache is not None:
         save_spectral(model, cache / name)
         atomic_write_json(cache / f"{name}.json", info)
@@ -404,7 +409,8 @@ def _residual_at(rank: Callable[[Config], int], whitening: Optional[str] = None,
     """Every decoder linear: its top-``rank(cfg)`` spectral part trains on the manifold, the rest of
     its weight is a frozen fp32 residual (the function is the pretrained one at step 0); the part is
     the weight's own top singular part, or (``whitening``) the top part in that calibrated metric
-    (``directions="minor"``: the weakest part instead; calibrated, in the general text's metric).
+    (``directions="minor"``: the weakest part instead, in the general text's metric; ``"contrast"``:
+    the part on the directions the training plays use most relative to the general text).
     ``info`` also carries what ``cfg.residual_r`` would cost in spectral parameters: the adaptive
     arm's budget."""
 
@@ -418,7 +424,7 @@ def _residual_at(rank: Callable[[Config], int], whitening: Optional[str] = None,
                                  retraction="cholqr2", directions=directions).spectral_report
             info = {"converted_layers": sum(r.converted for r in report), "convert_s": time.perf_counter() - t0}
         else:
-            info = _whitened_conversion(model, cfg, None, data, whitening, rank=k, minor=directions == "minor")
+            info = _whitened_conversion(model, cfg, None, data, whitening, rank=k, directions=directions)
         layers = [m for _, m in spectral_layers(model)]
         info.update(rank=k, residual_dtype="float32",
                     rank_budget=sum(spectral_params(m.in_features, m.out_features, cfg.residual_r) for m in layers))
@@ -476,6 +482,10 @@ METHOD_TABLE: Tuple[Method, ...] = (
     Method("residual_k16", "sct", "SCT residual mode training each decoder linear's 16 weakest directions in the metric "
            "of general text, the strong part frozen (CorDA's knowledge-preserved mode: spectralize(directions='minor', "
            "calibration=<general text>))", _residual_at(lambda c: c.residual_r, "inputs", "minor")),
+    Method("residual_c16", "sct", "SCT residual mode training each decoder linear's part on the 16 input directions the "
+           "training plays use most relative to general text, the rest frozen (spectralize(directions='contrast', "
+           "calibration=<training plays>, preserve=<general text>))",
+           _residual_at(lambda c: c.residual_r, "inputs", "contrast")),
     Method("sct_ref", "sct", "SCT on the reference's recipe: MLP only, energy 0.95, SpectralAdam", _sct_ref),
     Method("sct_adapt", "sct", "SCT from SCT-25%'s ranks, a RankScheduler growing the ranks within SCT-50%'s parameter "
            "budget", _sct_adapt_from()),

@@ -498,8 +498,8 @@ def finetune_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
                       "model knew. The whitened arms calibrate on "
                       f"{cfg.get('calib_tokens', 0):,} tokens of the training plays (the new domain)"
                       + ("; `residual_k16` on as many tokens of the general text, taken past the windows it is "
-                         "evaluated on (the text whose knowledge it keeps)" if any(n == "residual_k16" for n, _ in rows)
-                         else "") + "."]
+                         "evaluated on (the text whose knowledge it keeps), and `residual_c16` on the training plays "
+                         "against those" if any(n in ("residual_k16", "residual_c16") for n, _ in rows) else "") + "."]
         lines += conversion_jump_table(table, m["runs"])
         lines += finetune_verdict(rows)
         lines += finetune_adaptive_paragraph(table, cfg)

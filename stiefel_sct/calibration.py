@@ -44,7 +44,8 @@ from torch import nn
 from .checks import is_real
 
 __all__ = ["DEFAULT_DAMPING", "DEFAULT_GRAD_DAMPING", "WHITENINGS", "InputMoments", "WhitenedSVD", "check_damping",
-           "check_whitening", "collect_input_moments", "whitened_factors", "whitened_spectrum", "whitened_svd"]
+           "check_whitening", "collect_input_moments", "contrast_factors", "whitened_factors", "whitened_spectrum",
+           "whitened_svd"]
 
 # 1e-3 of the mean diagonal of C. Measured on SmolLM2-135M (8,192 calibration tokens of the
 # fine-tuning text, every decoder linear at 50% / 25% of its parameters, held-out loss right after
@@ -325,7 +326,7 @@ def check_damping(damping: object, name: str = "damping") -> float:
 
 def _cholesky(moment: torch.Tensor, damping: float, name: str, what: str = "inputs") -> torch.Tensor:
     """The lower Cholesky factor of ``moment + damping * trace(moment) / m * I`` (float64)."""
-    argument = "damping" if what == "inputs" else "grad_damping"
+    argument = "grad_damping" if what == "output gradients" else "damping"
     damping = check_damping(damping, argument)
     m = moment.shape[0]
     scale = float(torch.diagonal(moment).sum()) / m
@@ -407,3 +408,31 @@ def whitened_factors(P: torch.Tensor, S: torch.Tensor, Qh: torch.Tensor, chol: t
         core = RA @ core
     A, s, Dh = torch.linalg.svd(core)
     return QB @ Dh.mT, s, left @ A
+
+
+def contrast_factors(weight: torch.Tensor, moment: torch.Tensor, keep_moment: torch.Tensor, rank: int,
+                     damping: float = DEFAULT_DAMPING, name: str = "layer",
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(U, s, V)`` (float64, ``U``: ``m x k`` and ``V``: ``n x k`` orthonormal) of the part of
+    ``W`` on the ``k`` input directions the calibration inputs use most *relative to* the inputs
+    of text whose behaviour should be kept: ``span(U)`` is spanned by the top ``k`` generalized
+    eigenvectors of ``C u = lambda (C_keep + mu I) u`` (``C = moment``, ``C_keep = keep_moment``,
+    ``mu = damping * trace(C_keep) / m``), which maximise ``u^T C u / u^T C_keep u``; then
+    ``V diag(s) U^T = W U U^T`` (an SVD of the ``n x k`` matrix ``W U``), so the rest of ``W``,
+    ``W (I - U U^T)``, is what those directions do not carry. What a residual layer with
+    ``directions="contrast"`` trains: directions the task's text excites and the kept text
+    barely does, so moving them moves the kept text's outputs least."""
+    m = weight.shape[1]
+    if moment.shape != (m, m) or keep_moment.shape != (m, m):
+        raise ValueError(f"calibration: layer {name!r} has weight {tuple(weight.shape)} but input moments of shapes "
+                         f"{tuple(moment.shape)} and {tuple(keep_moment.shape)}")
+    w = weight.detach().to(torch.float64)
+    chol = _cholesky(keep_moment.to(w.device, torch.float64), damping, name, "inputs of the text to keep")
+    c = moment.to(w.device, torch.float64)
+    half = torch.linalg.solve_triangular(chol, c, upper=False)                # L^-1 C
+    core = torch.linalg.solve_triangular(chol, half.mT, upper=False)           # L^-1 C L^-T
+    _, vectors = torch.linalg.eigh((core + core.mT) / 2)                       # ascending
+    basis = torch.linalg.solve_triangular(chol.mT, vectors[:, m - rank:].flip(-1), upper=True)  # L^-T y
+    U, _ = torch.linalg.qr(basis)
+    P, S, Qh = torch.linalg.svd(w @ U, full_matrices=False)
+    return U @ Qh.mT, S, P

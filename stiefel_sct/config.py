@@ -27,7 +27,7 @@ from .rank import check_energy
 __all__ = ["DIRECTIONS", "SpectralConfig"]
 
 # which directions a residual layer trains (SpectralConfig.directions)
-DIRECTIONS = ("principal", "minor")
+DIRECTIONS = ("principal", "minor", "contrast")
 
 Selector = Union[str, List[str], None]
 _RESIDUAL_NAMES = {str(d).removeprefix("torch."): d for d in RESIDUAL_DTYPES}
@@ -76,7 +76,9 @@ class SpectralConfig:
         residual_dtype: residual mode's storage dtype (``"float32"``, ``"bfloat16"`` or the
             ``torch.dtype``; kept as its name), or ``None`` for compact layers.
         directions: which ``rank`` directions a residual layer trains: ``"principal"`` (the
-            strongest, the default) or ``"minor"`` (the weakest; residual mode and ``rank`` only).
+            strongest, the default), ``"minor"`` (the weakest) or ``"contrast"`` (those the
+            calibration text uses most relative to a text to keep); the last two in residual mode
+            and with ``rank`` only.
 
     ``to_dict()`` / ``from_dict()`` round-trip through JSON; ``from_dict`` refuses unknown keys
     by name, so a recipe saved by a later version is not half-read.
@@ -131,17 +133,20 @@ class SpectralConfig:
         self._check_directions()
 
     def _check_directions(self) -> None:
-        """``directions`` is known, and ``"minor"`` comes with residual mode and a ``rank``."""
+        """``directions`` is known; ``"minor"`` and ``"contrast"`` come with residual mode and a ``rank``."""
         if self.directions not in DIRECTIONS:
             raise ValueError(f"directions must be one of {', '.join(map(repr, DIRECTIONS))}, got {self.directions!r}")
-        if self.directions == "minor":
-            # the weakest directions alone cannot stand for a layer: the rest must stay, frozen
+        if self.directions != "principal":
+            # such a part alone cannot stand for a layer: the rest of the weight must stay, frozen
             if self.residual_dtype is None:
-                raise ValueError("directions='minor' trains a layer's weakest directions and keeps the rest as a "
+                raise ValueError(f"directions={self.directions!r} trains part of each layer and keeps the rest as a "
                                  "frozen residual: it needs residual mode (residual_dtype=...)")
             if self.rank is None:
-                raise ValueError("directions='minor' needs rank=...: energy and budgets rank directions from the "
-                                 "strongest down")
+                raise ValueError(f"directions={self.directions!r} needs rank=...: energy and budgets rank directions "
+                                 "from the strongest down")
+        if self.directions == "contrast" and self.whitening != "inputs":
+            raise ValueError("directions='contrast' compares two texts' inputs (whitening='inputs'); "
+                             f"got whitening={self.whitening!r}")
 
     @property
     def residual_torch_dtype(self) -> Optional[torch.dtype]:

@@ -17,6 +17,7 @@ from .calibration import (
     DEFAULT_GRAD_DAMPING,
     InputMoments,
     collect_input_moments,
+    contrast_factors,
     whitened_factors,
     whitened_spectrum,
     whitened_svd,
@@ -206,6 +207,7 @@ def spectralize(
     budget_fraction: Optional[float] = None,
     config: Optional[SpectralConfig] = None,
     directions: str = "principal",
+    preserve: Union[Iterable[Any], InputMoments, None] = None,
 ):
     """Replace ``nn.Linear`` submodules of ``model`` by :class:`SpectralLinear`, in place (GPT-2's
     ``Conv1D`` by :class:`~stiefel_sct.SpectralConv1D`; the kinds are :data:`~stiefel_sct.kinds.KINDS`).
@@ -280,8 +282,15 @@ def spectralize(
             text). ``"minor"``: the weakest, the strong part frozen in the residual (MiLoRA's
             choice uncalibrated; calibrated on text the model should keep knowing, CorDA's
             knowledge-preserved mode: the trained part is the one those inputs use least).
-            Needs residual mode and ``rank``. A :class:`~stiefel_sct.RankScheduler` that moves
-            rank between residual and factors still takes the residual's strongest directions.
+            ``"contrast"``: the input directions ``calibration`` (the task's text) uses most
+            relative to ``preserve`` (text the model should keep knowing), the top generalized
+            eigenvectors of the two input moments (:func:`~stiefel_sct.calibration.contrast_factors`):
+            the trained part is what the task needs and the kept text barely reaches. Both need
+            residual mode and ``rank``. A :class:`~stiefel_sct.RankScheduler` that moves rank
+            between residual and factors still takes the residual's strongest directions.
+        preserve: ``directions="contrast"``'s second text (batches, or their
+            :class:`~stiefel_sct.calibration.InputMoments`), run as ``calibration`` is; only with
+            that mode. The whitening ridge ``damping`` applies to its moment.
 
     A layer is never made larger: where ``k (m + n + 1) >= m n`` it stays dense (unless
     ``convert_small``). Biases are kept.
@@ -315,7 +324,7 @@ def spectralize(
     if report:
         warnings.warn("spectralize(report=True) is deprecated: the report is spectralize(...).spectral_report",
                       DeprecationWarning, stacklevel=2)
-    result, records = _spectralize(model, config, device, calibration, calibration_forward)
+    result, records = _spectralize(model, config, device, calibration, calibration_forward, preserve)
     setattr(result, "spectral_config", config)  # noqa: B010 (nn.Module types attributes as Tensor | Module)
     setattr(result, "spectral_report", records)  # noqa: B010
     return (result, records) if report else result
@@ -344,16 +353,14 @@ def _candidates(model: nn.Module, config: SpectralConfig, records: ConversionRep
 
 def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Union[torch.device, str]],
                  calibration: Union[Iterable[Any], InputMoments, None],
-                 calibration_forward: Optional[Callable[[nn.Module, Any], Any]]) -> Tuple[nn.Module, ConversionReport]:
+                 calibration_forward: Optional[Callable[[nn.Module, Any], Any]],
+                 preserve: Union[Iterable[Any], InputMoments, None] = None) -> Tuple[nn.Module, ConversionReport]:
     """:func:`spectralize` on a checked recipe: returns the converted model and its report."""
     rank, energy, budget = config.rank, config.energy, config.budget
     convert_small, retraction = config.convert_small, config.retraction
     residual_dtype = config.residual_torch_dtype
     minor = config.directions == "minor"
-    if calibration is None and calibration_forward is not None:
-        raise ValueError("calibration_forward needs calibration data (calibration=...)")
-    if calibration is None and config.whitening != "inputs":
-        raise ValueError(f"whitening={config.whitening!r} needs calibration data (calibration=...)")
+    _check_data(config, calibration, calibration_forward, preserve)
     records = ConversionReport()
     plan = _candidates(model, config, records)
     matrices = {name: _kind(module).matrix(module) for name, module in plan}  # each V diag(s) U^T-shaped
@@ -361,7 +368,8 @@ def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Unio
         dense = sum(w.numel() for w in matrices.values())
         budget = sum(p.numel() for p in model.parameters()) - dense + int(config.budget_fraction * dense)
 
-    whitened = _Whitened(model, plan, calibration, calibration_forward, config) if calibration is not None else None
+    whitened = (_Whitened(model, plan, calibration, calibration_forward, config, preserve)
+                if calibration is not None else None)
     ranks: Dict[str, Optional[int]] = {name: rank for name, _ in plan}
     if budget is not None:
         if any(w.is_meta for w in matrices.values()):
@@ -379,7 +387,7 @@ def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Unio
     for name, module in plan:
         kept: Optional[float] = None
         if whitened is not None and name in whitened:
-            new, kept = whitened.convert(name, ranks[name], energy, convert_small, retraction, residual_dtype, minor)
+            new, kept = whitened.convert(name, ranks[name], energy, convert_small, retraction, residual_dtype)
         else:
             new = _convert(module, ranks[name], energy, convert_small, retraction, device, residual_dtype, minor)
         records.append(_record(name, module, new, "left dense: would not shrink" if new is None else "converted", kept))
@@ -390,6 +398,20 @@ def _spectralize(model: nn.Module, config: SpectralConfig, device: Optional[Unio
         else:
             _set_submodule(model, name, new)
     return result, records
+
+
+def _check_data(config: SpectralConfig, calibration: Any, calibration_forward: Any, preserve: Any) -> None:
+    """The data arguments fit the recipe: each is given exactly where the recipe reads it."""
+    if calibration is None and calibration_forward is not None:
+        raise ValueError("calibration_forward needs calibration data (calibration=...)")
+    if calibration is None and config.whitening != "inputs":
+        raise ValueError(f"whitening={config.whitening!r} needs calibration data (calibration=...)")
+    if (config.directions == "contrast") != (preserve is not None):
+        raise ValueError("preserve= (the text to keep) is used only with directions='contrast'"
+                         if preserve is not None else
+                         "directions='contrast' needs preserve= (batches of the text to keep) and calibration=")
+    if preserve is not None and calibration is None:
+        raise ValueError("directions='contrast' needs calibration= (batches of the task's text) as well as preserve=")
 
 
 def _chosen_rank(rank: Optional[int], energy: Optional[float], spectrum: torch.Tensor, rows: int, cols: int,
@@ -411,24 +433,32 @@ class _Whitened:
     is kept between layers."""
 
     def __init__(self, model: nn.Module, plan: List[Tuple[str, nn.Module]], calibration: Any,
-                 forward: Optional[Callable[[nn.Module, Any], Any]], config: SpectralConfig) -> None:
+                 forward: Optional[Callable[[nn.Module, Any], Any]], config: SpectralConfig,
+                 preserve: Any = None) -> None:
         self.linears = {name: m for name, m in plan if _kind(m).linear}  # Conv1D too
         for name, m in self.linears.items():
             if _kind(m).matrix(m).is_meta:
                 raise ValueError(f"calibration needs materialised weights; layer {name!r} is on the meta device")
         self.fisher = config.whitening == "fisher"
-        if isinstance(calibration, InputMoments):
-            missing = [name for name in self.linears if name not in calibration]
-            if missing:
-                raise ValueError(f"calibration: the InputMoments given hold no moment for layer {missing[0]!r}")
-            if self.fisher and not calibration.has_gradients:
-                raise ValueError("calibration: whitening='fisher' needs output-gradient moments; these InputMoments "
-                                 "were collected without them (collect_input_moments(..., gradients=True))")
-            self.moments = calibration
-        else:
-            self.moments = collect_input_moments(model, self.linears, calibration, forward=forward,
-                                                 gradients=self.fisher)
+        if self.fisher and isinstance(calibration, InputMoments) and not calibration.has_gradients:
+            raise ValueError("calibration: whitening='fisher' needs output-gradient moments; these InputMoments "
+                             "were collected without them (collect_input_moments(..., gradients=True))")
+        self.moments = self._moments(model, calibration, forward, "calibration")
+        # directions="contrast": the kept text's input moments, collected the same way
+        self.keep = self._moments(model, preserve, forward, "preserve") if preserve is not None else None
+        self.minor = config.directions == "minor"
         self.damping, self.grad_damping = config.damping, config.grad_damping
+
+    def _moments(self, model: nn.Module, data: Any, forward: Optional[Callable[[nn.Module, Any], Any]],
+                 argument: str) -> InputMoments:
+        """``data``'s input moments of the layers: given, or collected by running ``model`` on it."""
+        if isinstance(data, InputMoments):
+            missing = [name for name in self.linears if name not in data]
+            if missing:
+                raise ValueError(f"{argument}: the InputMoments given hold no moment for layer {missing[0]!r}")
+            return data
+        return collect_input_moments(model, self.linears, data, forward=forward,
+                                     gradients=self.fisher and argument == "calibration")
 
     def _metric(self, name: str) -> Dict[str, Any]:
         return dict(moment=self.moments.moment(name), damping=self.damping, name=name,
@@ -443,10 +473,12 @@ class _Whitened:
         return whitened_spectrum(_kind(linear).matrix(linear), **self._metric(name))
 
     def convert(self, name: str, rank: Optional[int], energy: Optional[float], convert_small: bool,
-                retraction: str, residual_dtype: Optional[torch.dtype],
-                minor: bool = False) -> Tuple[Optional[SpectralModule], float]:
+                retraction: str, residual_dtype: Optional[torch.dtype]) -> Tuple[Optional[SpectralModule], float]:
         linear = self.linears[name]
         kind = _kind(linear)
+        if self.keep is not None:
+            return self._contrast(name, rank, convert_small, retraction, residual_dtype)
+        minor = self.minor
         P, S, Qh, chol, out_chol = whitened_svd(kind.matrix(linear), **self._metric(name))
         k = _chosen_rank(rank, energy, S, *kind.sizes(linear), convert_small)
         if k is None:
@@ -456,6 +488,22 @@ class _Whitened:
         sq = S.square()
         trained = sq[-k:] if minor else sq[:k]
         return layer, float(trained.sum() / sq.sum()) if float(sq.sum()) > 0 else 1.0
+
+    def _contrast(self, name: str, rank: Optional[int], convert_small: bool, retraction: str,
+                  residual_dtype: Optional[torch.dtype]) -> Tuple[Optional[SpectralModule], float]:
+        """``directions="contrast"``: the part on the directions the calibration text uses most
+        relative to the kept text (the config allows it only with ``rank`` and residual mode)."""
+        assert self.keep is not None
+        linear = self.linears[name]
+        kind = _kind(linear)
+        weight = kind.matrix(linear)
+        k = _chosen_rank(rank, None, weight.new_empty(0), *kind.sizes(linear), convert_small)
+        if k is None:
+            return None, 1.0
+        U, s, V = contrast_factors(weight, self.moments.moment(name), self.keep.moment(name), k, self.damping, name)
+        layer = kind.from_factors(linear, U, s, V, retraction=retraction, residual_dtype=residual_dtype)
+        total = float(weight.detach().double().square().sum())
+        return layer, float(s.square().sum()) / total if total > 0 else 1.0
 
 
 def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], convert_small: bool,

@@ -368,14 +368,58 @@ def test_minor_directions_checkpoint_keeps_the_recipe_and_rebuilds_the_residual(
     assert back.spectral_config.directions == "minor"
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_contrast_directions_are_the_top_generalized_eigenvectors_and_keep_the_function(k):
+    """``directions="contrast"``: the trained part is ``W U U^T`` with ``span(U)`` the top-``k``
+    generalized eigenvectors of (task moment, kept moment), against an eigen-decomposition of
+    ``C_keep^-1 C_task`` computed another way; the kept text's outputs barely see it."""
+    torch.manual_seed(0)
+    m, n = 10, 7
+    lin = nn.Linear(m, n).double()
+    g = torch.Generator().manual_seed(1)
+    task = torch.randn(400, m, generator=g, dtype=torch.float64) * torch.linspace(1.0, 0.1, m, dtype=torch.float64)
+    keep = torch.randn(400, m, generator=g, dtype=torch.float64) * torch.linspace(0.1, 1.0, m, dtype=torch.float64)
+    layer = spectralize(copy.deepcopy(lin), rank=k, residual_dtype=torch.float64, directions="contrast",
+                        calibration=[task], preserve=[keep], damping=0.0)
+    c_task, c_keep = task.mT @ task / 400, keep.mT @ keep / 400
+    vals, vecs = torch.linalg.eig(torch.linalg.solve(c_keep, c_task))  # non-symmetric route to the same pencil
+    top = vecs.real[:, vals.real.argsort(descending=True)[:k]]
+    Q, _ = torch.linalg.qr(top)
+    assert torch.allclose(layer.U @ layer.U.mT, Q @ Q.mT, atol=1e-9)
+    W = lin.weight.detach()
+    assert torch.allclose(((layer.V * layer.s) @ layer.U.mT).detach(), W @ Q @ Q.mT, atol=1e-9)
+    assert orthonormality_error(layer.U) < 1e-12 and orthonormality_error(layer.V) < 1e-12
+    assert torch.allclose(layer(task), lin(task), atol=1e-12, rtol=0)
+    # per unit of output it moves on the task's inputs, the part moves the kept text's outputs
+    # less than the principal part does
+    part = lambda mod: ((mod.V * mod.s) @ mod.U.mT).detach()
+    principal = spectralize(copy.deepcopy(lin), rank=k, residual_dtype=torch.float64)
+    ratio = lambda A: float(torch.linalg.norm(keep @ A.mT) / torch.linalg.norm(task @ A.mT))
+    assert ratio(part(layer)) < ratio(part(principal))
+    moments = collect_input_moments(lin, {"": lin}, [keep])
+    again = spectralize(copy.deepcopy(lin), rank=k, residual_dtype=torch.float64, directions="contrast",
+                        calibration=[task], preserve=moments, damping=0.0)
+    assert torch.equal(again.U, layer.U)
+
+
 def test_minor_directions_argument_errors():
-    with pytest.raises(ValueError, match="directions must be one of 'principal', 'minor', got 'weak'"):
+    with pytest.raises(ValueError, match="directions must be one of 'principal', 'minor', 'contrast', got 'weak'"):
         SpectralConfig(rank=2, residual_dtype="float32", directions="weak")
-    with pytest.raises(ValueError, match=r"directions='minor' .* needs residual mode \(residual_dtype=...\)"):
-        spectralize(nn.Linear(16, 8), rank=2, directions="minor")
-    for recipe in (dict(energy=0.9), dict(budget_fraction=0.5)):
-        with pytest.raises(ValueError, match="directions='minor' needs rank="):
-            spectralize(nn.Linear(16, 8), residual_dtype=torch.float32, directions="minor", **recipe)
+    for directions in ("minor", "contrast"):
+        with pytest.raises(ValueError, match=rf"directions='{directions}' .* needs residual mode \(residual_dtype=...\)"):
+            spectralize(nn.Linear(16, 8), rank=2, directions=directions)
+        for recipe in (dict(energy=0.9), dict(budget_fraction=0.5)):
+            with pytest.raises(ValueError, match=f"directions='{directions}' needs rank="):
+                spectralize(nn.Linear(16, 8), residual_dtype=torch.float32, directions=directions, **recipe)
+    with pytest.raises(ValueError, match="directions='contrast' compares two texts' inputs"):
+        SpectralConfig(rank=2, residual_dtype="float32", directions="contrast", whitening="fisher")
+    x = [torch.randn(30, 16)]
+    with pytest.raises(ValueError, match="directions='contrast' needs preserve="):
+        spectralize(nn.Linear(16, 8), rank=2, residual_dtype=torch.float32, directions="contrast", calibration=x)
+    with pytest.raises(ValueError, match="needs calibration= .* as well as preserve="):
+        spectralize(nn.Linear(16, 8), rank=2, residual_dtype=torch.float32, directions="contrast", preserve=x)
+    with pytest.raises(ValueError, match="preserve= .* is used only with directions='contrast'"):
+        spectralize(nn.Linear(16, 8), rank=2, residual_dtype=torch.float32, calibration=x, preserve=x)
 
 
 def _residual_model(seed=0):

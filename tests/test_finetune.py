@@ -61,7 +61,8 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
         assert sum(p.numel() for p in model.parameters()) <= total - linear + fraction * linear
         if method != "lowrank":
             assert any(isinstance(m, SpectralLinear) for m in model.modules())
-    elif method in ("residual_r16", "residual_f16", "residual_k16"):  # a part alone trains; the function is the pretrained one
+    elif method in ("residual_r16", "residual_f16", "residual_k16", "residual_c16"):
+        # a part alone trains, and the function is the pretrained one
         layers = [m for m in model.modules() if isinstance(m, SpectralLinear)]
         assert layers and all(m.residual is not None and m.rank == cfg.residual_r for m in layers)
         assert trainable == sum(m.rank * (m.in_features + m.out_features + 1) for m in layers)
