@@ -317,9 +317,15 @@ def _galore(model, cfg, lr, data) -> Built:
     return model, GaLoreAdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True), {"galore_rank": cfg.galore_rank}
 
 
-def _lowrank(model, cfg, lr, data) -> Built:
-    info = convert(model, "lowrank", LINEAR, budget_fraction=cfg.budgets["sct_b50"])
+def _brief_convert(model: nn.Module, method: str, include: str, **kwargs) -> Dict:
+    """``common.convert``'s report without its per-layer ranks (210 names in every run's record)."""
+    info = convert(model, method, include, **kwargs)
     info.pop("ranks_by_name", None)
+    return info
+
+
+def _lowrank(model, cfg, lr, data) -> Built:
+    info = _brief_convert(model, "lowrank", LINEAR, budget_fraction=cfg.budgets["sct_b50"])
     return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0), info
 
 
@@ -332,8 +338,7 @@ def _sct(fraction: Callable[[Config], float], whitening: Optional[str] = None, f
         if whitening is not None:
             info = _whitened_conversion(model, cfg, fraction(cfg), data, whitening)
         else:
-            info = convert(model, "sct", LINEAR, budget_fraction=fraction(cfg))
-            info.pop("ranks_by_name", None)
+            info = _brief_convert(model, "sct", LINEAR, budget_fraction=fraction(cfg))
         params = _freeze_all_but_factors(model) if factors_only else list(model.parameters())
         return model, SpectralAdam(params, lr=lr), info
 
@@ -364,10 +369,9 @@ def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float
     general = "the general text (past its evaluation windows)"
     text = "general_calib" if directions == "minor" else "train"
     preserve = calibration_batches(cfg, data, text="general_calib") if directions == "contrast" else None
-    info = convert(model, "sct", LINEAR, budget_fraction=fraction, calibration=calibration_batches(cfg, data, fisher, text),
-                   whitening=whitening, rank=rank, residual_dtype=None if rank is None else "float32",
-                   directions=directions, preserve=preserve)
-    info.pop("ranks_by_name", None)
+    info = _brief_convert(model, "sct", LINEAR, budget_fraction=fraction,
+                          calibration=calibration_batches(cfg, data, fisher, text), whitening=whitening, rank=rank,
+                          residual_dtype=None if rank is None else "float32", directions=directions, preserve=preserve)
     info["calibration"] = f"{cfg.calib_tokens:,d} tokens of " + (general if directions == "minor" else "the training plays") + (
         ", with their next-token loss's gradients" if fisher else "") + (
         f", against as many of {general}" if directions == "contrast" else "")
@@ -380,8 +384,7 @@ def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float
 def _sct_ref(model, cfg, lr, data) -> Built:
     from stiefel_sct import SpectralAdam
 
-    info = convert(model, "sct", MLP, energy=0.95)
-    info.pop("ranks_by_name", None)
+    info = _brief_convert(model, "sct", MLP, energy=0.95)
     return model, SpectralAdam(model.parameters(), lr=lr), info
 
 
@@ -394,8 +397,7 @@ def _sct_adapt_from(whitening: Optional[str] = None):
 
         budget = int(cfg.adapt_budget * linear_params(model))  # before converting: the dense linears
         if whitening is None:
-            info = convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
-            info.pop("ranks_by_name", None)
+            info = _brief_convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
         else:
             info = _whitened_conversion(model, cfg, cfg.adapt_start, data, whitening)
         info["rank_budget"] = budget
