@@ -285,8 +285,8 @@ def spectralize(
             ``"contrast"``: the input directions ``calibration`` (the task's text) uses most
             relative to ``preserve`` (text the model should keep knowing), the top generalized
             eigenvectors of the two input moments (:func:`~stiefel_sct.calibration.contrast_factors`):
-            the trained part is what the task needs and the kept text barely reaches. Both need
-            residual mode and ``rank``. A :class:`~stiefel_sct.RankScheduler` that moves rank
+            the trained part is what the task needs and the kept text barely reaches.
+            ``"minor"`` and ``"contrast"`` need residual mode and ``rank``. A :class:`~stiefel_sct.RankScheduler` that moves rank
             between residual and factors still takes the residual's strongest directions.
         preserve: ``directions="contrast"``'s second text (batches, or their
             :class:`~stiefel_sct.calibration.InputMoments`), run as ``calibration`` is; only with
