@@ -396,12 +396,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ap.add_argument("--energies", type=float, nargs="*", help="MiniLM energies to convert at")
     ap.add_argument("--budgets", type=float, nargs="*", help="MiniLM budgets (fractions of the converted layers)")
     ap.add_argument("--heal-lrs", type=float, nargs="+")
+    ap.add_argument("--fisher-heal-lrs", type=float, nargs="+", help="sct_fisher's heal lrs (swept when several)")
     ap.add_argument("--name", default="compress_pretrained", help="results file name (results/NAME.json)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--results-dir", default=None)
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
-    cfg = config_from_args(Config, PRESETS, args, ("parts", "seed", "energies", "budgets", "heal_lrs"))
+    cfg = config_from_args(Config, PRESETS, args, ("parts", "seed", "energies", "budgets", "heal_lrs", "fisher_heal_lrs"))
     if args.heal_steps is not None:
         if args.heal_steps < 1:
             ap.error("--heal-steps must be >= 1")
@@ -410,6 +411,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         ap.error("--budgets needs at least one value (the heal-lr sweep runs at the middle one)")
     if any(not 0 < b < 1 for b in cfg.budgets) or any(not 0 < e <= 1 for e in cfg.energies):
         ap.error("--budgets must be in (0, 1) and --energies in (0, 1]")
+    if any(not lr > 0 for lr in cfg.heal_lrs + cfg.fisher_heal_lrs):
+        ap.error("--heal-lrs and --fisher-heal-lrs must be > 0")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     seed_everything(cfg.seed)
     results_dir = pathlib.Path(args.results_dir) if args.results_dir else None
