@@ -76,3 +76,11 @@ def test_distillation_heals_toward_the_original(method):
     assert before < 0.5  # the conversion really damaged the encoder
     cp.distill(student, method, data, steps=40, lr=3e-3)
     assert cp.mean_cosine(student, data) > 0.8
+
+
+@pytest.mark.parametrize("argv", [["--heal-lrs", "0"], ["--fisher-heal-lrs", "-0.001"], ["--budgets", "1.5"]])
+def test_command_line_refuses_bad_values_before_any_work(argv, capsys):
+    with pytest.raises(SystemExit):
+        cp.main(["--preset", "smoke", *argv])
+    err = capsys.readouterr().err
+    assert ("must be > 0" in err) if "lrs" in argv[0] else ("--budgets must be in (0, 1)" in err)
