@@ -63,7 +63,8 @@ def config_from_args(cls: Type[C], presets: Dict[str, dict], args: argparse.Name
 
 
 # ------------------------------------------------------------------------------ environment
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else what ``platform`` knows)."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -97,7 +98,7 @@ def environment(device: Optional[torch.device] = None) -> dict:
         "stiefel_sct": stiefel_sct.__version__,
         "numpy": np.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": _total_memory_gib(),

@@ -67,8 +67,8 @@ from experiments.common import (
     atomic_write_json,
     config_from_args,
     convert,
+    cpu_model,
     distill_loss,
-    environment,
     lm_loss,
     peak_rss_mib,
     progress,
@@ -345,6 +345,14 @@ def _sct(fraction: Callable[[Config], float], whitening: Optional[str] = None, f
     return build
 
 
+# per residual ``directions``: the token stream calibrated on, the one preserved (``"contrast"``),
+# and the cache name's suffix
+_CALIBRATION_TEXTS: Dict[str, Tuple[str, Optional[str], str]] = {
+    "principal": ("train", None, ""), "minor": ("general_calib", None, "-minor-general"),
+    "contrast": ("train", "general_calib", "-contrast-general")}
+_TEXT_NAMES = {"train": "the training plays", "general_calib": "the general text (past its evaluation windows)"}
+
+
 def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float], data: Optional[Dict],
                          whitening: str = "inputs", rank: Optional[int] = None, directions: str = "principal") -> Dict:
     """The calibrated conversion at ``fraction`` of the linear parameters (or, with ``rank``, the
@@ -359,22 +367,20 @@ def _whitened_conversion(model: nn.Module, cfg: Config, fraction: Optional[float
     from stiefel_sct.calibration import DEFAULT_DAMPING, DEFAULT_GRAD_DAMPING
 
     fisher = whitening == "fisher"
-    size = f"{fraction:g}" if rank is None else f"residual{rank}" + {
-        "principal": "", "minor": "-minor-general", "contrast": "-contrast-general"}[directions]
+    text, keep, suffix = _CALIBRATION_TEXTS[directions]
+    size = f"{fraction:g}" if rank is None else f"residual{rank}{suffix}"
     name = (f"whitened-{cfg.preset}-{cfg.model}-{size}-{cfg.calib_tokens}x{cfg.seq}-seed{cfg.seed}"
             f"-damping{DEFAULT_DAMPING:g}" + (f"-fisher{DEFAULT_GRAD_DAMPING:g}" if fisher else ""))
     if cache is not None and (cache / f"{name}.json").is_file() and (cache / name).is_dir():
         load_spectral(model, cache / name)
         return {**json.loads((cache / f"{name}.json").read_text()), "conversion_cached": True}
-    general = "the general text (past its evaluation windows)"
-    text = "general_calib" if directions == "minor" else "train"
-    preserve = calibration_batches(cfg, data, text="general_calib") if directions == "contrast" else None
+    preserve = calibration_batches(cfg, data, text=keep) if keep is not None else None
     info = _brief_convert(model, "sct", LINEAR, budget_fraction=fraction,
                           calibration=calibration_batches(cfg, data, fisher, text), whitening=whitening, rank=rank,
                           residual_dtype=None if rank is None else "float32", directions=directions, preserve=preserve)
-    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of " + (general if directions == "minor" else "the training plays") + (
+    info["calibration"] = f"{cfg.calib_tokens:,d} tokens of {_TEXT_NAMES[text]}" + (
         ", with their next-token loss's gradients" if fisher else "") + (
-        f", against as many of {general}" if directions == "contrast" else "")
+        f", against as many of {_TEXT_NAMES[keep]}" if keep is not None else "")
     if cache is not None:
         save_spectral(model, cache / name)
         atomic_write_json(cache / f"{name}.json", info)
@@ -604,7 +610,7 @@ def worker(cfg: Config, stage: str, method: str, lr: float, steps: int, tokens_p
     model, tok = load_model(cfg)
     model.train()
     # the CPU each run had: a --resume may add runs on another machine (GEMM-heavy ratios move with it)
-    out: Dict = {"stage": stage, "method": method, "lr": lr, "steps": steps, "cpu": environment()["cpu"]}
+    out: Dict = {"stage": stage, "method": method, "lr": lr, "steps": steps, "cpu": cpu_model()}
     if stage == "reference":
         ids, mask = blob["ref_ids"], blob["ref_mask"]
         val = list(blob["ref_val_ids"][: cfg.eval_windows].split(cfg.batch))

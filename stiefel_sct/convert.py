@@ -474,10 +474,10 @@ class _Whitened:
 
     def convert(self, name: str, rank: Optional[int], energy: Optional[float], convert_small: bool,
                 retraction: str, residual_dtype: Optional[torch.dtype]) -> Tuple[Optional[SpectralModule], float]:
-        linear = self.linears[name]
-        kind = _kind(linear)
         if self.keep is not None:
             return self._contrast(name, rank, convert_small, retraction, residual_dtype)
+        linear = self.linears[name]
+        kind = _kind(linear)
         minor = self.minor
         P, S, Qh, chol, out_chol = whitened_svd(kind.matrix(linear), **self._metric(name))
         k = _chosen_rank(rank, energy, S, *kind.sizes(linear), convert_small)
