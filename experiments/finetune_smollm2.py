@@ -135,6 +135,12 @@ class Config:
     # ... RankScheduler(newborn_rate=...): at tol 1e-3 alone 4,757 of the 5,035 directions grown at
     # the first event (born at ~0.035, below 1e-3 x a pretrained ||s||) were dropped at the next
     adapt_newborn_rate: Optional[float] = 0.5
+    # sct_fadapt picked 3e-5 by a near tie in its sweep (5.100 vs 1e-4's 5.126) and ended at 4.738; at
+    # sct_f25's 1e-4 it ends at 4.633 against sct_f25's 4.623 (Intel Xeon probes, 2026-12-07, the
+    # same worker): growth from the gradient adds nothing in 100 steps. Newborns born at 20x the
+    # dense step's length threw the loss from 4.99 to 9.47 at the first event (5.145 at the end),
+    # and s's lr at 30x for every layer (newborns move s by ~lr a step) 5.452: a gradient sketch
+    # is no source of value-carrying directions for a pretrained model
     lora_default_r: int = 16
     residual_r: int = 16            # residual_r16: rank of the trained principal part
     radapt_start: int = 8           # residual_adapt: starting rank of every layer; its budget is

@@ -116,6 +116,10 @@ class Config:
     #   rounding the rank events amplify; the factors arm gave 5.633 both ways). Re-run alone on
     #   2026-12-07 with no event after the last step: 5.549. The 5.703 run's last event had changed
     #   no rank, so 5.549-5.703 is this arm's spread from rounding, not the fix's effect
+    #   New directions born at a fixed rank-64 layer's spectrum scale (prototypes, Intel Xeon,
+    #   2026-12-07): the sketch's directions 5.450 and 5.480 (two runs: the spread again), random
+    #   directions outside the bases 5.553; rank 64's head start is its 64 directions trained from
+    #   step 0, and the sketch's directions with values gain ~0.1 at most within this spread
     adaptive_every: int = 10
     adaptive_grow: int = 56            # rank 8 -> 64 at the first event
     # 0.02 (and 0.005) dropped every grown direction at the next event (new s start at 0 and move
