@@ -815,7 +815,9 @@ def plot_mlp_curves(res: Dict, figures: pathlib.Path) -> Optional[pathlib.Path]:
 # ------------------------------------------------------------------------------ key figures
 # What a newcomer compares first: one or a few numbers per experiment, read from its results file
 # (None where the run did not produce that arm). ``side_by_side`` puts a run's beside the committed.
-Figure = Tuple[str, Optional[float], str]  # (label, value, kind: "loss" | "accuracy" | "ratio" | "cosine")
+# (label, value, kind: "loss" | "accuracy" | "ratio" | "cosine", the CPU of the run behind the value
+# where the results file records one per run: a --resume may add runs on another machine)
+Figure = Tuple[str, Optional[float], str, Optional[str]]
 
 
 def _dig(obj, *keys):
@@ -831,22 +833,22 @@ def _dig(obj, *keys):
 
 def _mlp_figures(res: Dict) -> List[Figure]:
     summary, sched = _dig(res, "metrics", "summary"), _dig(res, "config", "schedules", 0)
-    return [("sine MSE, SCT (mean over seeds)", _dig(summary, "sine", sched, "sct", "metric", "mean"), "loss"),
-            ("XOR accuracy, SCT", _dig(summary, "xor", sched, "sct", "metric", "mean"), "accuracy")]
+    return [("sine MSE, SCT (mean over seeds)", _dig(summary, "sine", sched, "sct", "metric", "mean"), "loss", None),
+            ("XOR accuracy, SCT", _dig(summary, "xor", sched, "sct", "metric", "mean"), "accuracy", None)]
 
 
 def _memory_figures(res: Dict) -> List[Figure]:
     summary = _dig(res, "metrics", "summary") or {}
     best = min((r["peak_vs_reference"] for r in summary.values() if "peak_vs_reference" in r), default=None)
-    return [("70B step: best lever's peak / no lever's", best, "ratio"),
-            ("8192x28672 at rank 32: compression", _dig(res, "metrics", "compression", -1, "ratio"), "ratio")]
+    return [("70B step: best lever's peak / no lever's", best, "ratio", None),
+            ("8192x28672 at rank 32: compression", _dig(res, "metrics", "compression", -1, "ratio"), "ratio", None)]
 
 
 def _rank_sweep_figures(res: Dict) -> List[Figure]:
     table = _dig(res, "metrics", "table") or {}
     ranks = [v["val_loss"] for k, v in table.items() if k.startswith("r") and k[1:].isdigit()]
-    return [("from scratch: dense held-out loss", _dig(table, "dense", "val_loss"), "loss"),
-            ("from scratch: best fixed-rank SCT held-out loss", min(ranks, default=None), "loss")]
+    return [("from scratch: dense held-out loss", _dig(table, "dense", "val_loss"), "loss", None),
+            ("from scratch: best fixed-rank SCT held-out loss", min(ranks, default=None), "loss", None)]
 
 
 def _compress_figures(res: Dict) -> List[Figure]:
@@ -856,17 +858,17 @@ def _compress_figures(res: Dict) -> List[Figure]:
         return next((r["cosine_after"] for r in rows
                      if r["policy"] == "budget" and r["value"] == 0.5 and r["method"] == method), None)
 
-    return [("MiniLM at 50%, SCT healed: cosine", cosine("sct"), "cosine"),
-            ("MiniLM at 50%, calibrated SCT healed: cosine", cosine("sct_whitened"), "cosine"),
-            ("MiniLM at 50%, Fisher-calibrated SCT healed: cosine", cosine("sct_fisher"), "cosine")]
+    return [("MiniLM at 50%, SCT healed: cosine", cosine("sct"), "cosine", None),
+            ("MiniLM at 50%, calibrated SCT healed: cosine", cosine("sct_whitened"), "cosine", None),
+            ("MiniLM at 50%, Fisher-calibrated SCT healed: cosine", cosine("sct_fisher"), "cosine", None)]
 
 
 def _finetune_figures(res: Dict) -> List[Figure]:
     table = _dig(res, "metrics", "table")
     arms = (("dense", "dense AdamW"), ("residual_r16", "SCT residual r=16"), ("sct_w50", "SCT calibrated 50%"),
             ("sct_f50", "SCT Fisher-calibrated 50%"), ("sct_b50", "SCT plain SVD 50%"))
-    return [(f"SmolLM2 held-out after training: {label}", _dig(table, f"compare/{arm}/main", "val_loss_after"), "loss")
-            for arm, label in arms]
+    return [(f"SmolLM2 held-out after training: {label}", _dig(table, f"compare/{arm}/main", "val_loss_after"), "loss",
+             _dig(table, f"compare/{arm}/main", "cpu")) for arm, label in arms]
 
 
 KEY_FIGURES: Dict[str, Callable[[Dict], List[Figure]]] = {
@@ -889,10 +891,17 @@ def _where(res: Dict) -> str:
     return f" ({_dig(res, 'config', 'preset')}, {_dig(res, 'environment', 'cpu')})"
 
 
+def _cell(figure: Figure, res: Optional[Dict]) -> str:
+    """A figure's value, with the CPU of its run where that differs from the results file's."""
+    _, value, kind, cpu = figure
+    other = cpu is not None and value is not None and cpu != _dig(res, "environment", "cpu")
+    return _fmt_figure(value, kind) + (f" (on {cpu})" if other else "")
+
+
 def side_by_side(mine: Dict[str, Dict], committed_dir: pathlib.Path) -> List[str]:
     """A markdown table: each experiment's key figures in ``mine`` beside those of the results files in
-    ``committed_dir`` (each column headed by its preset and CPU); experiments with no committed file
-    show "n/a" there."""
+    ``committed_dir`` (each column headed by its preset and CPU, a value measured on another CPU
+    than its file's names it); experiments with no committed file show "n/a" there."""
     lines = ["| experiment | figure | this run | committed |", "| --- | --- | --- | --- |"]
     for name, figures in KEY_FIGURES.items():
         if name not in mine:
@@ -900,11 +909,11 @@ def side_by_side(mine: Dict[str, Dict], committed_dir: pathlib.Path) -> List[str
         path = committed_dir / f"{name}.json"
         theirs = json.loads(path.read_text()) if path.is_file() else None
         ours = figures(mine[name])
-        others = figures(theirs) if theirs else [(label, None, kind) for label, _, kind in ours]
-        for i, ((label, value, kind), (_, other, _)) in enumerate(zip(ours, others)):
+        others = figures(theirs) if theirs else [(label, None, kind, None) for label, _, kind, _ in ours]
+        for i, (figure, other) in enumerate(zip(ours, others)):
             head = f"`{name}`" + (_where(mine[name]) if i == 0 else "")
             tail = _where(theirs) if theirs and i == 0 else ""
-            lines.append(f"| {head} | {label} | {_fmt_figure(value, kind)} | {_fmt_figure(other, kind)}{tail} |")
+            lines.append(f"| {head} | {figure[0]} | {_cell(figure, mine[name])} | {_cell(other, theirs)}{tail} |")
     return lines
 
 

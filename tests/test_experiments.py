@@ -223,6 +223,15 @@ def test_side_by_side_puts_each_key_figure_beside_the_committed_one(tmp_path):
     dense = rows["SmolLM2 held-out after training: dense AdamW"]
     assert "(fast, Test CPU)" in dense and "| 4.01 | 3.679 (cpu, Test CPU) |" in dense
     assert rows["SmolLM2 held-out after training: SCT residual r=16"].endswith("| n/a | 3.705 |")  # not run here
+    # a value whose run records another CPU than its file's (a --resume on another machine) names it
+    committed = _finetune_result("cpu", 3.679, 3.705)
+    committed["metrics"]["table"]["compare/dense/main"]["cpu"] = "Other CPU"
+    committed["metrics"]["table"]["compare/residual_r16/main"]["cpu"] = "Test CPU"
+    (tmp_path / "finetune_smollm2.json").write_text(json.dumps(committed))
+    lines = report.side_by_side({"finetune_smollm2": _finetune_result("fast", 4.01, None)}, tmp_path)
+    rows = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert "| 4.01 | 3.679 (on Other CPU) (cpu, Test CPU) |" in rows["SmolLM2 held-out after training: dense AdamW"]
+    assert rows["SmolLM2 held-out after training: SCT residual r=16"].endswith("| n/a | 3.705 |")
     # no committed file for an experiment: its column says so instead of failing
     lines = report.side_by_side({"finetune_smollm2": _finetune_result("fast", 4.01, None)}, tmp_path / "none")
     assert lines[2].endswith("| 4.01 | n/a |")
