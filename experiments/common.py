@@ -315,14 +315,14 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
             budget_fraction: Optional[float] = None, calibration: Any = None, whitening: str = "inputs",
             rank: Optional[int] = None, residual_dtype: Optional[str] = None,
             calibration_forward: Optional[Callable[[torch.nn.Module, Any], Any]] = None,
-            directions: str = "principal", preserve: Any = None) -> Dict:
+            directions: str = "principal", preserve: Any = None, allow_dense: bool = False) -> Dict:
     """Convert ``model`` in place: ``"sct"`` with ``spectralize`` (energy, or a budget given as a
     fraction of the selected layers' dense size; ``calibration``: data-aware truncation on those
     batches, in the ``whitening`` metric); ``"lowrank"`` with :class:`LowRankLinear` at the ranks
     SCT would choose (or, for ``"sct"``, one ``rank`` for every layer; ``residual_dtype``: residual
     mode; ``calibration_forward``: ``spectralize``'s, how a calibration batch runs; ``directions``:
     which directions residual layers train, and ``preserve``, ``directions="contrast"``'s text to
-    keep: ``spectralize``'s). Returns the
+    keep; ``allow_dense``: a budget may keep a layer whole: ``spectralize``'s). Returns the
     conversion report as a dict (with the seconds it took)."""
     import copy
 
@@ -333,7 +333,7 @@ def convert(model: torch.nn.Module, method: str, include: str, *, energy: Option
     dense = sum(m.weight.numel() for _, m in selected)
     recipe = SpectralConfig(rank=rank, energy=energy, budget_fraction=budget_fraction, include=include,
                             retraction="cholqr2", whitening=whitening, residual_dtype=residual_dtype,
-                            directions=directions)
+                            directions=directions, allow_dense=allow_dense)
     probe = copy.deepcopy(model) if method == "lowrank" else model
     report = spectralize(probe, recipe, calibration=calibration, calibration_forward=calibration_forward,
                          preserve=preserve).spectral_report

@@ -79,6 +79,9 @@ class SpectralConfig:
             strongest, the default), ``"minor"`` (the weakest) or ``"contrast"`` (those the
             calibration text uses most relative to a text to keep); the last two in residual mode
             and with ``rank`` only.
+        allow_dense: with ``budget`` or ``budget_fraction``, a layer whose every profitable
+            direction the budget took may stay dense instead, for the few parameters more that its
+            whole weight costs (:func:`~stiefel_sct.budget_ranks`); not with ``convert_small``.
 
     ``to_dict()`` / ``from_dict()`` round-trip through JSON; ``from_dict`` refuses unknown keys
     by name, so a recipe saved by a later version is not half-read.
@@ -98,6 +101,7 @@ class SpectralConfig:
     grad_damping: float = DEFAULT_GRAD_DAMPING
     residual_dtype: Optional[str] = None
     directions: str = "principal"
+    allow_dense: bool = False
 
     def __post_init__(self) -> None:
         given = [k for k in ("rank", "energy", "budget", "budget_fraction") if getattr(self, k) is not None]
@@ -114,7 +118,7 @@ class SpectralConfig:
             self.budget_fraction = float(self.budget_fraction)
         self.include = _selector(self.include, "include")
         self.exclude = _selector(self.exclude, "exclude")
-        for flag in ("embeddings", "convert_small"):
+        for flag in ("embeddings", "convert_small", "allow_dense"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
         self.retraction = check_retraction(self.retraction)
@@ -131,6 +135,11 @@ class SpectralConfig:
             if self.embeddings:
                 raise ValueError("residual_dtype: residual mode converts linear layers only; use embeddings=False")
         self._check_directions()
+        if self.allow_dense and self.budget is None and self.budget_fraction is None:
+            raise ValueError("allow_dense lets a budget keep a layer whole: give budget or budget_fraction")
+        if self.allow_dense and self.convert_small:
+            raise ValueError("allow_dense keeps layers dense that convert_small would convert at full rank: "
+                             "use one of them")
 
     def _check_directions(self) -> None:
         """``directions`` is known; ``"minor"`` and ``"contrast"`` come with residual mode and a ``rank``."""

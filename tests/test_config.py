@@ -57,6 +57,10 @@ def test_budget_fraction_is_the_budget_of_that_fraction_of_the_selected_layers()
     (dict(rank=2, damping=-1.0), ValueError, "damping"),
     (dict(rank=2, residual_dtype="int8"), ValueError, "residual_dtype must be one of"),
     (dict(rank=2, residual_dtype="float32", embeddings=True), ValueError, "residual mode converts linear layers only"),
+    (dict(rank=2, allow_dense=True), ValueError, "allow_dense lets a budget keep a layer whole: give budget"),
+    (dict(budget_fraction=0.5, allow_dense=1), TypeError, "allow_dense must be a bool"),
+    (dict(budget=10**6, allow_dense=True, convert_small=True), ValueError, "allow_dense keeps layers dense that "
+                                                                           "convert_small would convert"),
 ])
 def test_bad_recipes_are_refused_by_name(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -73,6 +77,11 @@ def test_json_round_trip_and_normalised_fields():
         SpectralConfig.from_dict({**config.to_dict(), "lora_alpha": 16})
     with pytest.raises(TypeError, match="data must be a dict"):
         SpectralConfig.from_dict([("rank", 3)])
+    # a recipe saved before allow_dense existed reads back without it
+    old = SpectralConfig(budget_fraction=0.5).to_dict()
+    del old["allow_dense"]
+    assert SpectralConfig.from_dict(old).allow_dense is False
+    assert SpectralConfig.from_dict(SpectralConfig(budget_fraction=0.5, allow_dense=True).to_dict()).allow_dense
 
 
 def test_a_config_with_recipe_keywords_is_refused():

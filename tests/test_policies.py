@@ -59,6 +59,55 @@ def test_budget_ranks_follow_relative_energy_per_parameter():
         budget_ranks(spectra, shapes, 2.5e3)
 
 
+def _budget_cost(ranks, shapes):
+    """Parameters of a budget_ranks outcome: a layer at min(m, n) stays dense."""
+    return sum(m * n if k == min(m, n) else k * (m + n + 1) for (m, n), k in ((shapes[x], ranks[x]) for x in ranks))
+
+
+def test_allow_dense_keeps_whole_a_layer_the_cap_would_cut_in_half():
+    # "flat" wants every direction; at its cap (19 of 40 for 40 x 40) keeping it dense costs 21 parameters more
+    spectra = {"flat": torch.ones(40), "steep": 0.6 ** torch.arange(40.0), "mid": 0.9 ** torch.arange(40.0)}
+    shapes = {"flat": (40, 40), "steep": (40, 40), "mid": (40, 40)}
+    budget = 1600 + 30 * 81
+    capped = budget_ranks(spectra, shapes, budget)
+    assert capped["flat"] == 19 and 19 * 81 < 1600 <= 20 * 81  # the largest rank that still shrinks it
+    ranks = budget_ranks(spectra, shapes, budget, allow_dense=True)
+    assert ranks["flat"] == 40 and _budget_cost(ranks, shapes) <= budget
+    assert ranks["mid"] > capped["mid"] - 1 and ranks["steep"] >= 1  # the rest of the budget still spent greedily
+    # no room for the 21 more: the layer stays at its cap
+    tight = 19 * 81 + 2 * 81
+    assert budget_ranks(spectra, shapes, tight, allow_dense=True)["flat"] <= 19
+    with pytest.raises(TypeError, match="allow_dense must be a bool"):
+        budget_ranks(spectra, shapes, budget, allow_dense=1)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+def test_allow_dense_in_spectralize_leaves_such_layers_dense_within_the_budget(fraction):
+    def model():
+        return nn.Sequential(_layer(48, 48, 1.0, 0), nn.ReLU(), _layer(48, 48, 0.5, 1), nn.ReLU(),
+                             _layer(48, 48, 0.8, 2))
+
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        want = model()(x)
+    linear = sum(m.weight.numel() for m in model() if isinstance(m, nn.Linear))
+    budget = _n_params(model()) - linear + int(fraction * linear)
+    plain = spectralize(model(), budget_fraction=fraction)
+    kept = spectralize(model(), budget_fraction=fraction, allow_dense=True)
+    assert _n_params(kept) <= budget and _n_params(plain) <= budget
+    whole = [r for r in kept.spectral_report if not r.converted]
+    for r in whole:
+        assert r.params == r.dense_params and "the budget keeps it whole (allow_dense)" in r.note
+    assert kept.spectral_config.allow_dense and not plain.spectral_config.allow_dense
+    if fraction >= 0.5:  # the flat layer (every direction alike) is worth keeping whole at these budgets
+        assert "0" in [r.name for r in whole] and isinstance(kept[0], nn.Linear)
+        assert torch.equal(kept[0].weight, model()[0].weight)
+        with torch.no_grad():  # and the whole model is closer to the original for it
+            assert float((kept(x) - want).norm()) < float((plain(x) - want).norm())
+    else:  # too tight to pay for it: the same ranks as without the option
+        assert [r.rank for r in kept.spectral_report] == [r.rank for r in plain.spectral_report]
+
+
 @pytest.mark.parametrize("energy", [0.5, 0.8, 0.9, 0.95, 0.99])
 def test_energy_threshold_is_exact_per_layer(energy):
     model = _model()
