@@ -341,7 +341,7 @@ def compress_section(res: Dict, figures: pathlib.Path, rel: str,
              + (f"the first {cfg['calib_sentences']:,} training lines" if cfg.get("calib_sentences") else "training lines")
              + ", `sct_fisher` = calibrated in the "
              "Fisher metric (`whitening=\"fisher\"`, the output side weighed by the distillation loss's Gauss-Newton "
-             "curvature, probed by a random projection of the embeddings), `lowrank` = the same ranks as an "
+             "curvature, probed by a random projection of the embeddings; its budget may keep a layer dense, `allow_dense=True`, so fewer layers are converted), `lowrank` = the same ranks as an "
              "unconstrained `W = B A` (same truncated SVD start) + AdamW; equal steps, each method at its best lr "
              "(`sct_whitened` at sct's).", ""]
     mini = m.get("minilm")
