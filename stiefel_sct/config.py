@@ -81,7 +81,8 @@ class SpectralConfig:
             and with ``rank`` only.
         allow_dense: with ``budget`` or ``budget_fraction``, a layer whose every profitable
             direction the budget took may stay dense instead, for the few parameters more that its
-            whole weight costs (:func:`~stiefel_sct.budget_ranks`); not with ``convert_small``.
+            whole weight costs (:func:`~stiefel_sct.budget_ranks`); not with ``convert_small`` or
+            residual mode.
 
     ``to_dict()`` / ``from_dict()`` round-trip through JSON; ``from_dict`` refuses unknown keys
     by name, so a recipe saved by a later version is not half-read.
@@ -135,9 +136,18 @@ class SpectralConfig:
             if self.embeddings:
                 raise ValueError("residual_dtype: residual mode converts linear layers only; use embeddings=False")
         self._check_directions()
-        if self.allow_dense and self.budget is None and self.budget_fraction is None:
+        self._check_allow_dense()
+
+    def _check_allow_dense(self) -> None:
+        """``allow_dense`` comes with a budget, and neither with ``convert_small`` nor residual mode."""
+        if not self.allow_dense:
+            return
+        if self.budget is None and self.budget_fraction is None:
             raise ValueError("allow_dense lets a budget keep a layer whole: give budget or budget_fraction")
-        if self.allow_dense and self.convert_small:
+        if self.residual_dtype is not None:
+            raise ValueError("allow_dense would leave a layer dense and wholly trainable; residual mode keeps every "
+                             "layer's weight already (frozen) and trains its factors: use one of them")
+        if self.convert_small:
             raise ValueError("allow_dense keeps layers dense that convert_small would convert at full rank: "
                              "use one of them")
 

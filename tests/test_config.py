@@ -59,6 +59,8 @@ def test_budget_fraction_is_the_budget_of_that_fraction_of_the_selected_layers()
     (dict(rank=2, residual_dtype="float32", embeddings=True), ValueError, "residual mode converts linear layers only"),
     (dict(rank=2, allow_dense=True), ValueError, "allow_dense lets a budget keep a layer whole: give budget"),
     (dict(budget_fraction=0.5, allow_dense=1), TypeError, "allow_dense must be a bool"),
+    (dict(budget_fraction=0.5, allow_dense=True, residual_dtype="float32"), ValueError,
+     "allow_dense would leave a layer dense and wholly trainable"),
     (dict(budget=10**6, allow_dense=True, convert_small=True), ValueError, "allow_dense keeps layers dense that "
                                                                            "convert_small would convert"),
 ])
