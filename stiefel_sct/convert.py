@@ -25,8 +25,7 @@ from .calibration import (
 from .checks import is_int
 from .config import SpectralConfig
 from .kinds import LayerKind, dense_kind, spectral_kind
-from .layers import SpectralModule, check_rank
-from .manifold import compute_dtype
+from .layers import SpectralModule, _truncated_svd, check_rank
 from .rank import select_rank, spectral_params
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
@@ -522,15 +521,14 @@ class _Whitened:
             return self._contrast(name, rank, convert_small, retraction, residual_dtype)
         linear = self.linears[name]
         kind = _kind(linear)
-        minor = self.minor
         P, S, Qh, chol, out_chol = whitened_svd(kind.matrix(linear), **self._metric(name))
         k = _chosen_rank(rank, energy, S, *kind.sizes(linear), convert_small)
         if k is None:
             return None, 1.0
-        U, s, V = whitened_factors(P, S, Qh, chol, k, out_chol, minor=minor)
+        U, s, V = whitened_factors(P, S, Qh, chol, k, out_chol, minor=self.minor)
         layer = kind.from_factors(linear, U, s, V, retraction=retraction, residual_dtype=residual_dtype)
         sq = S.square()
-        trained = sq[-k:] if minor else sq[:k]
+        trained = sq[-k:] if self.minor else sq[:k]
         return layer, float(trained.sum() / sq.sum()) if float(sq.sum()) > 0 else 1.0
 
     def _contrast(self, name: str, rank: Optional[int], convert_small: bool, retraction: str,
@@ -571,7 +569,7 @@ def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], co
             return kind.build({kind.dims[0]: rows, kind.dims[1]: cols, "rank": k, **kind.extra(module)},
                               device=device or "meta", dtype=w.dtype, retraction=retraction)
         if minor:
-            P, S, Qh = torch.linalg.svd(w.detach().to(compute_dtype(w.dtype)), full_matrices=False)
+            P, S, Qh, _ = _truncated_svd(w, k, None, "spectralize")
             return kind.from_factors(module, Qh[-k:].mT, S[-k:], P[:, -k:], retraction=retraction,
                                      residual_dtype=residual_dtype)
         return kind.from_dense(module, rank=k, energy=None, retraction=retraction, residual_dtype=residual_dtype)
