@@ -25,7 +25,8 @@ from .calibration import (
 from .checks import is_int
 from .config import SpectralConfig
 from .kinds import LayerKind, dense_kind, spectral_kind
-from .layers import SpectralModule, _truncated_svd, check_rank
+from .layers import SpectralModule, check_rank
+from .manifold import compute_dtype
 from .rank import select_rank, spectral_params
 
 __all__ = ["ConversionReport", "LayerConversion", "budget_ranks", "densify", "match_module", "spectralize"]
@@ -569,7 +570,7 @@ def _convert(module: nn.Module, rank: Optional[int], energy: Optional[float], co
             return kind.build({kind.dims[0]: rows, kind.dims[1]: cols, "rank": k, **kind.extra(module)},
                               device=device or "meta", dtype=w.dtype, retraction=retraction)
         if minor:
-            P, S, Qh, _ = _truncated_svd(w, k, None, "spectralize")
+            P, S, Qh = torch.linalg.svd(w.detach().to(compute_dtype(w.dtype)), full_matrices=False)
             return kind.from_factors(module, Qh[-k:].mT, S[-k:], P[:, -k:], retraction=retraction,
                                      residual_dtype=residual_dtype)
         return kind.from_dense(module, rank=k, energy=None, retraction=retraction, residual_dtype=residual_dtype)
