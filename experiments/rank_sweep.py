@@ -120,6 +120,12 @@ class Config:
     #   2026-12-07): the sketch's directions 5.450 and 5.480 (two runs: the spread again), random
     #   directions outside the bases 5.553; rank 64's head start is its 64 directions trained from
     #   step 0, and the sketch's directions with values gain ~0.1 at most within this spread
+    #   Where the 0.26 goes (Intel Xeon, 2026-12-07, afternoon): with tol 0, so that nothing is ever
+    #   dropped, the arm still ends at 5.568: the shrink rule costs nothing; the rank-8 start and
+    #   the late, weak newborns cost it all (born at a rank-64 layer's scale, above, ~0.17 remain).
+    #   Started at rank 64 instead, no direction falls below even tol 0.1 (every 25 or 50 steps,
+    #   grow 8): the spectra trained from a flat start stay flat, no event fires and the arm is
+    #   rank 64 (5.2874); a magnitude test finds nothing to move between layers here
     adaptive_every: int = 10
     adaptive_grow: int = 56            # rank 8 -> 64 at the first event
     # 0.02 (and 0.005) dropped every grown direction at the next event (new s start at 0 and move
