@@ -308,6 +308,11 @@ def read_weights(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
     after its checks, and handing those to the model as its storage, was tried (Intel Xeon,
     2026-12-07): ``verify=False`` loads fell from 120-126 ms to 108-116 ms but the checks still cost
     29-39 ms, since the copy pushes the 2 MiB block out of L2 before the probes run; not kept.
+    Running the checks in a second thread while the first copies the tensors into fresh ones was
+    tried too (same machine and file, medians of 9): with torch's two threads each the pair took
+    125 ms against 112 ms one after the other; with one thread each the checks hid (103 ms
+    against 97 ms for the copy alone) but that copy takes 50 ms on both cores. The two cores are
+    busy either way: the checks are work, not latency to hide. Not kept.
 
     A mismatch raises :class:`CheckpointError` naming the file, after the whole file was read and
     before anything is returned.
