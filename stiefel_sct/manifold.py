@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import warnings
 from collections import defaultdict
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import geoopt
 import torch
@@ -143,11 +143,51 @@ def _certified_one_pass(gram: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
     return (info == 0) & (defect.abs_().sum(-2).amax(-1) <= _ONE_PASS_DELTA)
 
 
+def _one_pass_right(chol: torch.Tensor) -> Optional[torch.Tensor]:
+    """``L^-T`` where one pass ``X L^-T`` is a GEMM, ``None`` where it is a triangular solve."""
+    return None if chol.shape[-1] >= _TRSM_MIN_RANK else _inverse_lower(chol).mT
+
+
+def _apply_one_pass(x: torch.Tensor, chol: torch.Tensor, right: Optional[torch.Tensor],
+                    out: torch.Tensor) -> torch.Tensor:
+    if right is None:
+        return torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False, out=out)
+    return torch.matmul(x, right, out=out)
+
+
 def _one_pass_into(x: torch.Tensor, chol: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out = X L^-T`` for lower-triangular ``L`` (the Cholesky factor of ``X^T X``)."""
-    if x.shape[-1] >= _TRSM_MIN_RANK:
-        return torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False, out=out)
-    return torch.matmul(x, _inverse_lower(chol).mT, out=out)
+    return _apply_one_pass(x, chol, _one_pass_right(chol), out)
+
+
+class OnePass(NamedTuple):
+    """:func:`one_pass_factors`' result for a stack of Gram matrices: the Cholesky factors, ``L^-T``
+    (``None`` where the pass is a triangular solve) and, per matrix, whether one pass is certified."""
+
+    chol: torch.Tensor
+    right: Optional[torch.Tensor]
+    certified: List[bool]
+
+
+def one_pass_factors(grams: torch.Tensor) -> OnePass:
+    """The ``k x k`` work of one CholeskyQR pass for a stack of Gram matrices ``X^T X`` at once: one
+    batched Cholesky, one certificate, one host sync, one triangular inverse. For callers that form
+    the Gram matrices chunk by chunk (the factor banks: each right after its chunk's update) and then
+    retract each chunk with :func:`one_pass_into`. Each matrix's factors are the ones
+    :func:`cholqr_into` computes for it alone (the batched kernels factorize matrix by matrix)."""
+    chol, info = torch.linalg.cholesky_ex(grams)
+    return OnePass(chol, _one_pass_right(chol), _certified_one_pass(grams, info).tolist())
+
+
+def one_pass_into(x: torch.Tensor, passes: OnePass, start: int, out: torch.Tensor) -> bool:
+    """``out = X L^-T`` for the chunk ``x`` (B, n, k) whose Gram matrices are entries ``start`` to
+    ``start + B`` of ``passes``, when one pass is certified for each of them (returns True); False,
+    with ``out`` untouched, otherwise (the caller then runs :func:`cholqr_into`'s adaptive passes)."""
+    end = start + x.shape[0]
+    if not all(passes.certified[start:end]):
+        return False
+    _apply_one_pass(x, passes.chol[start:end], None if passes.right is None else passes.right[start:end], out)
+    return True
 
 
 GramSum = Callable[[torch.Tensor], torch.Tensor]

@@ -3,8 +3,11 @@
 A :class:`StepPlan` lists, as indices into the group's :class:`~stiefel_sct.optim_state.GroupTensors`:
 
 * the loose Euclidean parameters (``s``, biases, ...): one Adam call, with the group's weight decay;
-* one unit per factor-bank chunk: Adam on the chunk's factors, then the chunk's batched retraction
-  while the chunk is still in cache (:meth:`~stiefel_sct.bank.FactorBank.retract_chunk_`);
+* one unit per factor-bank chunk: Adam on the chunk's factors, then, while the chunk is still in
+  cache, its batched retraction (:meth:`~stiefel_sct.bank.FactorBank.retract_chunk_`) or, for a
+  CholeskyQR bank of fp32/fp64 factors, its Gram matrices; such a bank's ``k x k`` work then runs
+  once for all its chunks (:func:`~stiefel_sct.manifold.one_pass_factors`) before each chunk is
+  retracted;
 * the loose factors (no bank covers them): one Adam call, then handed to the caller's ``retract``,
   which retracts them at once or defers them (function-preserving triples after every group,
   FSDP2's sharded retraction, step-in-backward's pending factors until ``step()``).
@@ -24,7 +27,7 @@ import torch
 
 from .adam import adam_kernel, riemannian_adam
 from .bank import FactorBank, live_banks
-from .manifold import is_stiefel, plain, retract_triples_, stiefel_manifold
+from .manifold import is_stiefel, one_pass_factors, plain, retract_triples_, stiefel_manifold
 from .optim_state import GroupTensors
 from .triples import Triple, spectral_triples
 
@@ -40,7 +43,7 @@ class StepPlan:
 
     key: tuple
     euclidean: List[int]
-    chunks: List[Tuple[FactorBank, int, List[int]]]  # (bank, chunk index, indices)
+    banks: List[Tuple[FactorBank, List[List[int]]]]  # (bank, the indices of each of its chunks)
     factors: List[int]
 
 
@@ -55,10 +58,10 @@ def plan_for(tensors: GroupTensors, banks: Sequence[FactorBank], cached: Optiona
     position = {id(p): i for i, p in enumerate(tensors.params)}
     with_grad = {id(p) for p, f in zip(tensors.params, tensors.factors) if f}
     live, covered = live_banks(banks, with_grad)
-    chunks = [(bank, j, [position[id(p)] for p in chunk]) for bank in live for j, chunk in enumerate(bank.chunks)]
+    per_bank = [(bank, [[position[id(p)] for p in chunk] for chunk in bank.chunks]) for bank in live]
     euclidean = [i for i, f in enumerate(tensors.factors) if not f]
     factors = [i for i, (p, f) in enumerate(zip(tensors.params, tensors.factors)) if f and id(p) not in covered]
-    return StepPlan(key, euclidean, chunks, factors)
+    return StepPlan(key, euclidean, per_bank, factors)
 
 
 def riemannian_manifold(p: torch.Tensor, retraction: str):
@@ -74,7 +77,7 @@ def riemannian_manifold(p: torch.Tensor, retraction: str):
 def run_plan(plan: StepPlan, t: GroupTensors, hp: Mapping[str, Any], *, mode: str, retraction: str, impl: str,
              retract: Retract) -> None:
     """One group's step: Adam on every unit of ``plan`` (``hp``: :func:`~stiefel_sct.optim_settings.group_hyperparameters`),
-    each bank chunk retracted right after its update, the loose factors handed to ``retract``.
+    each bank chunk retracted after its update (see the module docstring), the loose factors handed to ``retract``.
     Factors never get weight decay (shrinking an orthonormal basis means nothing on the manifold);
     ``mode="riemannian"`` gives them geoopt ``RiemannianAdam``'s update instead. Run it under
     ``torch.no_grad()``, as ``step()`` does (no decorator here: it would be a frame on every
@@ -91,10 +94,19 @@ def run_plan(plan: StepPlan, t: GroupTensors, hp: Mapping[str, Any], *, mode: st
             riemannian_adam([plain(x) for x in f.params], *f.kernel_args()[1:],
                             manifolds=[riemannian_manifold(x, retraction) for x in f.params], **on_manifold)
         return
-    for bank, j, idx in plan.chunks:
-        c = t.take(idx)
-        adam(*c.kernel_args(), moment_scales=c.scales, **on_manifold)
-        bank.retract_chunk_(j, retraction)
+    for bank, chunks in plan.banks:
+        grams: Optional[List[torch.Tensor]] = [] if bank.batches(retraction) else None
+        for j, idx in enumerate(chunks):
+            c = t.take(idx)
+            adam(*c.kernel_args(), moment_scales=c.scales, **on_manifold)
+            if grams is None:
+                bank.retract_chunk_(j, retraction)
+            else:
+                grams.append(bank.gram(j))
+        if grams is not None:
+            passes = one_pass_factors(torch.cat(grams))
+            for j in range(len(chunks)):
+                bank.retract_chunk_(j, retraction, passes)
     if plan.factors:
         f = t.take(plan.factors)
         adam(*f.kernel_args(), moment_scales=f.scales, **on_manifold)

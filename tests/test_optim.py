@@ -386,6 +386,35 @@ def test_factor_bank_keeps_parameters_and_survives_rehoming():
             assert orthonormality_error(p) < 1e-12
 
 
+@pytest.mark.parametrize("k", [6, 48])  # below and at the rank where one pass is a triangular solve
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_banks_batched_one_pass_equals_retracting_chunk_by_chunk(k, dtype):
+    """FactorBank.retract_ (the k x k work of every chunk at once) gives bitwise the factors of
+    retract_chunk_ run chunk by chunk, certified chunks and a chunk that needs more passes alike."""
+    from stiefel_sct.bank import FactorBank
+    from stiefel_sct.manifold import one_pass_factors
+
+    gen = torch.Generator().manual_seed(4)
+    base = [qr_retraction(torch.randn(64, k, generator=gen, dtype=dtype)) for _ in range(7)]
+    steps = [0.3 / k * torch.randn(64, k, generator=gen, dtype=dtype) for _ in base]  # about one step off
+    steps[5] = steps[5] * 60  # far off the manifold: its chunk is not certified for one pass
+    banks = []
+    for _ in range(2):
+        params = [(b + s).clone() for b, s in zip(base, steps)]
+        banks.append((FactorBank(params, chunk_bytes=2 * params[0].numel() * params[0].element_size()), params))
+    (batched, got), (loose, want) = banks
+    assert batched.batches("cholqr2") and len(batched.chunks) == 4
+    grams = torch.cat([batched.gram(j) for j in range(4)])
+    assert one_pass_factors(grams).certified == [True] * 5 + [False] + [True]
+    batched.retract_("cholqr2")
+    for j in range(4):
+        loose.retract_chunk_(j, "cholqr2")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert max(orthonormality_error(g) for g in got) < (1e-5 if dtype == torch.float32 else 1e-12)
+    assert not FactorBank([b.bfloat16() for b in base]).batches("cholqr2") and not batched.batches("qr")
+
+
 def test_bank_with_a_factor_without_gradient():
     a, b, c = (SpectralLinear(30, 30, 4) for _ in range(3))
     opt = SpectralAdam(list(a.parameters()) + list(b.parameters()) + list(c.parameters()), lr=1e-2, retraction="cholqr2")
