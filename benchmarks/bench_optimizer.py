@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
         methods[f"(d) SpectralAdam {backend}"] = spectral_step
     # The default step reads every gradient once before it changes anything (check_finite): timed
     # without that read too, to show its share of the gap to the floor; never the "best" (d)
-    unchecked = SpectralAdam(params, lr=args.lr, check_finite=False)
+    unchecked = SpectralAdam(params, lr=args.lr, retraction="cholqr2", check_finite=False)
     share_state(unchecked, shared, True)
     methods[UNCHECKED] = unchecked.step
 

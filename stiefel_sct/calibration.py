@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Opt
 import torch
 from torch import nn
 
-from .checks import is_real
+from .checks import check_bool, is_real
 
 __all__ = ["DEFAULT_DAMPING", "DEFAULT_GRAD_DAMPING", "WHITENINGS", "InputMoments", "WhitenedSVD", "check_damping",
            "check_whitening", "collect_input_moments", "contrast_factors", "whitened_factors", "whitened_spectrum",
@@ -175,8 +175,7 @@ def collect_input_moments(model: nn.Module, layers: Mapping[str, nn.Module], bat
     """
     if not layers:
         raise ValueError("calibration: no layer to calibrate")
-    if not isinstance(gradients, bool):
-        raise TypeError(f"gradients must be a bool, got {gradients!r}")
+    check_bool(gradients, "gradients")
     collector = _Collector()
     outputs = _GradientCollector() if gradients else None
     handles = [module.register_forward_pre_hook(collector.hook(name)) for name, module in layers.items()]

@@ -1,5 +1,5 @@
-"""The package's one definition of "an int" and "a real number" for argument checks, and of an
-argument's old name.
+"""The package's one definition of "an int", "a real number" and "a bool" for argument checks, and
+of an argument's old name.
 
 Python's ``bool`` is a subclass of ``int``, so ``isinstance(True, int)`` holds and ``rank=True``
 would pass a plain check as rank 1. Every check of an integer or real argument goes through
@@ -12,7 +12,7 @@ import functools
 import warnings
 from typing import Any, Callable, Optional, TypeGuard, TypeVar, Union, cast
 
-__all__ = ["check_int", "is_int", "is_real", "renamed_argument"]
+__all__ = ["check_bool", "check_int", "is_int", "is_real", "renamed_argument"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +34,14 @@ def check_int(value: object, name: str, low: int, *, optional: bool = False) -> 
         return None
     if not is_int(value) or value < low:
         raise ValueError(f"{name} must be an int >= {low}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is a bool; ``TypeError`` naming ``name`` otherwise (``0``/``1`` included:
+    a flag is never read from an int)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
     return value
 
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 import torch
 
 from .calibration import DEFAULT_DAMPING, DEFAULT_GRAD_DAMPING, check_damping, check_whitening
-from .checks import check_int, is_real
+from .checks import check_bool, check_int, is_real
 from .layers import RESIDUAL_DTYPES, check_residual_dtype
 from .manifold import check_retraction
 from .rank import check_energy
@@ -120,8 +120,7 @@ class SpectralConfig:
         self.include = _selector(self.include, "include")
         self.exclude = _selector(self.exclude, "exclude")
         for flag in ("embeddings", "convert_small", "allow_dense"):
-            if not isinstance(getattr(self, flag), bool):
-                raise TypeError(f"{flag} must be a bool, got {getattr(self, flag)!r}")
+            check_bool(getattr(self, flag), flag)
         self.retraction = check_retraction(self.retraction)
         self.damping = check_damping(self.damping)
         self.whitening = check_whitening(self.whitening)

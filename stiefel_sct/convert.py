@@ -22,7 +22,7 @@ from .calibration import (
     whitened_spectrum,
     whitened_svd,
 )
-from .checks import is_int
+from .checks import check_bool, is_int
 from .config import SpectralConfig
 from .kinds import LayerKind, dense_kind, spectral_kind
 from .layers import SpectralModule, check_rank
@@ -190,8 +190,7 @@ def budget_ranks(spectra: Dict[str, torch.Tensor], shapes: Dict[str, Tuple[int, 
     """
     if not is_int(budget):
         raise TypeError(f"budget must be an int (parameters), got {type(budget).__name__}")
-    if not isinstance(allow_dense, bool):
-        raise TypeError(f"allow_dense must be a bool, got {allow_dense!r}")
+    check_bool(allow_dense, "allow_dense")
     cost = {n: spectral_params(*shapes[n]) for n in spectra}
     floor = sum(cost.values())
     if budget < floor:

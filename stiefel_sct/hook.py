@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .checks import renamed_argument
+from .checks import check_bool, renamed_argument
 from .manifold import check_retraction, is_stiefel, retract_
 from .optim import SpectralAdam
 
@@ -127,8 +127,7 @@ def stiefel_retraction(optimizer: torch.optim.Optimizer, retraction: str = "chol
     if isinstance(optimizer, SpectralAdam):
         raise ValueError("SpectralAdam retracts its factors itself; stiefel_retraction is for other optimizers")
     check_retraction(retraction)
-    if not isinstance(exclude_from_weight_decay, bool):
-        raise TypeError(f"exclude_from_weight_decay must be a bool, got {exclude_from_weight_decay!r}")
+    check_bool(exclude_from_weight_decay, "exclude_from_weight_decay")
     split = _exclude_from_weight_decay(optimizer) if exclude_from_weight_decay else 0
     handle = RetractionHandle(optimizer, retraction, split)
     if not handle.factors:

@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 
 from .backward_step import BackwardStepper
 from .bank import FactorBank, GroupBanks
+from .checks import check_bool
 from .distributed import sharded_retract_
 from .grad_checks import check_gradients, first_nonfinite, param_name
 from .manifold import retract_
@@ -244,8 +245,7 @@ class SpectralAdam(Optimizer):
         options = dict(check_finite=check_finite, contiguous_factors=contiguous_factors,
                        step_in_backward=step_in_backward)
         for name, value in options.items():
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+            check_bool(value, name)
         check_group(dict(defaults, params=[]), options)
         self.check_finite = check_finite
         self.contiguous_factors = contiguous_factors
