@@ -23,7 +23,10 @@ Two stages, each method in a fresh process (so its peak memory is its own):
    adaptive rank (``sct_adapt``: starts at SCT-25%'s ranks, a ``RankScheduler`` grows each layer
    from its factors' gradients, shrinks by ``tol``, within SCT-50%'s parameter budget, the best
    budgeted fixed-rank arm: does adapting the rank reach SCT-50% with fewer parameters?), the same
-   from the Fisher-whitened 25% conversion (``sct_fadapt``, against ``sct_f25`` and ``sct_f50``), and the
+   from the Fisher-whitened 25% conversion (``sct_fadapt``, against ``sct_f25`` and ``sct_f50``), and
+   from it growing back the pretrained directions the training batches' Fisher metric weighs most
+   (``sct_sadapt``: ``RankScheduler(growth="source")``, the pretrained weights read from their file
+   at the event: what the 25% conversion cut, not an Adam step's length), and the
    residual mode with an adaptive rank (``residual_adapt``: every decoder linear starts at rank 8
    of the residual split, a ``RankScheduler`` gives weak directions back to the frozen residual
    and takes the residual's strongest ones, with their singular values, within ``residual_r16``'s
@@ -116,7 +119,7 @@ class Config:
         "lowrank": [1e-4, 3e-4], "sct_b50": [3e-4, 1e-3], "sct_b25": [3e-4, 1e-3], "sct_ref": [3e-4, 1e-3],
         "sct_adapt": [3e-4, 1e-3], "sct_w50": [3e-5, 1e-4, 3e-4], "sct_w25": [3e-4, 1e-3],
         "sct_f50": [3e-5, 1e-5, 1e-4, 3e-4], "sct_f25": [3e-5, 1e-4, 3e-4],
-        "sct_fadapt": [3e-5, 1e-4, 3e-4],
+        "sct_fadapt": [3e-5, 1e-4, 3e-4], "sct_sadapt": [3e-5, 1e-4, 3e-4],
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
         "residual_f16": [3e-5, 1e-4, 2e-4], "residual_k16": [3e-4, 1e-3, 2e-3, 3e-3],
         "residual_c16": [1e-4, 3e-4, 1e-3],
@@ -141,6 +144,13 @@ class Config:
     # dense step's length threw the loss from 4.99 to 9.47 at the first event (5.145 at the end),
     # and s's lr at 30x for every layer (newborns move s by ~lr a step) 5.452: a gradient sketch
     # is no source of value-carrying directions for a pretrained model
+    # sct_sadapt: RankScheduler(growth="source", grow=...): the pretrained directions outside the
+    # bases, in the Fisher metric of the window's batches; each layer offers up to this many at an
+    # event and the budget picks among them by the loss each removes (the first event fills it).
+    # Each offer is held until the budget is served (n + m float64 per direction); a first version
+    # that held every layer's whole complement, at 512, peaked at 9.3 GB in the sweep's first run.
+    # 160 is the cap of the prototype that grew 25% -> 50% (held-out 4.374 after 100 steps)
+    sadapt_grow: int = 160
     lora_default_r: int = 16
     residual_r: int = 16            # residual_r16: rank of the trained principal part
     radapt_start: int = 8           # residual_adapt: starting rank of every layer; its budget is
@@ -400,20 +410,24 @@ def _sct_ref(model, cfg, lr, data) -> Built:
     return model, SpectralAdam(model.parameters(), lr=lr), info
 
 
-def _sct_adapt_from(whitening: Optional[str] = None):
+def _sct_adapt_from(whitening: Optional[str] = None, named: bool = False):
     """SCT from the ``cfg.adapt_start`` conversion (plain SVD, or calibrated in the ``whitening``
     metric, the fixed arm's cached conversion), with ``cfg.adapt_budget`` of the dense linears as the
-    rank scheduler's budget (:func:`adaptive_scheduler`)."""
+    rank scheduler's budget (:func:`adaptive_scheduler`); ``named``: the optimizer gets the
+    parameters' names (source growth finds each layer's pretrained weight by its name)."""
     def build(model, cfg, lr, data) -> Built:
         from stiefel_sct import SpectralAdam
 
         budget = int(cfg.adapt_budget * linear_params(model))  # before converting: the dense linears
+        source = pretrained_linears(model, cfg) if named else None
         if whitening is None:
             info = _brief_convert(model, "sct", LINEAR, budget_fraction=cfg.adapt_start)
         else:
             info = _whitened_conversion(model, cfg, cfg.adapt_start, data, whitening)
         info["rank_budget"] = budget
-        return model, SpectralAdam(model.parameters(), lr=lr), info
+        if source is not None:  # for adaptive_scheduler, which takes it out (info is the run's record)
+            info["_source"] = source
+        return model, SpectralAdam(model.named_parameters() if named else model.parameters(), lr=lr), info
 
     return build
 
@@ -505,10 +519,13 @@ METHOD_TABLE: Tuple[Method, ...] = (
            "budget", _sct_adapt_from()),
     Method("sct_fadapt", "sct", "SCT from sct_f25's Fisher-whitened conversion, a RankScheduler growing the ranks "
            "within SCT-50%'s parameter budget", _sct_adapt_from("fisher")),
+    Method("sct_sadapt", "sct", "SCT from sct_f25's Fisher-whitened conversion, a RankScheduler growing back the "
+           "pretrained directions the training batches' Fisher metric weighs most (growth='source') within SCT-50%'s "
+           "parameter budget", _sct_adapt_from("fisher", named=True)),
     Method("residual_adapt", "sct", "SCT residual mode from rank 8, a RankScheduler moving rank between the residual "
            "and the factors within residual_r16's parameters", _residual_at(lambda c: c.radapt_start)),
 )
-ADAPTIVE = ("sct_adapt", "sct_fadapt", "residual_adapt")  # the arms a RankScheduler drives
+ADAPTIVE = ("sct_adapt", "sct_fadapt", "sct_sadapt", "residual_adapt")  # the arms a RankScheduler drives
 # bench_finetune's factors-only arms (not run by this experiment)
 EXTRA_METHODS: Tuple[Method, ...] = (
     Method("sct_b50_factors", "sct", "sct_b50 with only U, s, V trained", _sct(_B50, factors_only=True)),
@@ -745,13 +762,32 @@ def adaptive_scheduler(method: str, opt, cfg: Config, steps: int, info: Dict):
         grow, tol, grace = cfg.radapt_grow, cfg.radapt_tol, cfg.radapt_grace
     else:
         grow, tol, grace = cfg.adapt_grow, cfg.adapt_tol, 0
+    source = None
     if method == "residual_adapt":  # residual layers grow from their residual, with its values
         growth, sketch, rate = "factors", 1, None
+    elif method == "sct_sadapt":  # the pretrained weights, read from their file at the event
+        growth, sketch, rate, grow = "source", min(cfg.adapt_sketch_steps, every), None, cfg.sadapt_grow
+        source = info.pop("_source")
     else:
         growth, sketch, rate = cfg.adapt_growth, min(cfg.adapt_sketch_steps, every), cfg.adapt_newborn_rate
     info.update(every=every, grow=grow, tol=tol, grace=grace, growth=growth, sketch_steps=sketch, newborn_rate=rate)
     return RankScheduler(opt, every=every, tol=tol, grow=grow, budget=info["rank_budget"], grace=grace,
-                         growth=growth, sketch_steps=sketch, newborn_rate=rate)
+                         growth=growth, sketch_steps=sketch, newborn_rate=rate, source=source)
+
+
+def pretrained_linears(model: nn.Module, cfg: Config) -> Callable[[str], torch.Tensor]:
+    """Each linear layer of the (still dense) ``model`` by name -> its pretrained weight, read when
+    asked: SmolLM2's lazily from its fp32 ``safetensors`` file, so the compact model never holds
+    them; another model's (the tests' tiny ones) copied now."""
+    if cfg.model == "smollm2":
+        from safetensors import safe_open
+
+        from experiments.smollm2 import smollm2_weights
+
+        handle = safe_open(str(smollm2_weights()), framework="pt")
+        return lambda name: handle.get_tensor(f"{name}.weight")
+    weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return weights.__getitem__
 
 
 def adaptive_summary(model: nn.Module, sched) -> Dict:

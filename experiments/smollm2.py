@@ -107,6 +107,14 @@ def load_smollm2(cache_dir: Optional[os.PathLike] = None, dtype=None) -> Tuple[o
     return model, tokenizer
 
 
+def smollm2_weights(cache_dir: Optional[os.PathLike] = None) -> pathlib.Path:
+    """The fp32 ``model.safetensors`` of SmolLM2-135M-Instruct (cached on first use, as
+    :func:`load_smollm2`): what a layer converted from it was, read lazily by name."""
+    if not (_fp32_dir(cache_dir) / "model.safetensors").is_file():
+        load_smollm2(cache_dir)
+    return _fp32_dir(cache_dir) / "model.safetensors"
+
+
 def load_smollm2_tokenizer(cache_dir: Optional[os.PathLike] = None):
     """The tokenizer alone (caches the fp32 model on first use, as :func:`load_smollm2`)."""
     import transformers

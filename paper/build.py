@@ -569,7 +569,8 @@ def _adaptive_run(table: Dict, method: str) -> Optional[Tuple[Dict, Dict, Dict, 
 
 # the compact adaptive arms: (arm, its conversion in words, the fixed arm at its start, the fixed arm at its budget)
 COMPACT_ADAPTIVE = (("sct_adapt", "plain SVD", "sct_b25", "sct_b50"),
-                    ("sct_fadapt", "the Fisher-whitened conversion", "sct_f25", "sct_f50"))
+                    ("sct_fadapt", "the Fisher-whitened conversion", "sct_f25", "sct_f50"),
+                    ("sct_sadapt", "the Fisher-whitened conversion", "sct_f25", "sct_f50"))
 
 
 def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
@@ -597,7 +598,7 @@ def _compact_adaptive_paragraph(table: Dict, cfg: Dict, method: str, conversion:
             + ", "
             f"{end['budget']:,} spectral parameters): held-out loss **{a['val_loss_after']:.3f}**, ending with "
             f"{end['spectral_params_after']:,} spectral parameters ({end['spectral_params_after'] / end['budget']:.0%} "
-            f"of the budget; {grown:,} directions grown, {dropped:,} dropped over {len(end['events'])} events)")
+            f"of the budget; {grown:,} directions grown, {dropped:,} dropped over {len(end['events'])} event{'s' if len(end['events']) != 1 else ''})")
     for name, r in ((start_arm, start), (budget_arm, at_budget)):
         if r:
             text += f"; `{name}` {r['val_loss_after']:.3f} ({a['val_loss_after'] - r['val_loss_after']:+.3f})"
@@ -614,7 +615,7 @@ def _compact_adaptive_paragraph(table: Dict, cfg: Dict, method: str, conversion:
                           for e in end["events"])
     text += f" Rank events: {per_event}." + _survival_text(end.get("survival") or [])
     survived = grown - dropped
-    if end["events"] and all(e["dropped"] == prev["grown"] for prev, e in zip(end["events"], end["events"][1:])):
+    if len(end["events"]) > 1 and all(e["dropped"] == prev["grown"] for prev, e in zip(end["events"], end["events"][1:])):
         text += (f" Every direction grown at one event was dropped at the next: a new direction starts at `s = 0` "
                  f"and Adam moves it by about one learning rate ({a['lr']:g}) per step, so after {info['every']} "
                  f"steps it is still below `{info['tol']:g} ||s||` of a pretrained spectrum; only the last event's "
@@ -625,6 +626,12 @@ def _compact_adaptive_paragraph(table: Dict, cfg: Dict, method: str, conversion:
 
 def _growth_text(growth: str, sketch_steps: int, newborn_rate: Optional[float]) -> str:
     """How the scheduler's compact layers grow, in words."""
+    if growth == "source":
+        return (f"new directions are the pretrained weight's directions outside each layer's bases that remove the "
+                f"most of its error in the Fisher metric of the {sketch_steps} training batch"
+                f"{'es' if sketch_steps > 1 else ''} before the event (`growth=\"source\"`, the weights read from "
+                "their file at the event), born with their singular values; the budget takes them direction by "
+                "direction by the loss each removes per parameter")
     if growth == "gradient":
         text = (f"new directions are the leading singular pairs of each layer's weight gradient outside its bases, "
                 f"sketched from the activations of the {sketch_steps} backward{'s' if sketch_steps > 1 else ''} before "
@@ -640,7 +647,7 @@ def adaptive_rank_tables(table: Dict) -> List[str]:
     """Each adaptive arm's mean rank per layer type over training: at the start and after each
     event that changed a rank (results written before the curve was recorded have none)."""
     lines: List[str] = []
-    for method in ("sct_adapt", "sct_fadapt", "residual_adapt"):
+    for method in ("sct_adapt", "sct_fadapt", "sct_sadapt", "residual_adapt"):
         run = table.get(f"compare/{method}/main") or {}
         curve = (run.get("adaptive") or {}).get("ranks_by_type_curve")
         if not curve:

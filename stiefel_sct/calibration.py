@@ -43,9 +43,9 @@ from torch import nn
 
 from .checks import check_bool, is_real
 
-__all__ = ["DEFAULT_DAMPING", "DEFAULT_GRAD_DAMPING", "WHITENINGS", "InputMoments", "WhitenedSVD", "check_damping",
-           "check_whitening", "collect_input_moments", "contrast_factors", "whitened_factors", "whitened_spectrum",
-           "whitened_svd"]
+__all__ = ["DEFAULT_DAMPING", "DEFAULT_GRAD_DAMPING", "WHITENINGS", "FisherGrowth", "InputMoments", "WhitenedSVD",
+           "check_damping", "check_whitening", "collect_input_moments", "contrast_factors", "fisher_growth",
+           "whitened_factors", "whitened_spectrum", "whitened_svd"]
 
 # 1e-3 of the mean diagonal of C. Measured on SmolLM2-135M (8,192 calibration tokens of the
 # fine-tuning text, every decoder linear at 50% / 25% of its parameters, held-out loss right after
@@ -435,3 +435,70 @@ def contrast_factors(weight: torch.Tensor, moment: torch.Tensor, keep_moment: to
     U, _ = torch.linalg.qr(basis)
     P, S, Qh = torch.linalg.svd(w @ U, full_matrices=False)
     return U @ Qh.mT, S, P
+
+
+def _complement(basis: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (``d x (d - k)``) of the orthogonal complement of ``basis``'s columns."""
+    return torch.linalg.qr(basis, mode="complete").Q[:, basis.shape[1]:]
+
+
+class FisherGrowth(NamedTuple):
+    """:func:`fisher_growth`'s result: the gains (singular values of the error in whitened
+    coordinates of the space outside the bases, ``F = Py diag(gains) Qy^T`` below) and the two
+    bases :meth:`factors` writes back, ``left = Pv Ra^-1 Py`` (``n x r``) and ``right = Pu Rb^-1 Qy``
+    (``m x r``). ``gains[i]^2`` is the metric's error (the loss, to second order, with a gradient
+    moment) that direction ``i`` removes."""
+
+    gains: torch.Tensor
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def factors(self, r: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(P, sigma, Q)`` (float64): ``P`` (``n x r``) orthonormal and orthogonal to ``V``,
+        ``Q`` (``m x r``) orthonormal and orthogonal to ``U``, ``P diag(sigma) Q^T`` the best
+        rank-``r`` addition outside the bases (``r <= gains.numel()``): ``left_r diag(gains_r)
+        right_r^T`` written as orthonormal factors (a QR of each side, the ``r x r`` core's SVD)."""
+        left, RL = torch.linalg.qr(self.left[:, :r])
+        right, RR = torch.linalg.qr(self.right[:, :r])
+        a, sigma, bh = torch.linalg.svd(RL @ (self.gains[:r, None] * RR.mT))
+        return left @ a, sigma, right @ bh.mT
+
+
+@torch.no_grad()
+def fisher_growth(error: torch.Tensor, u: torch.Tensor, v: torch.Tensor, moment: torch.Tensor,
+                  grad_moment: Optional[torch.Tensor] = None, r: Optional[int] = None, damping: float = DEFAULT_DAMPING,
+                  grad_damping: float = DEFAULT_GRAD_DAMPING, name: str = "layer") -> FisherGrowth:
+    """The directions outside a spectral layer's bases that remove the most of a weight error in
+    the Fisher (or input) metric: what growth from the pretrained weights adds.
+
+    ``error`` (``n x m``) is what the layer lacks, e.g. ``W0 - V diag(s) U^T`` for its pretrained
+    weight ``W0``; ``u`` (``m x k``), ``v`` (``n x k``) its orthonormal bases. New directions must
+    stay orthogonal to them, so the addition is ``Pv X Pu^T`` with ``Pv``, ``Pu`` orthonormal bases
+    of the complements, and the best rank-``r`` ``X`` minimises ``||R^T (E - Pv X Pu^T) L||_F``
+    (``L``, ``R``: the Cholesky factors of ``moment + lambda I`` and ``grad_moment + mu I`` as in
+    :func:`whitened_svd`; ``R = I`` without a gradient moment). With ``R^T Pv = Qa Ra`` and
+    ``L^T Pu = Qb Rb`` (QR), ``||R^T (E - Pv X Pu^T) L||^2 = ||F - Ra X Rb^T||^2 + const`` for
+    ``F = Qa^T R^T E L Qb``, so ``Ra X Rb^T`` is ``F``'s truncated SVD (Eckart-Young) and
+    ``X = Ra^-1 [F]_r Rb^-T``. A direction that removes less than ``sqrt(eps)`` of the whole
+    error (rounding) is left out; ``r`` (``None``: all) caps how many are kept."""
+    n, m = error.shape
+    if u.shape[0] != m or v.shape[0] != n or u.shape[1] != v.shape[1]:
+        raise ValueError(f"calibration: layer {name!r} has an error of shape {(n, m)} but bases of shapes "
+                         f"{tuple(u.shape)} and {tuple(v.shape)}")
+    f64 = torch.float64
+    U, V, E = u.detach().to(f64), v.detach().to(f64), error.detach().to(f64)
+    metric, chol, out_chol = _whitened(E, moment, damping, name, grad_moment, grad_damping)  # R^T E L
+    Pv, Pu = _complement(V), _complement(U)
+    Qa, Ra = torch.linalg.qr(Pv if out_chol is None else out_chol.mT @ Pv)
+    Qb, Rb = torch.linalg.qr(chol.mT @ Pu)
+    core = Qa.mT @ metric @ Qb
+    Py, gains, Qyh = torch.linalg.svd(core, full_matrices=False)
+    # a direction that removes less than sqrt(eps) of the whole error is rounding (an error inside
+    # the bases leaves gains at ~eps of it)
+    floor = float(torch.linalg.matrix_norm(metric)) * torch.finfo(error.dtype).eps ** 0.5
+    keep = int((gains > floor).sum())
+    if r is not None:
+        keep = min(keep, int(r))
+    left = Pv @ torch.linalg.solve_triangular(Ra, Py[:, :keep], upper=True)
+    right = Pu @ torch.linalg.solve_triangular(Rb, Qyh[:keep].mT, upper=True)
+    return FisherGrowth(gains[:keep], left, right)

@@ -52,6 +52,25 @@ whole augmented core (the off-diagonal blocks ``V^T G Q``, ``P^T G U`` would rot
 directions, whose Adam moments are per column); one sketch, summed over ``sketch_steps``
 backwards, instead of the exact gradient of the last batch.
 
+**Growth from the pretrained weights** (``growth="source"``). A compact layer converted from a
+pretrained weight ``W0`` lost the directions its conversion cut, and a gradient sketch cannot give
+them back (newborns at one step's length stay weak; in ``finetune_smollm2`` they added nothing in
+100 steps). With ``source`` naming each layer's ``W0`` (read at an event, one layer at a time: the
+compact model never holds it), growth adds the rank-``r`` part ``P diag(sigma) Q^T`` outside the
+bases that removes the most of the error ``W0 - V diag(s) U^T`` in the Fisher metric of the
+training batches seen in the window (hooks sum the layer's input moment ``C`` and output-gradient
+moment ``G``, :class:`~stiefel_sct.sketch.LayerMoments`; the constrained truncation is
+:func:`~stiefel_sct.calibration.fisher_growth`): ``U <- [U, Q]``, ``s <- [s, sigma]``,
+``V <- [V, P]``. New directions arrive at full strength, and the weight moves toward the
+pretrained one where the task's loss is most sensitive. The metric matters: on SmolLM2-135M
+converted at 25% in the Fisher metric (held-out 5.633), growing back to 50% took it to 6.291 in
+the plain metric, 6.133 in the inputs' metric, 5.144 in the Fisher metric (prototypes, Intel
+Xeon). Its budget score is the metric's error removed, ``sum gains^2`` per parameter, so layers
+are compared in loss units; a budget-truncated layer is refitted at the rank it gets. Peers: the
+same whitened truncation as the conversion (SVD-LLM, FWSVD; :mod:`stiefel_sct.calibration`),
+applied to what the bases lack; no rank-adaptive method we know of grows back pretrained
+directions.
+
 **Residual-mode layers** (``spectralize(..., residual_dtype=...)``, ``W = V diag(s) U^T + R`` with
 ``R`` frozen) move rank instead of creating and destroying it, and their function never changes
 (to ``R``'s rounding: exactly in float64, ~1e-7 relative in float32):
@@ -89,22 +108,24 @@ autograd remembers a leaf's shape, so resizing ``p.data`` would break the next b
 from __future__ import annotations
 
 import zlib
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union, cast
 
 import geoopt
 import torch
 
+from .calibration import fisher_growth
 from .checks import check_int, is_real
 from .layers import SpectralLinear
 from .manifold import compute_dtype
 from .quant import dequantize, quantize_, quantized_zeros
 from .rank import spectral_params
-from .sketch import GradientSketch, outside_basis
+from .sketch import GradientSketch, LayerMoments, outside_basis
 from .triples import owner_of, spectral_triples
 
 __all__ = ["RankScheduler"]
 
-_GROWTH = ("factors", "gradient")
+_GROWTH = ("factors", "gradient", "source")
+Source = Union[Mapping[str, torch.Tensor], Callable[[str], Optional[torch.Tensor]]]
 
 
 def _new_directions(basis: torch.Tensor, grad: Optional[torch.Tensor], r: int) -> torch.Tensor:
@@ -209,15 +230,26 @@ class RankScheduler:
             factors' gradients ``D_U``, ``D_V`` (above), new ``s = 0``, the function unchanged at
             growth. ``"gradient"``: the leading singular pairs of the layer's weight gradient
             outside its bases, sketched by hooks from its activations, each born with a value (one
-            dense-Adam-length descent step): the function moves by that step. Compact layers must
-            be :class:`~stiefel_sct.SpectralLinear`. Residual-mode layers grow from their residual
-            either way.
-        sketch_steps: ``growth="gradient"``: how many backwards before each event are summed into
-            the sketch (``1 <= sketch_steps <= every``; 1, the default, sketches the last batch's
-            gradient, ``every`` the whole window's). The hooks are only on the layers during those
+            dense-Adam-length descent step): the function moves by that step. ``"source"``: the
+            directions outside the bases that bring the layer closest to its pretrained weight
+            (``source``) in the Fisher metric of the batches seen in the sketch window, with
+            their singular values (module docstring): the function moves toward the pretrained
+            one. Compact layers must be :class:`~stiefel_sct.SpectralLinear`. Residual-mode
+            layers grow from their residual either way.
+        sketch_steps: ``growth="gradient"`` or ``"source"``: how many backwards before each event
+            are summed into the sketch or the moments (``1 <= sketch_steps <= every``; 1, the
+            default, reads the last batch, ``every`` the whole window). The hooks are only on the layers during those
             steps; a forward under ``torch.no_grad`` is not seen. :meth:`state_dict` inside a
             window carries the sums so far (tensors: save it with ``torch.save``), so a resume
             there is bitwise.
+        source: ``growth="source"`` only (required there, refused otherwise): each compact
+            layer's pretrained dense weight (``out_features x in_features``), by the layer's name
+            in the optimizer (build it from ``model.named_parameters()``): a mapping holding every
+            scheduled layer's (e.g. a state dict), or a callable ``name -> weight or None``
+            (``None``: that layer does not grow; e.g. ``safe_open(path).get_tensor`` on the
+            pretrained checkpoint, so the weights are read from the file when needed). Read at events only,
+            one layer at a time; never saved by :meth:`state_dict` (a resumed scheduler keeps
+            its own).
 
     Attributes:
         history: one dict per layer and event that changed a rank: ``step``, ``layer``,
@@ -229,7 +261,7 @@ class RankScheduler:
     def __init__(self, optimizer: torch.optim.Optimizer, every: int = 100, tol: float = 1e-2, grow: int = 4,
                  min_rank: int = 1, max_rank: Optional[int] = None, budget: Optional[int] = None,
                  grace: int = 0, newborn_rate: Optional[float] = None, growth: str = "factors",
-                 sketch_steps: int = 1) -> None:
+                 sketch_steps: int = 1, source: Optional[Source] = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.every = cast(int, check_int(every, "every", 1))
@@ -250,6 +282,15 @@ class RankScheduler:
         self.sketch_steps = cast(int, check_int(sketch_steps, "sketch_steps", 1))
         if self.sketch_steps > self.every:
             raise ValueError(f"sketch_steps must be in [1, every={self.every}], got {self.sketch_steps}")
+        if source is not None and not (isinstance(source, Mapping) or callable(source)):
+            raise TypeError(f"source must be a mapping or a callable from layer names to weights, got "
+                            f"{type(source).__name__}")
+        if source is not None and growth != "source":
+            raise ValueError(f"source is read only by growth='source' (got growth={growth!r}): drop it or grow from it")
+        if growth == "source" and self.grow and source is None:
+            raise ValueError("growth='source' grows each layer from its pretrained weight: pass source=<a mapping or "
+                             "callable from layer names to the dense weights the layers were converted from>")
+        self.source = source
         if self.grow and getattr(optimizer, "step_in_backward", False):
             raise ValueError("grow > 0 reads the gradient after the optimizer's step (the factors' gradients, or the "
                              "layers' sketched ones), which step_in_backward=True steps and frees inside the backward; "
@@ -266,8 +307,9 @@ class RankScheduler:
         self.lr_sums: List[float] = [0.0] * len(optimizer.param_groups)
         self.lr_at: Dict[int, List[float]] = {}
         self._check_layers(self._layers())
-        # growth="gradient": per compact layer, the sketch the backward before the next event fills
-        self._sketches: Dict[str, GradientSketch] = {}
+        # growth="gradient" / "source": per compact layer, the sketch (or moments) the backwards before
+        # the next event fill
+        self._sketches: Dict[str, Union[GradientSketch, LayerMoments]] = {}
         self._arm()
 
     def _check_layers(self, layers: List[Tuple[str, Any]]) -> None:
@@ -280,11 +322,16 @@ class RankScheduler:
             raise NotImplementedError("a budget over residual-mode and compact spectral layers together: their growth "
                                       "scores (a residual's singular values, a compact layer's gradient energy) are "
                                       "not comparable; schedule the two kinds with two RankSchedulers")
-        for name, layer in layers if self.growth == "gradient" and self.grow else ():
+        hooked = self.growth != "factors" and self.grow
+        for name, layer in layers if hooked else ():
             if getattr(layer, "residual_dtype", None) is None and not isinstance(layer, SpectralLinear):
-                raise NotImplementedError(f"growth='gradient' sketches a linear layer's weight gradient from its "
-                                          f"inputs and output gradients; {name} is a {type(layer).__name__}: use "
+                raise NotImplementedError(f"growth={self.growth!r} reads a linear layer's inputs and output gradients "
+                                          f"from hooks; {name} is a {type(layer).__name__}: use "
                                           "growth='factors', or a second RankScheduler without it")
+        groups = self.optimizer.param_groups
+        if hooked and self.growth == "source" and not all(len(g.get("param_names") or ()) for g in groups):
+            raise ValueError("growth='source' finds each layer's pretrained weight by the layer's name: build the "
+                             "optimizer from model.named_parameters()")
 
     # ------------------------------------------------------------------------------ discovery
     def _layers(self) -> List[Tuple[str, Any]]:
@@ -364,10 +411,10 @@ class RankScheduler:
             self._update_optimizer(replaced)
 
     def _arm(self) -> None:
-        """``growth="gradient"``: hook every compact layer while the next event is at most
-        ``sketch_steps`` calls of :meth:`step` away, so the backwards before it are sketched
-        (one sketch per layer and event, summed over those steps)."""
-        if self.growth != "gradient" or not self.grow:
+        """``growth="gradient"`` (``"source"``): hook every compact layer while the next event is at
+        most ``sketch_steps`` calls of :meth:`step` away, so the backwards before it are sketched
+        (their moments summed; one sketch or moment pair per layer and event)."""
+        if self.growth == "factors" or not self.grow:
             return
         to_event = self.every - self.last_step % self.every  # calls of step() until the next event
         if to_event > self.sketch_steps:
@@ -377,7 +424,8 @@ class RankScheduler:
             return  # this window's sketches are filling
         for name, layer in self._layers():
             if getattr(layer, "residual_dtype", None) is None:
-                self._sketches[name] = GradientSketch(layer, self.grow, _seed(name, self.last_step + to_event))
+                self._sketches[name] = (LayerMoments(layer) if self.growth == "source" else
+                                        GradientSketch(layer, self.grow, _seed(name, self.last_step + to_event)))
 
     def _disarm(self) -> None:
         for sketch in self._sketches.values():
@@ -423,60 +471,131 @@ class RankScheduler:
         ``max_rank`` and the budget; ``lrs``: each layer's ``s`` group's lr (gradient growth's step)."""
         if not self.grow:
             return {}
-        candidates = []
+        left = None if self.budget is None else \
+            self.budget - sum(len(keep) * self._cost(layer) for layer, keep in plans.values())
+        if left is not None and all(self._cost(layer) > left for layer, _ in plans.values()):
+            return {}  # a full budget: no direction fits, none is worth computing (source growth's take minutes)
+        candidates = []  # (energy per parameter, name, most columns, take(r) -> (U cols, V cols, s or None), layer)
+        gains: Dict[str, torch.Tensor] = {}  # growth="source": each direction's own score
         for name, (layer, keep) in plans.items():
-            u, v = layer.U.detach(), layer.V.detach()
-            cap = min(u.shape[0], v.shape[0], self.max_rank or u.shape[0])
+            u = layer.U.detach()
+            cap = min(u.shape[0], layer.V.shape[0], self.max_rank or u.shape[0])
             r = min(self.grow, cap - len(keep))
-            if r <= 0:
-                continue
-            # new directions are orthogonal to every column the layer had at this event, the ones the
-            # shrink just dropped included: a layer must not drop a direction and grow it back at
-            # s = 0 with fresh moments (a full-rank layer did exactly that: the only direction
-            # outside its kept basis was the one it dropped)
-            new_s: Optional[torch.Tensor] = None
-            if getattr(layer, "residual_dtype", None) is not None:
-                # only directions the next shrink would keep: one weaker than tol * ||s|| would go
-                # back at the next event and come out again at the one after, forever
-                floor = self.tol * float(layer.s.detach()[keep].double().norm()) if keep else 0.0
-                new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step), floor)
-                r = new_s.numel()
-                energy = float((new_s.double() ** 2).sum())
-            elif self.growth == "gradient":
-                sketch = self._sketches.get(name)
-                if sketch is None:  # a layer the optimizer took on after the window began: nothing sketched
-                    continue
-                new_v, sigma, new_u = sketch.directions(u, v, r)
-                # P^T G Q = diag(sigma) > 0, so W - P diag(s) Q^T with s ~ sigma is a steepest-descent
-                # step on the new block (GeoLoRA's -lr V_new^T G U_new, diagonal here). Its length is
-                # that of one dense Adam step, lr sqrt(m n) (every weight moves by ~lr): one lr on s,
-                # Adam's step on a fresh coordinate, left newborns at ~1e-2 against a spectrum of 2 to
-                # 7 in rank_sweep, dropped at the next event
-                new_v = -new_v
-                r = sigma.numel()
-                length = lrs[name] * (u.shape[0] * v.shape[0]) ** 0.5
-                new_s = (sigma.double() * (length / max(float(sigma.double().norm()), 1e-300))).to(layer.s.dtype)
-                energy = float((sigma.double() ** 2).sum())
-            else:
-                new_u = _new_directions(u, layer.U.grad, r)
-                new_v = _new_directions(v, layer.V.grad, r)
-                r = min(new_u.shape[1], new_v.shape[1])
-                energy = sum(float(((g.double() - b.double() @ (b.double().mT @ g.double())) ** 2).sum())
-                             for b, g in ((u, layer.U.grad), (v, layer.V.grad))) if r else 0.0
-            if r == 0:
-                continue
-            candidates.append((energy / self._cost(layer), name, new_u[:, :r], new_v[:, :r],
-                               None if new_s is None else new_s[:r], layer))
-        if self.budget is None:
-            return {name: (nu, nv, ns) for _, name, nu, nv, ns, _ in candidates}
-        left = self.budget - sum(len(keep) * self._cost(layer) for layer, keep in plans.values())
+            found = self._candidate(name, layer, keep, r, lrs) if r > 0 else None
+            if found is not None:
+                energy, r, take = found[:3]
+                candidates.append((energy / self._cost(layer), name, r, take, layer))
+                if len(found) > 3:
+                    gains[name] = found[3]
+        if left is None:
+            return {name: take(r) for _, name, r, take, _ in candidates}
+        if candidates and len(gains) == len(candidates):
+            return self._by_direction(candidates, gains, left)
         out = {}
-        for _, name, nu, nv, ns, layer in sorted(candidates, key=lambda c: -c[0]):
-            r = min(nu.shape[1], max(0, left) // self._cost(layer))
+        for _, name, most, take, layer in sorted(candidates, key=lambda c: -c[0]):
+            r = min(most, max(0, left) // self._cost(layer))
             if r:
-                out[name] = (nu[:, :r], nv[:, :r], None if ns is None else ns[:r])
+                out[name] = take(r)
                 left -= r * self._cost(layer)
         return out
+
+    def _by_direction(self, candidates: List[tuple], gains: Dict[str, torch.Tensor], left: int) -> Dict[str, tuple]:
+        """The budget served direction by direction, in the order of each direction's own score per
+        parameter (``growth="source"``: its gain squared is the loss it removes, comparable across
+        layers), each layer taking a prefix of its directions; a layer is refitted at the rank it gets."""
+        order = sorted(((float(g) ** 2 / self._cost(layer), name, j) for _, name, _, _, layer in candidates
+                        for j, g in enumerate(gains[name].tolist())), key=lambda c: -c[0])
+        layers = {name: layer for _, name, _, _, layer in candidates}
+        counts: Dict[str, int] = {}
+        for _, name, j in order:
+            cost = self._cost(layers[name])
+            if cost <= left and counts.get(name, 0) == j:
+                counts[name] = j + 1
+                left -= cost
+        return {name: take(counts[name]) for _, name, _, take, _ in candidates if counts.get(name)}
+
+    def _candidate(self, name: str, layer, keep: List[int], r: int, lrs: Dict[str, float]) -> Optional[tuple]:
+        """``(energy, r', take)``: up to ``r`` new directions of one layer, the energy that scores
+        them for a budget, and ``take(k)``, the best ``k <= r'`` of them as ``(U cols, V cols, s)``
+        (``s`` ``None`` for zeros); ``None`` where the layer has nothing to grow. Source growth
+        adds each direction's gain (:meth:`_by_direction`)."""
+        u, v = layer.U.detach(), layer.V.detach()
+        # new directions are orthogonal to every column the layer had at this event, the ones the
+        # shrink just dropped included: a layer must not drop a direction and grow it back at
+        # s = 0 with fresh moments (a full-rank layer did exactly that: the only direction
+        # outside its kept basis was the one it dropped)
+        new_s: Optional[torch.Tensor] = None
+        if getattr(layer, "residual_dtype", None) is not None:
+            # only directions the next shrink would keep: one weaker than tol * ||s|| would go
+            # back at the next event and come out again at the one after, forever
+            floor = self.tol * float(layer.s.detach()[keep].double().norm()) if keep else 0.0
+            new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step), floor)
+            energy = float((new_s.double() ** 2).sum())
+        elif self.growth == "source":
+            return self._source_candidate(name, layer, r)
+        elif self.growth == "gradient":
+            sketch = self._sketches.get(name)
+            if not isinstance(sketch, GradientSketch):  # a layer the optimizer took on after the window began
+                return None
+            new_v, sigma, new_u = sketch.directions(u, v, r)
+            # P^T G Q = diag(sigma) > 0, so W - P diag(s) Q^T with s ~ sigma is a steepest-descent
+            # step on the new block (GeoLoRA's -lr V_new^T G U_new, diagonal here). Its length is
+            # that of one dense Adam step, lr sqrt(m n) (every weight moves by ~lr): one lr on s,
+            # Adam's step on a fresh coordinate, left newborns at ~1e-2 against a spectrum of 2 to
+            # 7 in rank_sweep, dropped at the next event
+            new_v = -new_v
+            length = lrs[name] * (u.shape[0] * v.shape[0]) ** 0.5
+            new_s = (sigma.double() * (length / max(float(sigma.double().norm()), 1e-300))).to(layer.s.dtype)
+            energy = float((sigma.double() ** 2).sum())
+        else:
+            new_u = _new_directions(u, layer.U.grad, r)
+            new_v = _new_directions(v, layer.V.grad, r)
+            r = min(new_u.shape[1], new_v.shape[1])
+            energy = sum(float(((g.double() - b.double() @ (b.double().mT @ g.double())) ** 2).sum())
+                         for b, g in ((u, layer.U.grad), (v, layer.V.grad))) if r else 0.0
+        r = min(r, new_u.shape[1], new_v.shape[1])
+        if r == 0:
+            return None
+        return energy, r, lambda k: (new_u[:, :k], new_v[:, :k], None if new_s is None else new_s[:k])
+
+    def _source_candidate(self, name: str, layer, r: int) -> Optional[tuple]:
+        """growth="source": the best ``r`` directions outside the bases toward the layer's
+        pretrained weight, in the Fisher metric of the window's batches
+        (:func:`~stiefel_sct.calibration.fisher_growth`); ``take(k)`` refits them for ``k``."""
+        moments = self._sketches.get(name)
+        seen = moments.read() if isinstance(moments, LayerMoments) else None
+        weight = self._source_weight(name, layer)
+        if seen is None or weight is None or min(float(m.diagonal().sum()) for m in seen) <= 0.0:
+            return None  # nothing seen in the window (or only zero inputs / gradients), or no source for the layer
+        u, s, v = layer.U.detach(), layer.s.detach(), layer.V.detach()
+        f64 = torch.float64
+        error = weight.to(u.device, f64) - (v.to(f64) * s.to(f64)) @ u.to(f64).mT
+        grown = fisher_growth(error, u, v, seen[0], seen[1], r, name=name)
+        if grown.gains.numel() == 0:
+            return None
+
+        def take(k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            p, sigma, q = grown.factors(k)
+            return q.to(u.dtype), p.to(v.dtype), sigma.to(s.dtype)
+
+        return float((grown.gains ** 2).sum()), grown.gains.numel(), take, grown.gains
+
+    def _source_weight(self, name: str, layer) -> Optional[torch.Tensor]:
+        """The layer's pretrained weight from ``source`` (``None``: a callable's "no source")."""
+        weight: Optional[torch.Tensor]
+        if isinstance(self.source, Mapping):
+            if name not in self.source:
+                raise ValueError(f"growth='source': source has no weight for layer {name!r} (give every scheduled "
+                                 "layer's dense weight, or a callable that returns None for those that should not grow)")
+            weight = self.source[name]
+        else:
+            weight = cast(Callable[[str], Optional[torch.Tensor]], self.source)(name)
+        shape = (layer.V.shape[0], layer.U.shape[0])
+        if weight is not None and (not isinstance(weight, torch.Tensor) or tuple(weight.shape) != shape):
+            got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+            raise ValueError(f"growth='source': the source weight of layer {name!r} must be a tensor of shape {shape} "
+                             f"(out_features, in_features), got {got}")
+        return weight
 
     @staticmethod
     def _resize(layer, keep: List[int], new_u: Optional[torch.Tensor], new_v: Optional[torch.Tensor],
@@ -542,7 +661,11 @@ class RankScheduler:
         """Restore :meth:`state_dict` (load the model at its saved ranks and the optimizer first).
         The settings are checked as the constructor checks them; on an error nothing changes."""
         settings: List[Any] = [state_dict[k] if k in state_dict else _DEFAULTS[k] for k in _SETTINGS]
-        staged = RankScheduler(self.optimizer, *settings)  # checks the settings; hooks nothing yet
+        growth = settings[_SETTINGS.index("growth")]
+        # checks the settings (hooks nothing yet); the source is the caller's weights, never saved:
+        # this scheduler's serves the restored one
+        staged = RankScheduler(self.optimizer, **dict(zip(_SETTINGS, settings)),
+                               source=self.source if growth == "source" else None)
         staged._disarm()
         staged.last_step = int(state_dict["last_step"])
         staged.history = [dict(h) for h in state_dict["history"]]
@@ -558,7 +681,7 @@ class RankScheduler:
             staged._disarm()
             raise
         self._disarm()
-        for key in (*_SETTINGS, "last_step", "history", "born", "lr_sums", "lr_at", "_sketches"):
+        for key in (*_SETTINGS, "source", "last_step", "history", "born", "lr_sums", "lr_at", "_sketches"):
             setattr(self, key, getattr(staged, key))
 
 

@@ -28,7 +28,7 @@ directions.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -39,7 +39,20 @@ from .manifold import compute_dtype
 if TYPE_CHECKING:
     from .layers import SpectralLinear
 
-__all__ = ["GradientSketch"]
+__all__ = ["GradientSketch", "LayerMoments"]
+
+
+def _all_reduce(*tensors: torch.Tensor) -> List[torch.Tensor]:
+    """The tensors summed over the processes (under ``torch.distributed``), else themselves."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return list(tensors)
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    torch_dist.all_reduce(flat)
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view_as(t).to(t.dtype))
+        at += t.numel()
+    return out
 
 
 def outside_basis(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -173,3 +186,70 @@ class GradientSketch:
         p = outside_basis(vw, qy @ a[:, :take])
         q = outside_basis(uw, qz @ bt[:take].mT)
         return p.to(v.dtype), sigma[:take].to(v.dtype), q.to(u.dtype)
+
+
+class LayerMoments:
+    """The second moments of a :class:`~stiefel_sct.SpectralLinear`'s inputs, ``C = X^T X / N``
+    (``m x m``), and of the loss gradients at its output, ``G = dY^T dY / N`` (``n x n``), summed
+    from hooks over every backward until they are read: the Fisher metric of the training batches
+    (K-FAC's factors, :mod:`stiefel_sct.calibration`) that ``RankScheduler(growth="source")``
+    grows in. Each batch's Gram matrices are formed and summed in the layer's compute dtype
+    (float32 for float32 and half-precision layers), so a window holds ``m^2 + n^2`` numbers per
+    layer; forwards without autograd are not seen, as for :class:`GradientSketch`. Under
+    ``torch.distributed`` the sums are summed over the processes when read."""
+
+    def __init__(self, layer: SpectralLinear) -> None:
+        m, n = layer.U.shape[0], layer.V.shape[0]
+        self.work = compute_dtype(layer.U.dtype)
+        device = layer.U.device
+        self.inputs = torch.zeros(m, m, dtype=self.work, device=device)
+        self.grads = torch.zeros(n, n, dtype=self.work, device=device)
+        self.tokens = torch.zeros((), dtype=torch.float64, device=device)  # rows seen, on the device (no sync)
+        self.backwards = 0
+        self._handle: Optional[torch.utils.hooks.RemovableHandle] = layer.register_forward_hook(self._forward)
+
+    def _forward(self, module, inputs, output) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
+            return
+        x = inputs[0]
+        output.register_hook(lambda g: self._backward(x, g))
+
+    @torch.no_grad()
+    def _backward(self, x: torch.Tensor, g: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, self.inputs.shape[0]).to(self.work)
+        g2 = g.reshape(-1, self.grads.shape[0]).to(self.work)
+        self.inputs += x2.mT @ x2
+        self.grads += g2.mT @ g2
+        self.tokens += x2.shape[0]
+        self.backwards += 1
+
+    def read(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(C, G)`` (float64), the means over every row seen (all processes); ``None`` when no
+        backward was seen."""
+        inputs, grads, tokens = _all_reduce(self.inputs, self.grads, self.tokens)
+        count = float(tokens)
+        if count == 0:
+            return None
+        return inputs.to(torch.float64) / count, grads.to(torch.float64) / count
+
+    def state_dict(self) -> dict:
+        """The sums so far (a scheduler saved inside a window resumes bitwise)."""
+        return {"inputs": self.inputs.clone(), "grads": self.grads.clone(), "tokens": float(self.tokens),
+                "backwards": self.backwards}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` of the same layer shape; ``ValueError`` otherwise."""
+        for key in ("inputs", "grads"):
+            if tuple(state[key].shape) != tuple(getattr(self, key).shape):
+                raise ValueError(f"moment state {key!r} has shape {tuple(state[key].shape)}, this layer's "
+                                 f"{tuple(getattr(self, key).shape)}: saved for another layer")
+        self.inputs.copy_(state["inputs"])
+        self.grads.copy_(state["grads"])
+        self.tokens.fill_(float(state["tokens"]))
+        self.backwards = int(state["backwards"])
+
+    def remove(self) -> None:
+        """Remove the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

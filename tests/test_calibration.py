@@ -21,7 +21,7 @@ from stiefel_sct import (
     spectralize,
     stiefel_retraction,
 )
-from stiefel_sct.calibration import collect_input_moments, whitened_spectrum, whitened_svd
+from stiefel_sct.calibration import collect_input_moments, fisher_growth, whitened_spectrum, whitened_svd
 from stiefel_sct.checkpoint import CheckpointError
 from stiefel_sct.convert import budget_ranks
 
@@ -207,6 +207,69 @@ def test_no_rank_k_matrix_beats_the_fisher_one(seed, k):
         d = torch.randn(6, k, generator=g, dtype=torch.float64) @ torch.randn(k, 9, generator=g, dtype=torch.float64)
         P, S, Qh = torch.linalg.svd(best + 1e-2 * d)
         assert err(best) <= err(P[:, :k] * S[:k] @ Qh[:k]) + 1e-9
+
+
+def _growth_problem(seed=0, n=9, m=7, k=2):
+    """A weight error, orthonormal bases and SPD input / output-gradient moments (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    E = torch.randn(n, m, generator=g, dtype=f64)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=f64)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=f64)).Q
+    X, D = torch.randn(40, m, generator=g, dtype=f64), torch.randn(40, n, generator=g, dtype=f64)
+    return E, U, V, X.mT @ X / 40, D.mT @ D / 40
+
+
+def test_fisher_growth_is_the_best_addition_outside_the_bases():
+    """fisher_growth: P, Q orthonormal and orthogonal to V, U; the Fisher-metric error left after
+    the rank-r addition is the error before minus the top r gains squared (Eckart-Young in the
+    whitened complement), the full-room addition is the weighted least-squares solution over every
+    X (a Kronecker-vectorised reference), and no other rank-r addition outside the bases does better."""
+    E, U, V, C, G = _growth_problem()
+    grown = fisher_growth(E, U, V, C, G, damping=0.0, grad_damping=0.0)
+    assert grown.gains.numel() == 5  # min(9, 7) - 2 directions outside the bases
+    Gh, Ch = _sqrtm(G), _sqrtm(C)  # the metric with symmetric square roots: no Cholesky in the reference
+    err = lambda A: float(torch.linalg.norm(Gh @ (E - A) @ Ch)) ** 2
+    Pv = torch.linalg.qr(V, mode="complete").Q[:, 2:]
+    Pu = torch.linalg.qr(U, mode="complete").Q[:, 2:]
+    for r in range(1, 6):
+        P, sigma, Q = grown.factors(r)
+        add = P * sigma @ Q.mT
+        assert float((P.mT @ V).abs().max()) < 1e-12 and float((Q.mT @ U).abs().max()) < 1e-12
+        assert float((P.mT @ P - torch.eye(r, dtype=P.dtype)).abs().max()) < 1e-12
+        assert float((Q.mT @ Q - torch.eye(r, dtype=Q.dtype)).abs().max()) < 1e-12
+        assert bool((sigma > 0).all())
+        assert err(add) == pytest.approx(err(0 * E) - float((grown.gains[:r] ** 2).sum()), rel=1e-9)
+        gen = torch.Generator().manual_seed(r)
+        for _ in range(5):  # any other rank-r addition Pv Y Pu^T does worse
+            other = add + 1e-2 * Pv @ (torch.randn(7, r, generator=gen, dtype=E.dtype)
+                                       @ torch.randn(r, 5, generator=gen, dtype=E.dtype)) @ Pu.mT
+            Po, So, Qoh = torch.linalg.svd(other)
+            assert err(add) <= err(Po[:, :r] * So[:r] @ Qoh[:r]) + 1e-9
+    A = torch.kron((Ch @ Pu).contiguous(), (Gh @ Pv).contiguous())  # vec(Gh Pv X Pu^T Ch), column-major
+    X = torch.linalg.lstsq(A, (Gh @ E @ Ch).mT.reshape(-1)).solution.reshape(5, 7).mT
+    P, sigma, Q = grown.factors(5)
+    torch.testing.assert_close(P * sigma @ Q.mT, Pv @ X @ Pu.mT, rtol=0, atol=1e-10)
+
+
+def test_fisher_growth_with_plain_metrics_is_the_svd_outside_the_bases_and_checks_its_input():
+    """With identity moments the growth is the top-r SVD of (I - V V^T) E (I - U U^T) (what a
+    residual layer grows); an error inside the bases needs nothing; shapes are checked."""
+    E, U, V, _, _ = _growth_problem(seed=3)
+    outside = E - V @ (V.mT @ E)
+    outside = outside - outside @ U @ U.mT
+    P0, S0, Q0h = torch.linalg.svd(outside)
+    P, sigma, Q = fisher_growth(E, U, V, torch.eye(7, dtype=E.dtype), r=3).factors(3)
+    torch.testing.assert_close(P * sigma @ Q.mT, P0[:, :3] * S0[:3] @ Q0h[:3], rtol=0, atol=1e-12)
+    torch.testing.assert_close(sigma, S0[:3], rtol=1e-12, atol=0)
+    inside = V @ torch.randn(2, 7, dtype=E.dtype) + torch.randn(9, 2, dtype=E.dtype) @ U.mT
+    assert fisher_growth(inside, U, V, torch.eye(7, dtype=E.dtype)).gains.numel() == 0
+    with pytest.raises(ValueError, match="error of shape"):
+        fisher_growth(E, U[:6], V, torch.eye(7, dtype=E.dtype))
+    with pytest.raises(ValueError, match="input moment of shape"):
+        fisher_growth(E, U, V, torch.eye(6, dtype=E.dtype))
+    with pytest.raises(ValueError, match="output-gradient moment of shape"):
+        fisher_growth(E, U, V, torch.eye(7, dtype=E.dtype), torch.eye(8, dtype=E.dtype))
 
 
 def test_gradient_moments_leave_the_model_as_it_was_and_match_autograd():

@@ -55,8 +55,8 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
         assert trainable == info["lora_r"] * per_rank and info["lora_r"] == ft.lora_rank_matching(tiny_llama(), linear // 2)
     elif method in ("lora_r16", "pissa_r16"):
         assert trainable == 16 * per_rank
-    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt", "sct_fadapt", "sct_w50", "sct_w25", "sct_w50_kd",
-                    "sct_w25_kd", "sct_f50", "sct_f25"):
+    elif method in ("sct_b50", "sct_b25", "lowrank", "sct_adapt", "sct_fadapt", "sct_sadapt", "sct_w50", "sct_w25",
+                    "sct_w50_kd", "sct_w25_kd", "sct_f50", "sct_f25"):
         fraction = cfg.adapt_start if method.endswith("adapt") else (0.25 if "25" in method else 0.5)
         assert sum(p.numel() for p in model.parameters()) <= total - linear + fraction * linear
         if method != "lowrank":
@@ -78,14 +78,14 @@ def test_each_method_builds_trains_and_counts_its_parameters(method):
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
 
 
-@pytest.mark.parametrize("method", ["sct_adapt", "sct_fadapt"])
+@pytest.mark.parametrize("method", ["sct_adapt", "sct_fadapt", "sct_sadapt"])
 def test_adaptive_arm_grows_its_ranks_within_the_budget(method):
     cfg = _cfg(adapt_events=2, adapt_grow=3)
     model = tiny_llama()
     budget = int(cfg.adapt_budget * ft.linear_params(model))
     model, opt, info = ft.build_method(method, model, cfg, 1e-3, data=DATA)
     assert info["rank_budget"] == budget
-    assert ("calibration" in info) == (method == "sct_fadapt")  # sct_fadapt starts from the Fisher conversion
+    assert ("calibration" in info) == (method != "sct_adapt")  # sct_fadapt, sct_sadapt: from the Fisher conversion
     sched = ft.adaptive_scheduler(method, opt, cfg, 6, info)
     assert info["every"] == 2 and sched.budget == budget
     before = ft.adaptive_summary(model, sched)
@@ -98,7 +98,13 @@ def test_adaptive_arm_grows_its_ranks_within_the_budget(method):
     assert before["spectral_params_after"] < after["spectral_params_after"] <= budget
     # events that changed a rank (with newborn_rate a full budget and surviving newborns change none)
     assert [e["step"] for e in after["events"]][:1] == [2] and {e["step"] for e in after["events"]} <= {2, 4, 6}
-    assert after["events"][0]["grown"] > 0 and info["growth"] == "gradient" and info["newborn_rate"] == 0.5
+    assert after["events"][0]["grown"] > 0
+    if method == "sct_sadapt":  # the pretrained directions, at full strength: the budget fills at the first event
+        assert info["growth"] == "source" and "_source" not in info and info["newborn_rate"] is None
+        assert after["spectral_params_after"] > 0.9 * budget
+        assert after["events"][0]["grown"] >= 0.9 * sum(e["grown"] for e in after["events"])
+    else:
+        assert info["growth"] == "gradient" and info["newborn_rate"] == 0.5
     assert set(after["ranks_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 

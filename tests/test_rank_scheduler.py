@@ -22,6 +22,7 @@ from stiefel_sct import (
     spectralize,
     stiefel_retraction,
 )
+from stiefel_sct.calibration import fisher_growth
 
 
 def _model(dtype=torch.float32, seed=0):
@@ -563,3 +564,140 @@ def test_gradient_growth_arguments_are_checked():
     with pytest.raises(NotImplementedError, match="SpectralEmbedding"):
         RankScheduler(SpectralAdam(emb.parameters()), growth="gradient")
     RankScheduler(SpectralAdam(emb.parameters()), growth="gradient", grow=0)  # shrink only: nothing to sketch
+
+
+# ------------------------------------------------------------------------------ growth="source" (issue 27)
+def _teacher_and_student(rank=2, seed=0, dtype=torch.float32):
+    """A dense teacher (12 -> 16 -> 6) and its spectral copy at ``rank`` (plain SVD)."""
+    torch.manual_seed(seed)
+    dense = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)).to(dtype)
+    return dense, spectralize(copy.deepcopy(dense), rank=rank, convert_small=True)
+
+
+def _weights(dense):
+    return {name: m.weight.detach().clone() for name, m in dense.named_children() if isinstance(m, nn.Linear)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_source_growth_brings_back_the_pretrained_directions_in_the_windows_fisher_metric(dtype):
+    """growth="source": hooks sum each layer's input and output-gradient moments over the window;
+    at the event the layer gains fisher_growth's directions toward its pretrained weight with their
+    singular values (the function moves by exactly V_new diag(s_new) U_new^T, bases stay
+    orthonormal), and the student moves toward the teacher: the loss falls."""
+    dense, model = _teacher_and_student(dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 12, generator=gen, dtype=dtype)
+    y = dense(x).detach()
+    opt = SpectralAdam(model.named_parameters(), lr=1e-3)
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=3, growth="source", source=_weights(dense))
+    layer = model[2]
+    assert [len(model[i]._forward_hooks) for i in (0, 2)] == [1, 1]  # armed: the next step is an event
+    # the reference moments of the last layer: its input and dL/d(output), by autograd
+    with torch.no_grad():
+        h = model[1](model[0](x))
+        before, w_before = float(nn.functional.mse_loss(model(x), y)), layer.dense_weight().clone()
+    out = layer(h).requires_grad_(True)
+    (g,) = torch.autograd.grad(nn.functional.mse_loss(out, y), out)
+    C, G = (h.mT @ h / 64).double(), (g.mT @ g / 64).double()
+    u_old, v_old = layer.U.detach().clone(), layer.V.detach().clone()
+    _backward(model, x, y)
+    sched.step()
+    assert [model[0].rank, model[2].rank] == [5, 5] and [hh["grown"] for hh in sched.history] == [3, 3]
+    u_new, s_new, v_new = layer.U.detach()[:, 2:], layer.s.detach()[2:], layer.V.detach()[:, 2:]
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+    change = layer.dense_weight().detach() - w_before
+    torch.testing.assert_close(change, v_new @ torch.diag(s_new) @ u_new.mT, rtol=0, atol=eps * 10)
+    P, sigma, Q = fisher_growth(_weights(dense)["2"] - w_before, u_old, v_old, C, G, r=3).factors(3)
+    torch.testing.assert_close(change.double(), P * sigma @ Q.mT, rtol=0, atol=eps * 100)
+    assert bool((s_new > 0).all())
+    assert max(orthonormality_error(p) for p in (model[0].U, model[0].V, layer.U, layer.V)) <= 10 * eps
+    with torch.no_grad():
+        assert float(nn.functional.mse_loss(model(x), y)) < 0.5 * before
+
+
+def test_source_growth_under_a_budget_refits_and_resumes_bitwise_inside_a_window(tmp_path):
+    """The budget serves layers by the Fisher error their directions remove per parameter; a
+    scheduler saved inside a moments window (its sums in the state) resumes bitwise in a model
+    rebuilt from the checkpoint, given the same source; the newborns survive the next event."""
+    dense, model = _teacher_and_student(rank=1)
+    source = _weights(dense)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 12, generator=gen)
+    y = dense(x).detach()
+    opt = SpectralAdam(model.named_parameters(), lr=1e-2)
+    budget = 3 * (12 + 16 + 1) + 3 * (16 + 6 + 1)  # rank 3 each, one event's growth of 2 for both
+    settings = dict(every=3, tol=1e-3, grow=2, budget=budget, growth="source", sketch_steps=2, source=source)
+    sched = RankScheduler(opt, **settings)
+    for _ in range(5):
+        _backward(model, x, y)
+        opt.step()
+        sched.step()
+    assert [model[0].rank, model[2].rank] == [3, 3] and sched.survival()[0]["grown"] == 4
+    save_spectral(model, tmp_path / "ck", optimizer=opt)
+    state = copy.deepcopy(sched.state_dict())
+    assert state["growth"] == "source" and state["sketches"]["0"]["backwards"] == 1 and "source" not in state
+    twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
+    twin_opt = SpectralAdam(twin.named_parameters(), lr=1e-2)
+    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
+    twin_sched = RankScheduler(twin_opt, every=99, tol=0.9, grow=0, growth="source", source=source)
+    twin_sched.load_state_dict(state)
+    _train_both_equal((model, opt, sched), (twin, twin_opt, twin_sched), 7, x, y)
+    assert sched.survival()[0]["dropped_next"] == 0
+
+
+def test_source_growth_arguments_are_checked():
+    dense, model = _teacher_and_student()
+    named = lambda: SpectralAdam(model.named_parameters())
+    with pytest.raises(ValueError, match="growth='source' grows each layer from its pretrained weight: pass source="):
+        RankScheduler(named(), growth="source")
+    with pytest.raises(ValueError, match="source is read only by growth='source'"):
+        RankScheduler(named(), growth="gradient", source=_weights(dense))
+    with pytest.raises(TypeError, match="source must be a mapping or a callable"):
+        RankScheduler(named(), growth="source", source=[1, 2])
+    with pytest.raises(ValueError, match=r"build the optimizer from model.named_parameters\(\)"):
+        RankScheduler(SpectralAdam(model.parameters()), growth="source", source=_weights(dense))
+    RankScheduler(named(), growth="source", grow=0)  # shrink only: no source needed
+    x, y = _data()
+    for source, error in (({"0": dense[0].weight}, "source has no weight for layer '2'"),
+                          ({"0": dense[0].weight, "2": dense[2].weight.mT}, r"layer '2' must be a tensor of shape \(6, 16\)")):
+        opt = named()
+        sched = RankScheduler(opt, every=1, grow=1, growth="source", source=source)
+        _backward(model, x, y)
+        with pytest.raises(ValueError, match=error):
+            sched.step()
+    # a callable that returns None leaves that layer as it is
+    sched = RankScheduler(named(), every=1, grow=1, tol=0.0, growth="source",
+                          source=lambda name: dense[0].weight.detach() if name == "0" else None)
+    _backward(model, x, y)
+    sched.step()
+    assert [model[0].rank, model[2].rank] == [3, 2]
+
+
+def test_source_growth_budget_takes_the_directions_that_remove_the_most_loss_per_parameter():
+    """Under a budget that fits only some new directions, source growth takes them one by one in the
+    order of gain^2 / (m + n + 1) across layers (each layer a prefix of its own), not layer by layer."""
+    dense, model = _teacher_and_student()
+    source = _weights(dense)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(64, 12, generator=gen)
+    y = dense(x).detach()
+    opt = SpectralAdam(model.named_parameters(), lr=1e-3)
+    cost = {"0": 12 + 16 + 1, "2": 16 + 6 + 1}
+    budget = 2 * cost["0"] + 2 * cost["2"] + 100  # room for 3 to 4 more directions
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=4, budget=budget, growth="source", source=source)
+    _backward(model, x, y)
+    scores = []
+    for name in ("0", "2"):
+        layer = model[int(name)]
+        C, G = sched._sketches[name].read()
+        gains = fisher_growth(source[name] - layer.dense_weight().detach(), layer.U.detach(), layer.V.detach(),
+                              C, G, r=4).gains
+        scores += [(float(g) ** 2 / cost[name], name, j) for j, g in enumerate(gains.tolist())]
+    left, want = 100, {"0": 0, "2": 0}
+    for _, name, j in sorted(scores, reverse=True):
+        if cost[name] <= left and want[name] == j:
+            want[name] += 1
+            left -= cost[name]
+    sched.step()
+    assert {"0": model[0].rank - 2, "2": model[2].rank - 2} == want
+    assert sum(want.values()) >= 3 and all(want.values())  # both layers served: not one layer's block first
