@@ -780,12 +780,22 @@ def pretrained_linears(model: nn.Module, cfg: Config) -> Callable[[str], torch.T
     asked: SmolLM2's lazily from its fp32 ``safetensors`` file, so the compact model never holds
     them; another model's (the tests' tiny ones) copied now."""
     if cfg.model == "smollm2":
-        from safetensors import safe_open
-
         from experiments.smollm2 import smollm2_weights
+        from stiefel_sct.integrity import read_header
 
-        handle = safe_open(str(smollm2_weights()), framework="pt")
-        return lambda name: handle.get_tensor(f"{name}.weight")
+        path = smollm2_weights()
+        records, start = read_header(path)
+
+        def read(name: str) -> torch.Tensor:
+            # a plain read of the tensor's bytes: a memory map (safetensors' safe_open) would leave
+            # every page it touched resident in this process, ~425 MB of linears by the event's end
+            rec = records[f"{name}.weight"]
+            with open(path, "rb") as fh:
+                fh.seek(start + rec.begin)
+                data = bytearray(fh.read(rec.end - rec.begin))
+            return torch.frombuffer(data, dtype=rec.dtype).view(rec.shape)
+
+        return read
     weights = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     return weights.__getitem__
 

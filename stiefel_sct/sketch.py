@@ -232,6 +232,13 @@ class LayerMoments:
             return None
         return inputs.to(torch.float64) / count, grads.to(torch.float64) / count
 
+    def release(self) -> None:
+        """Remove the hook and free the sums (read them first): an event reads each layer's moments
+        once, so freeing them as it goes keeps its peak near one layer's worth."""
+        self.remove()
+        self.inputs = self.inputs.new_zeros(0, 0)
+        self.grads = self.grads.new_zeros(0, 0)
+
     def state_dict(self) -> dict:
         """The sums so far (a scheduler saved inside a window resumes bitwise)."""
         return {"inputs": self.inputs.clone(), "grads": self.grads.clone(), "tokens": float(self.tokens),

@@ -601,8 +601,10 @@ def test_source_growth_brings_back_the_pretrained_directions_in_the_windows_fish
     C, G = (h.mT @ h / 64).double(), (g.mT @ g / 64).double()
     u_old, v_old = layer.U.detach().clone(), layer.V.detach().clone()
     _backward(model, x, y)
+    window = list(sched._sketches.values())
     sched.step()
     assert [model[0].rank, model[2].rank] == [5, 5] and [hh["grown"] for hh in sched.history] == [3, 3]
+    assert all(m.inputs.numel() == 0 and m.grads.numel() == 0 for m in window)  # each freed once read
     u_new, s_new, v_new = layer.U.detach()[:, 2:], layer.s.detach()[2:], layer.V.detach()[:, 2:]
     eps = 1e-5 if dtype == torch.float32 else 1e-12
     change = layer.dense_weight().detach() - w_before
@@ -616,16 +618,16 @@ def test_source_growth_brings_back_the_pretrained_directions_in_the_windows_fish
 
 
 def test_source_growth_under_a_budget_refits_and_resumes_bitwise_inside_a_window(tmp_path):
-    """The budget serves layers by the Fisher error their directions remove per parameter; a
-    scheduler saved inside a moments window (its sums in the state) resumes bitwise in a model
-    rebuilt from the checkpoint, given the same source; the newborns survive the next event."""
+    """A scheduler saved inside a moments window (its sums in the state) resumes bitwise in a model
+    rebuilt from the checkpoint, given the same source; the newborns survive the next event; once
+    the budget is full, no window hooks the layers (nothing could grow)."""
     dense, model = _teacher_and_student(rank=1)
     source = _weights(dense)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(48, 12, generator=gen)
     y = dense(x).detach()
     opt = SpectralAdam(model.named_parameters(), lr=1e-2)
-    budget = 3 * (12 + 16 + 1) + 3 * (16 + 6 + 1)  # rank 3 each, one event's growth of 2 for both
+    budget = 4 * (12 + 16 + 1) + 4 * (16 + 6 + 1)  # rank 4 each: 2 directions each at step 3, 1 at step 6
     settings = dict(every=3, tol=1e-3, grow=2, budget=budget, growth="source", sketch_steps=2, source=source)
     sched = RankScheduler(opt, **settings)
     for _ in range(5):
@@ -641,8 +643,13 @@ def test_source_growth_under_a_budget_refits_and_resumes_bitwise_inside_a_window
     load_optimizer_state(twin_opt, twin, tmp_path / "ck")
     twin_sched = RankScheduler(twin_opt, every=99, tol=0.9, grow=0, growth="source", source=source)
     twin_sched.load_state_dict(state)
-    _train_both_equal((model, opt, sched), (twin, twin_opt, twin_sched), 7, x, y)
-    assert sched.survival()[0]["dropped_next"] == 0
+    _train_both_equal((model, opt, sched), (twin, twin_opt, twin_sched), 1, x, y)  # step 6: the second event
+    assert [model[0].rank, model[2].rank] == [4, 4] and sched.survival()[0]["dropped_next"] == 0
+    hooked = []
+    for _ in range(6):  # steps 7-12: the budget is full, the windows before steps 9 and 12 hook nothing
+        _train_both_equal((model, opt, sched), (twin, twin_opt, twin_sched), 1, x, y)
+        hooked.append(len(model[0]._forward_hooks) + len(twin[0]._forward_hooks))
+    assert hooked == [0] * 6 and [model[0].rank, model[2].rank] == [4, 4]
 
 
 def test_source_growth_arguments_are_checked():
