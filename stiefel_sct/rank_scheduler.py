@@ -66,7 +66,9 @@ pretrained one where the task's loss is most sensitive. The metric matters: on S
 converted at 25% in the Fisher metric (held-out 5.633), growing back to 50% took it to 6.291 in
 the plain metric, 6.133 in the inputs' metric, 5.144 in the Fisher metric (prototypes, Intel
 Xeon). Its budget score is the metric's error removed, ``sum gains^2`` per parameter, so layers
-are compared in loss units; a budget-truncated layer is refitted at the rank it gets. Peers: the
+are compared in loss units; a budget-truncated layer is refitted at the rank it gets. The window's
+moments hold ``m^2 + n^2`` numbers per layer, so none is summed while the budget is full (nothing
+could grow; room a shrink frees is refilled at the event after the next). Peers: the
 same whitened truncation as the conversion (SVD-LLM, FWSVD; :mod:`stiefel_sct.calibration`),
 applied to what the bases lack; no rank-adaptive method we know of grows back pretrained
 directions.
@@ -578,12 +580,15 @@ class RankScheduler:
         pretrained weight, in the Fisher metric of the window's batches
         (:func:`~stiefel_sct.calibration.fisher_growth`); ``take(k)`` refits them for ``k``."""
         moments = self._sketches.get(name)
-        seen = moments.read() if isinstance(moments, LayerMoments) else None
-        if isinstance(moments, LayerMoments):
-            moments.release()  # read once: the event's peak holds one layer's sums, not every layer's
+        if not isinstance(moments, LayerMoments):
+            return None  # a layer the optimizer took on after the window began, or no window (a full budget)
+        seen = moments.read()
+        moments.release()  # freed once read: the window's sums shrink as the event's offers grow
+        if seen is None or min(float(m.diagonal().sum()) for m in seen) <= 0.0:
+            return None  # nothing seen in the window, or only zero inputs / gradients
         weight = self._source_weight(name, layer)
-        if seen is None or weight is None or min(float(m.diagonal().sum()) for m in seen) <= 0.0:
-            return None  # nothing seen in the window (or only zero inputs / gradients), or no source for the layer
+        if weight is None:
+            return None
         u, s, v = layer.U.detach(), layer.s.detach(), layer.V.detach()
         f64 = torch.float64
         error = weight.to(u.device, f64) - (v.to(f64) * s.to(f64)) @ u.to(f64).mT

@@ -234,7 +234,7 @@ class LayerMoments:
 
     def release(self) -> None:
         """Remove the hook and free the sums (read them first): an event reads each layer's moments
-        once, so freeing them as it goes keeps its peak near one layer's worth."""
+        once, and freeing them as it goes lets the window's sums shrink while its offers grow."""
         self.remove()
         self.inputs = self.inputs.new_zeros(0, 0)
         self.grads = self.grads.new_zeros(0, 0)
