@@ -425,7 +425,8 @@ class RankScheduler:
         if self._sketches:
             return  # this window's sketches are filling
         layers = self._layers()
-        if self.growth == "source" and self._budget_full([layer for _, layer in layers]):
+        ranked = [(layer, layer.s.shape[0]) for _, layer in layers]
+        if self.growth == "source" and self._no_room(self._budget_left(ranked), [layer for layer, _ in ranked]):
             # nothing could grow at the next event unless its shrink frees room, and then the event
             # after it grows: a window of every layer's moments (1.2 GB for SmolLM2-135M) is not
             # worth holding for that. finetune_smollm2's sct_sadapt held them through its three
@@ -437,12 +438,14 @@ class RankScheduler:
                 self._sketches[name] = (LayerMoments(layer) if self.growth == "source" else
                                         GradientSketch(layer, self.grow, _seed(name, self.last_step + to_event)))
 
-    def _budget_full(self, layers: List[Any]) -> bool:
-        """Whether the budget leaves no room for one more column of any of ``layers``."""
-        if self.budget is None:
-            return False
-        left = self.budget - sum(layer.s.shape[0] * self._cost(layer) for layer in layers)
-        return all(self._cost(layer) > left for layer in layers)
+    def _budget_left(self, ranked: List[Tuple[Any, int]]) -> Optional[int]:
+        """The budget's parameters left with each layer at its rank (``(layer, rank)`` pairs);
+        ``None`` without a budget."""
+        return None if self.budget is None else self.budget - sum(k * self._cost(layer) for layer, k in ranked)
+
+    def _no_room(self, left: Optional[int], layers: List[Any]) -> bool:
+        """Whether ``left`` (:meth:`_budget_left`) pays for no further column of any of ``layers``."""
+        return left is not None and all(self._cost(layer) > left for layer in layers)
 
     def _disarm(self) -> None:
         for sketch in self._sketches.values():
@@ -488,9 +491,8 @@ class RankScheduler:
         ``max_rank`` and the budget; ``lrs``: each layer's ``s`` group's lr (gradient growth's step)."""
         if not self.grow:
             return {}
-        left = None if self.budget is None else \
-            self.budget - sum(len(keep) * self._cost(layer) for layer, keep in plans.values())
-        if left is not None and all(self._cost(layer) > left for layer, _ in plans.values()):
+        left = self._budget_left([(layer, len(keep)) for layer, keep in plans.values()])
+        if self._no_room(left, [layer for layer, _ in plans.values()]):
             return {}  # a full budget: no direction fits, none is worth computing (source growth's take minutes)
         candidates = []  # (energy per parameter, name, most columns, take(r) -> (U cols, V cols, s or None), layer)
         gains: Dict[str, torch.Tensor] = {}  # growth="source": each direction's own score
@@ -500,10 +502,10 @@ class RankScheduler:
             r = min(self.grow, cap - len(keep))
             found = self._candidate(name, layer, keep, r, lrs) if r > 0 else None
             if found is not None:
-                energy, r, take = found[:3]
+                energy, r, take, direction_gains = found
                 candidates.append((energy / self._cost(layer), name, r, take, layer))
-                if len(found) > 3:
-                    gains[name] = found[3]
+                if direction_gains is not None:
+                    gains[name] = direction_gains
         if left is None:
             return {name: take(r) for _, name, r, take, _ in candidates}
         if candidates and len(gains) == len(candidates):
@@ -532,10 +534,10 @@ class RankScheduler:
         return {name: take(counts[name]) for _, name, _, take, _ in candidates if counts.get(name)}
 
     def _candidate(self, name: str, layer, keep: List[int], r: int, lrs: Dict[str, float]) -> Optional[tuple]:
-        """``(energy, r', take)``: up to ``r`` new directions of one layer, the energy that scores
-        them for a budget, and ``take(k)``, the best ``k <= r'`` of them as ``(U cols, V cols, s)``
-        (``s`` ``None`` for zeros); ``None`` where the layer has nothing to grow. Source growth
-        adds each direction's gain (:meth:`_by_direction`)."""
+        """``(energy, r', take, gains)``: up to ``r`` new directions of one layer, the energy that
+        scores them for a budget, ``take(k)``, the best ``k <= r'`` of them as ``(U cols, V cols,
+        s)`` (``s`` ``None`` for zeros), and each direction's own gain (source growth, served by
+        :meth:`_by_direction`; ``None`` otherwise); ``None`` where the layer has nothing to grow."""
         u, v = layer.U.detach(), layer.V.detach()
         # new directions are orthogonal to every column the layer had at this event, the ones the
         # shrink just dropped included: a layer must not drop a direction and grow it back at
@@ -573,7 +575,7 @@ class RankScheduler:
         r = min(r, new_u.shape[1], new_v.shape[1])
         if r == 0:
             return None
-        return energy, r, lambda k: (new_u[:, :k], new_v[:, :k], None if new_s is None else new_s[:k])
+        return energy, r, lambda k: (new_u[:, :k], new_v[:, :k], None if new_s is None else new_s[:k]), None
 
     def _source_candidate(self, name: str, layer, r: int) -> Optional[tuple]:
         """growth="source": the best ``r`` directions outside the bases toward the layer's

@@ -28,6 +28,7 @@ directions.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
@@ -42,11 +43,17 @@ if TYPE_CHECKING:
 __all__ = ["GradientSketch", "LayerMoments"]
 
 
+def _distributed() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+
+
 def _all_reduce(*tensors: torch.Tensor) -> List[torch.Tensor]:
-    """The tensors summed over the processes (under ``torch.distributed``), else themselves."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+    """The tensors summed over the processes (under ``torch.distributed``; one all-reduce, in the
+    dtype they promote to), else themselves."""
+    if not _distributed():
         return list(tensors)
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     torch_dist.all_reduce(flat)
     out, at = [], 0
     for t in tensors:
@@ -157,11 +164,9 @@ class GradientSketch:
         is returned when no backward was seen."""
         empty = (v.new_zeros(v.shape[0], 0), v.new_zeros(0), u.new_zeros(u.shape[0], 0))
         y, z, seen, mass = self.y, self.z, float(self.backwards), float(self.mass)
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            both = torch.cat([y.reshape(-1), z.reshape(-1), y.new_tensor([seen, mass])])
-            torch_dist.all_reduce(both)
-            y, z = both[:y.numel()].view_as(y), both[y.numel():-2].view_as(z)
-            seen, mass = float(both[-2]), float(both[-1])
+        if _distributed():
+            y, z, tail = _all_reduce(y, z, y.new_tensor([seen, mass]))
+            seen, mass = float(tail[0]), float(tail[1])
         if r <= 0 or seen == 0 or not self.probes:
             return empty
         # the small factorisations in float64: float32 LAPACK on identical inputs gave different

@@ -242,3 +242,38 @@ def test_fsdp2_run_resumes_bitwise_from_a_dcp_checkpoint(tmp_path):
     resumed = torch.load(tmp_path / "resume.pt", weights_only=True)
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+def _sketched(rows):
+    """A GradientSketch and LayerMoments of one spectral layer after a backward over ``rows``."""
+    from stiefel_sct.sketch import GradientSketch, LayerMoments
+
+    torch.manual_seed(0)  # the same layer in every process
+    layer = SpectralLinear(12, 10, 3, dtype=torch.float64)
+    sketch, moments = GradientSketch(layer, 2, seed=5), LayerMoments(layer)
+    layer(rows).square().sum().backward()
+    return sketch.directions(layer.U.detach(), layer.V.detach(), 2), moments.read()
+
+
+def _sketch_rows():
+    return torch.randn(8, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@_in_process_group
+def _sketch_worker(rank, world, out_dir):
+    (p, sigma, q), (c, g) = _sketched(_sketch_rows()[rank::world])
+    torch.save({"p": p, "sigma": sigma, "q": q, "c": c, "g": g}, os.path.join(out_dir, f"sketch{rank}.pt"))
+
+
+def test_growth_sketches_and_moments_are_summed_over_the_processes(tmp_path):
+    """Each process sees half the rows; what RankScheduler's growth reads (the gradient sketch's
+    directions, the moments) is the one process's over every row, in every process."""
+    world = 2
+    mp.spawn(_sketch_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    parts = [torch.load(tmp_path / f"sketch{r}.pt", weights_only=True) for r in range(world)]
+    (p, sigma, q), (c, g) = _sketched(_sketch_rows())
+    for part in parts:
+        torch.testing.assert_close(part["c"], c, rtol=1e-12, atol=0)
+        torch.testing.assert_close(part["g"], g, rtol=1e-12, atol=0)
+        torch.testing.assert_close(part["sigma"], sigma, rtol=1e-10, atol=0)
+        torch.testing.assert_close(part["p"] * part["sigma"] @ part["q"].mT, p * sigma @ q.mT, rtol=0, atol=1e-10)
