@@ -30,7 +30,10 @@ Two stages, each method in a fresh process (so its peak memory is its own):
    residual mode with an adaptive rank (``residual_adapt``: every decoder linear starts at rank 8
    of the residual split, a ``RankScheduler`` gives weak directions back to the frozen residual
    and takes the residual's strongest ones, with their singular values, within ``residual_r16``'s
-   parameters: does moving rank between the residual and the factors beat a uniform rank 16?).
+   parameters: does moving rank between the residual and the factors beat a uniform rank 16?), and
+   the same from the Fisher residual split at rank 8, moving the residual's directions the training
+   batches' Fisher metric weighs most into the factors (``residual_sadapt``:
+   ``RankScheduler(growth="source")`` on residual layers, against ``residual_f16``).
 
 Weights: SmolLM2-135M-Instruct **Q4_1 (4-bit) GGUF, dequantised to fp32** (``experiments/smollm2.py``).
 
@@ -123,7 +126,7 @@ class Config:
         "sct_w50_kd": [1e-4], "sct_w25_kd": [3e-4], "residual_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3],
         "residual_f16": [3e-5, 1e-4, 2e-4], "residual_k16": [3e-4, 1e-3, 2e-3, 3e-3],
         "residual_c16": [1e-4, 3e-4, 1e-3],
-        "residual_adapt": [1e-4, 2e-4],
+        "residual_adapt": [1e-4, 2e-4], "residual_sadapt": [1e-4, 2e-4],
         "pissa_r16": [3e-5, 1e-4, 2e-4, 3e-4, 1e-3]})
     sweep_steps: int = 8
     eval_windows: int = 16
@@ -157,6 +160,16 @@ class Config:
     radapt_grow: int = 4            # residual_r16's spectral parameters; RankScheduler(grow=..., tol=...,
     radapt_tol: float = 0.05        # grace=...) at cfg.adapt_events events
     radapt_grace: int = 1
+    # residual_sadapt: from rank 8 of the Fisher split (the same tol and grace), up to this many
+    # directions per layer per event, at rsadapt_events events. Held-out after 100 steps at lr 1e-4
+    # (Intel Xeon, 2026-12-07; residual_f16, the fixed rank 16 of the same split: 3.694):
+    #   grow 8, 4 events (first at step 20): 3.697; every layer took 8 (grow caps it at the budget's
+    #   mean), so nothing was reallocated
+    #   grow 16, 4 events: 3.697; the budget went by loss removed per parameter (v_proj 23.6 on
+    #   average, q_proj 9.0): the allocation moved, the loss did not
+    #   grow 16, 9 events (first at step 10): 3.693; what the rank-8 start costs is its delay
+    rsadapt_grow: int = 16
+    rsadapt_events: int = 9
     calib_tokens: int = 8192        # whitened arms: calibration tokens from the training plays
     distill_alpha: float = 0.5      # *_kd arms: loss = (1 - a) next-token CE + a T^2 KL(teacher || student)
     distill_temperature: float = 2.0
@@ -524,8 +537,11 @@ METHOD_TABLE: Tuple[Method, ...] = (
            "parameter budget", _sct_adapt_from("fisher", named=True)),
     Method("residual_adapt", "sct", "SCT residual mode from rank 8, a RankScheduler moving rank between the residual "
            "and the factors within residual_r16's parameters", _residual_at(lambda c: c.radapt_start)),
+    Method("residual_sadapt", "sct", "SCT residual mode from rank 8 of the Fisher split, a RankScheduler moving the "
+           "residual's directions the training batches' Fisher metric weighs most into the factors (growth='source') "
+           "within residual_r16's parameters", _residual_at(lambda c: c.radapt_start, "fisher")),
 )
-ADAPTIVE = ("sct_adapt", "sct_fadapt", "sct_sadapt", "residual_adapt")  # the arms a RankScheduler drives
+ADAPTIVE = ("sct_adapt", "sct_fadapt", "sct_sadapt", "residual_adapt", "residual_sadapt")  # the arms a RankScheduler drives
 # bench_finetune's factors-only arms (not run by this experiment)
 EXTRA_METHODS: Tuple[Method, ...] = (
     Method("sct_b50_factors", "sct", "sct_b50 with only U, s, V trained", _sct(_B50, factors_only=True)),
@@ -754,17 +770,20 @@ def residual_roundtrip(model: nn.Module, cfg: Config, ids: torch.Tensor) -> Dict
 def adaptive_scheduler(method: str, opt, cfg: Config, steps: int, info: Dict):
     """An adaptive arm's RankScheduler: ``cfg.adapt_events`` events evenly spaced over ``steps``;
     ``sct_adapt`` grows compact layers from their gradients, ``residual_adapt`` moves rank between
-    each layer's residual and its factors."""
+    each layer's residual and its factors (``residual_sadapt``: the residual's directions chosen in
+    the Fisher metric of the window's batches)."""
     from stiefel_sct import RankScheduler
 
-    every = max(1, steps // (cfg.adapt_events + 1))
-    if method == "residual_adapt":
+    every = max(1, steps // ((cfg.rsadapt_events if method == "residual_sadapt" else cfg.adapt_events) + 1))
+    if method in ("residual_adapt", "residual_sadapt"):
         grow, tol, grace = cfg.radapt_grow, cfg.radapt_tol, cfg.radapt_grace
     else:
         grow, tol, grace = cfg.adapt_grow, cfg.adapt_tol, 0
     source = None
     if method == "residual_adapt":  # residual layers grow from their residual, with its values
         growth, sketch, rate = "factors", 1, None
+    elif method == "residual_sadapt":  # from the residual, in the Fisher metric of the window's batches
+        growth, sketch, rate, grow = "source", min(cfg.adapt_sketch_steps, every), None, cfg.rsadapt_grow
     elif method == "sct_sadapt":  # the pretrained weights, read from their file at the event
         growth, sketch, rate, grow = "source", min(cfg.adapt_sketch_steps, every), None, cfg.sadapt_grow
         source = info.pop("_source")

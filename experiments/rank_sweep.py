@@ -126,6 +126,11 @@ class Config:
     #   Started at rank 64 instead, no direction falls below even tol 0.1 (every 25 or 50 steps,
     #   grow 8): the spectra trained from a flat start stay flat, no event fires and the arm is
     #   rank 64 (5.2874); a magnitude test finds nothing to move between layers here
+    #   Is there a better allocation to find? The ranks this arm ended with (per layer type q 121,
+    #   k 73, v 46, o 45, gate 39, up 32, down 102: 1,296,916 spectral parameters against rank 64's
+    #   1,303,424), fixed and trained from step 0 at full strength: 5.302 (Intel Xeon, 2026-12-07
+    #   evening), no better than uniform rank 64: the allocation the growth found buys nothing
+    #   here; the 0.26 is the late start and the weak newborns, not where the rank went
     adaptive_every: int = 10
     adaptive_grow: int = 56            # rank 8 -> 64 at the first event
     # 0.02 (and 0.005) dropped every grown direction at the next event (new s start at 0 and move

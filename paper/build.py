@@ -577,10 +577,13 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
     """Each compact adaptive arm against the fixed-rank SCT arms of its conversion at its start and
     at its budget, computed from the runs: held-out loss, the spectral parameters it ended with, and
     where the rank went."""
-    lines: List[str] = []
-    for method, conversion, start_arm, budget_arm in COMPACT_ADAPTIVE:
-        lines += _compact_adaptive_paragraph(table, cfg, method, conversion, start_arm, budget_arm)
-    return lines
+    return _each_arm(table, cfg, COMPACT_ADAPTIVE, _compact_adaptive_paragraph)
+
+
+def _each_arm(table: Dict, cfg: Dict, arms: Tuple[Tuple[str, ...], ...],
+              paragraph: Callable[..., List[str]]) -> List[str]:
+    """``paragraph(table, cfg, *arm)`` for each arm of a table of adaptive arms, concatenated."""
+    return [line for arm in arms for line in paragraph(table, cfg, *arm)]
 
 
 def _compact_adaptive_paragraph(table: Dict, cfg: Dict, method: str, conversion: str, start_arm: str,
@@ -647,7 +650,7 @@ def adaptive_rank_tables(table: Dict) -> List[str]:
     """Each adaptive arm's mean rank per layer type over training: at the start and after each
     event that changed a rank (results written before the curve was recorded have none)."""
     lines: List[str] = []
-    for method in ("sct_adapt", "sct_fadapt", "sct_sadapt", "residual_adapt"):
+    for method in ("sct_adapt", "sct_fadapt", "sct_sadapt", "residual_adapt", "residual_sadapt"):
         run = table.get(f"compare/{method}/main") or {}
         curve = (run.get("adaptive") or {}).get("ranks_by_type_curve")
         if not curve:
@@ -671,27 +674,38 @@ def _survival_text(survival: List[Dict]) -> str:
             f"first event allowed to drop them ({per}).")
 
 
+# the residual adaptive arms: (arm, its split, which of the residual's directions it takes, the fixed arm of its split)
+RESIDUAL_ADAPTIVE = (("residual_adapt", "the residual split", "the residual's strongest directions", "residual_r16"),
+                     ("residual_sadapt", "the Fisher residual split", "the residual's directions the window's batches' "
+                      "Fisher metric weighs most (`growth=\"source\"`)", "residual_f16"))
+
+
 def residual_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
-    """``residual_adapt`` against the fixed-rank residual arm at its budget, from the runs."""
-    run = _adaptive_run(table, "residual_adapt")
+    """Each residual adaptive arm against the fixed-rank residual arm of its split at its budget."""
+    return _each_arm(table, cfg, RESIDUAL_ADAPTIVE, _residual_adaptive_paragraph)
+
+
+def _residual_adaptive_paragraph(table: Dict, cfg: Dict, method: str, split: str, taken: str,
+                                 fixed_arm: str) -> List[str]:
+    run = _adaptive_run(table, method)
     if run is None:
         return []
     a, end, info, order, grown, dropped = run
-    fixed = table.get("compare/residual_r16/main")
-    text = (f"**Adaptive rank in residual mode** (`residual_adapt`: every decoder linear starts at rank "
-            f"{cfg['radapt_start']} of the residual split; a `RankScheduler` every {info['every']} steps gives "
+    fixed = table.get(f"compare/{fixed_arm}/main")
+    text = (f"**Adaptive rank in residual mode** (`{method}`: every decoder linear starts at rank "
+            f"{cfg['radapt_start']} of {split}; a `RankScheduler` every {info['every']} steps gives "
             f"directions with `|s_i| < {info['tol']:g} ||s||` back to the frozen residual and takes up to {info['grow']} "
-            f"of the residual's strongest directions per layer, with their singular values, within `residual_r16`'s "
+            f"of {taken} per layer, with their values, within `residual_r16`'s "
             f"{end['budget']:,} spectral parameters; a newborn is safe for {info['grace']} event; the function never "
             f"changes at an event): held-out loss **{a['val_loss_after']:.3f}** at lr {a['lr']:g}, "
             f"{end['spectral_params_after']:,} spectral parameters at the end "
             f"({end['spectral_params_after'] / end['budget']:.0%} of the budget), {grown:,} directions taken from "
-            f"the residual and {dropped:,} given back over {len(end['events'])} events")
+            f"the residual and {dropped:,} given back over {len(end['events'])} event{'s' if len(end['events']) != 1 else ''}")
     if fixed:
         diff = a["val_loss_after"] - fixed["val_loss_after"]
         verdict = "better than" if diff < -0.02 else ("tied with" if diff <= 0.02 else "worse than")
-        text += (f"; `residual_r16` {fixed['val_loss_after']:.3f} ({diff:+.3f}): {verdict} the fixed rank 16 at equal "
-                 "parameters (a tie is within 0.02 nats)")
+        text += (f"; `{fixed_arm}` {fixed['val_loss_after']:.3f} ({diff:+.3f}): {verdict} the fixed rank 16 of its "
+                 "split at equal parameters (a tie is within 0.02 nats)")
         if "general_loss_after" in a and "general_loss_after" in fixed:
             text += (f"; general text {a['general_loss_after']:.3f} vs {fixed['general_loss_after']:.3f}")
     text += (". Mean rank per layer type at the end: "

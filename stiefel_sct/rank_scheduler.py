@@ -85,7 +85,20 @@ directions.
   direction of a compact layer starts at ``s = 0``). Only directions with ``sigma >= tol ||s||``
   arrive: a weaker one would go back at the next event. With a budget, residual layers are served by
   ``sum sigma^2 / (m + n + 1)``; a budget over residual and compact layers together is refused (the
-  two scores are not comparable).
+  two scores are not comparable);
+- with ``growth="source"`` a residual layer takes instead the rank-``r`` part outside its bases
+  that removes the most of ``R`` in the Fisher metric of the window's batches
+  (:func:`~stiefel_sct.calibration.fisher_growth` with the error ``R``, refitted at the rank the
+  budget gives it): ``R <- R - P diag(sigma) Q^T`` as above. Any part moved out of ``R`` keeps the
+  function; this one puts into training the directions the task's loss is most sensitive to, not
+  the ones with the most weight. Its budget score is the loss removed per parameter, as for a
+  compact layer's source growth, and only as many arrive as keep every value ``>= tol ||s||``.
+  In ``finetune_smollm2`` (SmolLM2-135M, every decoder linear from rank 8 of the Fisher split to
+  rank 16's parameters at step 10, ``residual_sadapt``) it ends at 3.693 held-out, the fixed rank
+  16 of that split at 3.694 (``residual_adapt``, the plain split grown by singular values at step
+  20: 3.711); the budget went unevenly (``v_proj`` 23.6 directions on average, ``q_proj`` 9.1) but
+  an even spread did as well, so the gain over ``residual_adapt`` is the metric and the earlier
+  event, not the allocation.
 
 Each move is logged as a column block of the layer's frozen ``U0``, ``s0``, ``V0``
 (:meth:`~stiefel_sct.SpectralLinear.move_residual`), so a checkpoint rebuilds ``R`` from the base
@@ -237,14 +250,16 @@ class RankScheduler:
             (``source``) in the Fisher metric of the batches seen in the sketch window, with
             their singular values (module docstring): the function moves toward the pretrained
             one. Compact layers must be :class:`~stiefel_sct.SpectralLinear`. Residual-mode
-            layers grow from their residual either way.
+            layers grow from their residual: its leading singular directions, or with
+            ``"source"`` the ones that matter most in that Fisher metric (no ``source`` needed).
         sketch_steps: ``growth="gradient"`` or ``"source"``: how many backwards before each event
             are summed into the sketch or the moments (``1 <= sketch_steps <= every``; 1, the
             default, reads the last batch, ``every`` the whole window). The hooks are only on the layers during those
             steps; a forward under ``torch.no_grad`` is not seen. :meth:`state_dict` inside a
             window carries the sums so far (tensors: save it with ``torch.save``), so a resume
             there is bitwise.
-        source: ``growth="source"`` only (required there, refused otherwise): each compact
+        source: ``growth="source"`` only (required there when a compact layer is scheduled,
+            refused otherwise): each compact
             layer's pretrained dense weight (``out_features x in_features``), by the layer's name
             in the optimizer (build it from ``model.named_parameters()``): a mapping holding every
             scheduled layer's (e.g. a state dict), or a callable ``name -> weight or None``
@@ -289,9 +304,6 @@ class RankScheduler:
                             f"{type(source).__name__}")
         if source is not None and growth != "source":
             raise ValueError(f"source is read only by growth='source' (got growth={growth!r}): drop it or grow from it")
-        if growth == "source" and self.grow and source is None:
-            raise ValueError("growth='source' grows each layer from its pretrained weight: pass source=<a mapping or "
-                             "callable from layer names to the dense weights the layers were converted from>")
         self.source = source
         if self.grow and getattr(optimizer, "step_in_backward", False):
             raise ValueError("grow > 0 reads the gradient after the optimizer's step (the factors' gradients, or the "
@@ -330,10 +342,20 @@ class RankScheduler:
                 raise NotImplementedError(f"growth={self.growth!r} reads a linear layer's inputs and output gradients "
                                           f"from hooks; {name} is a {type(layer).__name__}: use "
                                           "growth='factors', or a second RankScheduler without it")
-        groups = self.optimizer.param_groups
-        if hooked and self.growth == "source" and not all(len(g.get("param_names") or ()) for g in groups):
-            raise ValueError("growth='source' finds each layer's pretrained weight by the layer's name: build the "
-                             "optimizer from model.named_parameters()")
+        # a residual layer grows from its own residual (what it lacks is there); a compact one needs
+        # its pretrained weight, found by its name
+        compact = any(getattr(layer, "residual_dtype", None) is None for _, layer in layers)
+        if hooked and self.growth == "source" and compact:
+            if self.source is None:
+                raise ValueError("growth='source' grows each compact layer from its pretrained weight: pass source=<a "
+                                 "mapping or callable from layer names to the dense weights the layers were converted "
+                                 "from>")
+            if not all(len(g.get("param_names") or ()) for g in self.optimizer.param_groups):
+                raise ValueError("growth='source' finds each layer's pretrained weight by the layer's name: build the "
+                                 "optimizer from model.named_parameters()")
+        elif hooked and self.growth == "source" and self.source is not None:
+            raise ValueError("source is read only for compact layers, and every scheduled layer is in residual mode "
+                             "(each grows from its own residual): drop source")
 
     # ------------------------------------------------------------------------------ discovery
     def _layers(self) -> List[Tuple[str, Any]]:
@@ -434,9 +456,10 @@ class RankScheduler:
             # map) its peak fell from 6.76 to 4.81 GB and its median step from 4.91 to 3.11 s
             return
         for name, layer in layers:
-            if getattr(layer, "residual_dtype", None) is None:
-                self._sketches[name] = (LayerMoments(layer) if self.growth == "source" else
-                                        GradientSketch(layer, self.grow, _seed(name, self.last_step + to_event)))
+            if self.growth == "source":  # residual layers too: their growth is weighed in the same metric
+                self._sketches[name] = LayerMoments(layer)
+            elif getattr(layer, "residual_dtype", None) is None:
+                self._sketches[name] = GradientSketch(layer, self.grow, _seed(name, self.last_step + to_event))
 
     def _budget_left(self, ranked: List[Tuple[Any, int]]) -> Optional[int]:
         """The budget's parameters left with each layer at its rank (``(layer, rank)`` pairs);
@@ -548,6 +571,8 @@ class RankScheduler:
             # only directions the next shrink would keep: one weaker than tol * ||s|| would go
             # back at the next event and come out again at the one after, forever
             floor = self.tol * float(layer.s.detach()[keep].double().norm()) if keep else 0.0
+            if self.growth == "source":
+                return self._source_candidate(name, layer, r, floor)
             new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step), floor)
             energy = float((new_s.double() ** 2).sum())
         elif self.growth == "source":
@@ -577,10 +602,12 @@ class RankScheduler:
             return None
         return energy, r, lambda k: (new_u[:, :k], new_v[:, :k], None if new_s is None else new_s[:k]), None
 
-    def _source_candidate(self, name: str, layer, r: int) -> Optional[tuple]:
+    def _source_candidate(self, name: str, layer, r: int, floor: float = 0.0) -> Optional[tuple]:
         """growth="source": the best ``r`` directions outside the bases toward the layer's
-        pretrained weight, in the Fisher metric of the window's batches
-        (:func:`~stiefel_sct.calibration.fisher_growth`); ``take(k)`` refits them for ``k``."""
+        pretrained weight (a residual layer: out of its residual), in the Fisher metric of the
+        window's batches (:func:`~stiefel_sct.calibration.fisher_growth`); ``take(k)`` refits them
+        for ``k``. ``floor``: a residual layer takes only as many as keep every refitted value
+        ``>= floor`` (the next shrink's threshold)."""
         moments = self._sketches.get(name)
         if not isinstance(moments, LayerMoments):
             return None  # a layer the optimizer took on after the window began, or no window (a full budget)
@@ -588,21 +615,30 @@ class RankScheduler:
         moments.release()  # freed once read: the window's sums shrink as the event's offers grow
         if seen is None or min(float(m.diagonal().sum()) for m in seen) <= 0.0:
             return None  # nothing seen in the window, or only zero inputs / gradients
-        weight = self._source_weight(name, layer)
-        if weight is None:
-            return None
         u, s, v = layer.U.detach(), layer.s.detach(), layer.V.detach()
-        f64 = torch.float64
-        error = weight.to(u.device, f64) - (v.to(f64) * s.to(f64)) @ u.to(f64).mT
+        if getattr(layer, "residual_dtype", None) is not None:
+            # what the factors lack is the residual itself (W0 = V diag(s) U^T + R); fisher_growth
+            # reads it in its own dtype, so its rounding floor is the residual's
+            error = layer.residual
+        else:
+            weight = self._source_weight(name, layer)
+            if weight is None:
+                return None
+            f64 = torch.float64
+            error = weight.to(u.device, f64) - (v.to(f64) * s.to(f64)) @ u.to(f64).mT
         grown = fisher_growth(error, u, v, seen[0], seen[1], r, name=name)
-        if grown.gains.numel() == 0:
+        count = grown.gains.numel()
+        while count and floor > 0.0 and float(grown.factors(count)[1].min()) < floor:
+            count -= 1  # a value below the shrink's threshold would go back at the next event
+        if count == 0:
             return None
+        gains = grown.gains[:count]
 
         def take(k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             p, sigma, q = grown.factors(k)
             return q.to(u.dtype), p.to(v.dtype), sigma.to(s.dtype)
 
-        return float((grown.gains ** 2).sum()), grown.gains.numel(), take, grown.gains
+        return float((gains ** 2).sum()), count, take, gains
 
     def _source_weight(self, name: str, layer) -> Optional[torch.Tensor]:
         """The layer's pretrained weight from ``source`` (``None``: a callable's "no source")."""

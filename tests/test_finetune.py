@@ -108,16 +108,18 @@ def test_adaptive_arm_grows_its_ranks_within_the_budget(method):
     assert set(after["ranks_by_type"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
-def test_residual_adaptive_arm_moves_rank_within_residual_r16s_budget_and_keeps_the_function():
-    cfg = _cfg(adapt_events=2, residual_r=4, radapt_start=2, radapt_grow=2, radapt_tol=0.0)
+@pytest.mark.parametrize("method", ["residual_adapt", "residual_sadapt"])
+def test_residual_adaptive_arm_moves_rank_within_residual_r16s_budget_and_keeps_the_function(method):
+    cfg = _cfg(adapt_events=2, residual_r=4, radapt_start=2, radapt_grow=2, radapt_tol=0.0, rsadapt_grow=3)
     model = tiny_llama()
     ids = torch.randint(0, 96, (2, 9))
-    model, opt, info = ft.build_method("residual_adapt", model, cfg, 1e-3)
+    model, opt, info = ft.build_method(method, model, cfg, 1e-3, data=DATA)
     layers = [m for _, m in ft.spectral_layers(model)]
     assert all(m.rank == 2 for m in layers)
     assert info["rank_budget"] == sum(4 * (m.in_features + m.out_features + 1) for m in layers)
-    sched = ft.adaptive_scheduler("residual_adapt", opt, cfg, 6, info)
+    sched = ft.adaptive_scheduler(method, opt, cfg, 6, info)
     assert sched.grace == cfg.radapt_grace and sched.budget == info["rank_budget"]
+    assert (sched.growth, sched.grow) == (("source", 3) if method == "residual_sadapt" else ("factors", 2))
     for _ in range(6):
         opt.zero_grad()
         ft.lm_loss(model, ids).backward()

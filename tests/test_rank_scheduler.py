@@ -655,7 +655,7 @@ def test_source_growth_under_a_budget_refits_and_resumes_bitwise_inside_a_window
 def test_source_growth_arguments_are_checked():
     dense, model = _teacher_and_student()
     named = lambda: SpectralAdam(model.named_parameters())
-    with pytest.raises(ValueError, match="growth='source' grows each layer from its pretrained weight: pass source="):
+    with pytest.raises(ValueError, match="growth=.source. grows each compact layer from its pretrained weight: pass source="):
         RankScheduler(named(), growth="source")
     with pytest.raises(ValueError, match="source is read only by growth='source'"):
         RankScheduler(named(), growth="gradient", source=_weights(dense))
@@ -708,3 +708,70 @@ def test_source_growth_budget_takes_the_directions_that_remove_the_most_loss_per
     sched.step()
     assert {"0": model[0].rank - 2, "2": model[2].rank - 2} == want
     assert sum(want.values()) >= 3 and all(want.values())  # both layers served: not one layer's block first
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)], ids=["fp32", "fp64"])
+def test_residual_source_growth_moves_the_fisher_best_part_of_the_residual_keeping_the_function(dtype, tol):
+    """growth="source" on residual layers (no source: the residual is what they lack): the part that
+    leaves the residual for the factors is fisher_growth's best addition for the error R in the
+    window's moments, with its values; the function does not change (1e-6 fp32, 1e-12 fp64)."""
+    _, model = _residual(dtype)
+    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = _steps(model, opt, None, 3, dtype)
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=2, growth="source")
+    layer = model[2]
+    assert [len(model[i]._forward_hooks) for i in (0, 2)] == [1, 1]  # both residual layers are in the window
+    with torch.no_grad():
+        h = model[1](model[0](x))
+    out = layer(h).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad((out - x).square().mean(), out)
+    C, G = (h.mT @ h / 16).double(), (g.mT @ g / 16).double()
+    u_old, v_old, s_old, r_old = (t.detach().clone() for t in (layer.U, layer.V, layer.s, layer.residual))
+    before = model(x).detach()
+    opt.zero_grad()
+    (model(x) - x).square().mean().backward()
+    sched.step()
+    assert [model[0].rank, model[2].rank] == [5, 5] and layer.residual_blocks == [3, 2]
+    assert (model(x).detach() - before).abs().max() <= tol * before.abs().max()
+    P, sigma, Q = fisher_growth(r_old, u_old, v_old, C, G, r=2).factors(2)
+    eps = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close((r_old - layer.residual.detach()).double(), P * sigma @ Q.mT, rtol=0, atol=100 * eps)
+    torch.testing.assert_close(layer.s.detach()[3:].double(), sigma, rtol=100 * eps, atol=0)
+    assert torch.equal(layer.s.detach()[:3], s_old)
+    assert max(orthonormality_error(p) for p in (layer.U, layer.V)) <= 10 * eps
+
+
+def test_residual_source_growth_takes_only_values_the_next_shrink_keeps():
+    """A residual layer grows only as many Fisher directions as keep every refitted value at or above
+    tol * ||s|| (a weaker one would go back to the residual at the next event)."""
+    _, model = _residual(torch.float64)
+    opt = SpectralAdam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = _steps(model, opt, None, 3, torch.float64)
+    layer = model[0]
+    tol = 0.3
+    s_old = layer.s.detach().clone()
+    u_old, v_old, r_old = layer.U.detach().clone(), layer.V.detach().clone(), layer.residual.detach().clone()
+    sched = RankScheduler(opt, every=1, tol=tol, grow=4, growth="source")
+    opt.zero_grad()
+    (model(x) - x).square().mean().backward()
+    C, G = sched._sketches["layer0"].read()
+    grown = fisher_growth(r_old, u_old, v_old, C, G, r=4)
+    floor = tol * float(s_old[s_old.abs() >= tol * s_old.norm()].norm())
+    want = max([k for k in range(grown.gains.numel() + 1) if k == 0 or float(grown.factors(k)[1].min()) >= floor])
+    assert 0 < want < 4  # the floor binds here: the test would not see it otherwise
+    sched.step()
+    new = layer.s.detach()[layer.rank - want:]
+    assert layer.residual_blocks[-1] == want and bool((new >= floor).all())
+
+
+def test_residual_source_growth_arguments():
+    """Residual layers need no source under growth="source" and a source no layer reads is refused;
+    a compact layer still needs one."""
+    _, model = _residual()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    RankScheduler(SpectralAdam(trained), growth="source")
+    with pytest.raises(ValueError, match="every scheduled layer is in residual mode .* drop source"):
+        RankScheduler(SpectralAdam(trained), growth="source", source={"0": torch.zeros(20, 12)})
+    _, compact = _teacher_and_student()
+    with pytest.raises(ValueError, match="grows each compact layer from its pretrained weight: pass source="):
+        RankScheduler(SpectralAdam(compact.named_parameters()), growth="source")
