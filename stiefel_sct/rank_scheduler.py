@@ -617,8 +617,9 @@ class RankScheduler:
             return None  # nothing seen in the window, or only zero inputs / gradients
         u, s, v = layer.U.detach(), layer.s.detach(), layer.V.detach()
         if getattr(layer, "residual_dtype", None) is not None:
-            # what the factors lack is the residual itself (W0 = V diag(s) U^T + R); fisher_growth
-            # reads it in its own dtype, so its rounding floor is the residual's
+            # the part to move is the residual's own: its Fisher-heaviest rank-r part outside the
+            # bases (moving any part of R keeps W = V diag(s) U^T + R); fisher_growth reads R in
+            # its own dtype, so its rounding floor is the residual's
             error = layer.residual
         else:
             weight = self._source_weight(name, layer)
