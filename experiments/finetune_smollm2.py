@@ -774,21 +774,19 @@ def adaptive_scheduler(method: str, opt, cfg: Config, steps: int, info: Dict):
     the Fisher metric of the window's batches)."""
     from stiefel_sct import RankScheduler
 
+    residual = method.startswith("residual_")
     every = max(1, steps // ((cfg.rsadapt_events if method == "residual_sadapt" else cfg.adapt_events) + 1))
-    if method in ("residual_adapt", "residual_sadapt"):
-        grow, tol, grace = cfg.radapt_grow, cfg.radapt_tol, cfg.radapt_grace
-    else:
-        grow, tol, grace = cfg.adapt_grow, cfg.adapt_tol, 0
-    source = None
+    tol, grace = (cfg.radapt_tol, cfg.radapt_grace) if residual else (cfg.adapt_tol, 0)
+    sketch, rate, source = min(cfg.adapt_sketch_steps, every), None, None
     if method == "residual_adapt":  # residual layers grow from their residual, with its values
-        growth, sketch, rate = "factors", 1, None
-    elif method == "residual_sadapt":  # from the residual, in the Fisher metric of the window's batches
-        growth, sketch, rate, grow = "source", min(cfg.adapt_sketch_steps, every), None, cfg.rsadapt_grow
-    elif method == "sct_sadapt":  # the pretrained weights, read from their file at the event
-        growth, sketch, rate, grow = "source", min(cfg.adapt_sketch_steps, every), None, cfg.sadapt_grow
-        source = info.pop("_source")
+        growth, grow, sketch = "factors", cfg.radapt_grow, 1
+    elif method in ("residual_sadapt", "sct_sadapt"):
+        # in the Fisher metric of the window's batches: from the residual, or toward the pretrained
+        # weights (read from their file at the event; the builder left the reader in info)
+        growth, grow = "source", cfg.rsadapt_grow if residual else cfg.sadapt_grow
+        source = info.pop("_source", None)
     else:
-        growth, sketch, rate = cfg.adapt_growth, min(cfg.adapt_sketch_steps, every), cfg.adapt_newborn_rate
+        growth, grow, rate = cfg.adapt_growth, cfg.adapt_grow, cfg.adapt_newborn_rate
     info.update(every=every, grow=grow, tol=tol, grace=grace, growth=growth, sketch_steps=sketch, newborn_rate=rate)
     return RankScheduler(opt, every=every, tol=tol, grow=grow, budget=info["rank_budget"], grace=grace,
                          growth=growth, sketch_steps=sketch, newborn_rate=rate, source=source)

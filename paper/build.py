@@ -580,6 +580,11 @@ def finetune_adaptive_paragraph(table: Dict, cfg: Dict) -> List[str]:
     return _each_arm(table, cfg, COMPACT_ADAPTIVE, _compact_adaptive_paragraph)
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 event', '3 events'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def _each_arm(table: Dict, cfg: Dict, arms: Tuple[Tuple[str, ...], ...],
               paragraph: Callable[..., List[str]]) -> List[str]:
     """``paragraph(table, cfg, *arm)`` for each arm of a table of adaptive arms, concatenated."""
@@ -601,7 +606,7 @@ def _compact_adaptive_paragraph(table: Dict, cfg: Dict, method: str, conversion:
             + ", "
             f"{end['budget']:,} spectral parameters): held-out loss **{a['val_loss_after']:.3f}**, ending with "
             f"{end['spectral_params_after']:,} spectral parameters ({end['spectral_params_after'] / end['budget']:.0%} "
-            f"of the budget; {grown:,} directions grown, {dropped:,} dropped over {len(end['events'])} event{'s' if len(end['events']) != 1 else ''})")
+            f"of the budget; {grown:,} directions grown, {dropped:,} dropped over {_count(len(end['events']), 'event')})")
     for name, r in ((start_arm, start), (budget_arm, at_budget)):
         if r:
             text += f"; `{name}` {r['val_loss_after']:.3f} ({a['val_loss_after'] - r['val_loss_after']:+.3f})"
@@ -650,7 +655,7 @@ def adaptive_rank_tables(table: Dict) -> List[str]:
     """Each adaptive arm's mean rank per layer type over training: at the start and after each
     event that changed a rank (results written before the curve was recorded have none)."""
     lines: List[str] = []
-    for method in ("sct_adapt", "sct_fadapt", "sct_sadapt", "residual_adapt", "residual_sadapt"):
+    for method, *_ in COMPACT_ADAPTIVE + RESIDUAL_ADAPTIVE:
         run = table.get(f"compare/{method}/main") or {}
         curve = (run.get("adaptive") or {}).get("ranks_by_type_curve")
         if not curve:
@@ -700,7 +705,7 @@ def _residual_adaptive_paragraph(table: Dict, cfg: Dict, method: str, split: str
             f"changes at an event): held-out loss **{a['val_loss_after']:.3f}** at lr {a['lr']:g}, "
             f"{end['spectral_params_after']:,} spectral parameters at the end "
             f"({end['spectral_params_after'] / end['budget']:.0%} of the budget), {grown:,} directions taken from "
-            f"the residual and {dropped:,} given back over {len(end['events'])} event{'s' if len(end['events']) != 1 else ''}")
+            f"the residual and {dropped:,} given back over {_count(len(end['events']), 'event')}")
     if fixed:
         diff = a["val_loss_after"] - fixed["val_loss_after"]
         verdict = "better than" if diff < -0.02 else ("tied with" if diff <= 0.02 else "worse than")

@@ -321,8 +321,8 @@ class RankScheduler:
         self.lr_sums: List[float] = [0.0] * len(optimizer.param_groups)
         self.lr_at: Dict[int, List[float]] = {}
         self._check_layers(self._layers())
-        # growth="gradient" / "source": per compact layer, the sketch (or moments) the backwards before
-        # the next event fill
+        # growth="gradient": per compact layer, the sketch the backwards before the next event fill;
+        # "source": per layer (residual ones too), the moments
         self._sketches: Dict[str, Union[GradientSketch, LayerMoments]] = {}
         self._arm()
 
@@ -435,9 +435,9 @@ class RankScheduler:
             self._update_optimizer(replaced)
 
     def _arm(self) -> None:
-        """``growth="gradient"`` (``"source"``): hook every compact layer while the next event is at
-        most ``sketch_steps`` calls of :meth:`step` away, so the backwards before it are sketched
-        (their moments summed; one sketch or moment pair per layer and event)."""
+        """``growth="gradient"`` (``"source"``): hook every compact layer (every layer) while the next
+        event is at most ``sketch_steps`` calls of :meth:`step` away, so the backwards before it are
+        sketched (their moments summed; one sketch or moment pair per layer and event)."""
         if self.growth == "factors" or not self.grow:
             return
         to_event = self.every - self.last_step % self.every  # calls of step() until the next event
@@ -567,16 +567,15 @@ class RankScheduler:
         # s = 0 with fresh moments (a full-rank layer did exactly that: the only direction
         # outside its kept basis was the one it dropped)
         new_s: Optional[torch.Tensor] = None
-        if getattr(layer, "residual_dtype", None) is not None:
-            # only directions the next shrink would keep: one weaker than tol * ||s|| would go
-            # back at the next event and come out again at the one after, forever
-            floor = self.tol * float(layer.s.detach()[keep].double().norm()) if keep else 0.0
-            if self.growth == "source":
-                return self._source_candidate(name, layer, r, floor)
+        residual = getattr(layer, "residual_dtype", None) is not None
+        # a residual layer takes only directions the next shrink would keep: one weaker than
+        # tol * ||s|| would go back at the next event and come out again at the one after, forever
+        floor = self.tol * float(layer.s.detach()[keep].double().norm()) if residual and keep else 0.0
+        if self.growth == "source":
+            return self._source_candidate(name, layer, r, floor)
+        if residual:
             new_v, new_s, new_u = _residual_directions(layer.residual, u, v, r, _seed(name, self.last_step), floor)
             energy = float((new_s.double() ** 2).sum())
-        elif self.growth == "source":
-            return self._source_candidate(name, layer, r)
         elif self.growth == "gradient":
             sketch = self._sketches.get(name)
             if not isinstance(sketch, GradientSketch):  # a layer the optimizer took on after the window began

@@ -80,7 +80,31 @@ def _range(basis: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return outside_basis(basis, left[:, :keep])
 
 
-class GradientSketch:
+class _BackwardHooks:
+    """A forward hook on a layer that hands each forward autograd will differentiate (its input
+    and output) to :meth:`_on_forward`, which registers the output's gradient hook; the hook stays
+    until :meth:`remove`. Forwards without autograd (``torch.no_grad``, inference) are not seen."""
+
+    _handle: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def _attach(self, layer: SpectralLinear) -> None:
+        self._handle = layer.register_forward_hook(self._forward)
+
+    def _forward(self, module, inputs, output) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
+            self._on_forward(inputs[0], output)
+
+    def _on_forward(self, x: torch.Tensor, output: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        """Remove the hook (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class GradientSketch(_BackwardHooks):
     """Accumulate a two-sided sketch of a :class:`~stiefel_sct.SpectralLinear`'s weight gradient
     outside its current bases, from hooks on the layer; read its leading singular triplets.
 
@@ -112,13 +136,10 @@ class GradientSketch:
         # sum over backwards of ||dY||_F ||X||_F >= ||G||_F: the scale of the sketches' rounding, kept
         # on the layer's device (float64, as a Python float would be) so a backward never waits on the host
         self.mass = torch.zeros((), dtype=torch.float64, device=u.device)
-        self._handle: Optional[torch.utils.hooks.RemovableHandle] = (
-            layer.register_forward_hook(self._forward) if self.probes else None)
+        if self.probes:
+            self._attach(layer)
 
-    def _forward(self, module, inputs, output) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-            return
-        x = inputs[0]
+    def _on_forward(self, x: torch.Tensor, output: torch.Tensor) -> None:
         # X Omega now (a thin tensor); X itself is the tensor autograd saved for the layer's own
         # backward, so holding it until then costs no memory
         x_omega = x.reshape(-1, self.omega.shape[0]).to(self.work) @ self.omega
@@ -147,12 +168,6 @@ class GradientSketch:
             getattr(self, key).copy_(state[key])
         self.backwards = int(state["backwards"])
         self.mass.fill_(float(state["mass"]))
-
-    def remove(self) -> None:
-        """Remove the hooks (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     @torch.no_grad()
     def directions(self, u: torch.Tensor, v: torch.Tensor, r: int
@@ -193,7 +208,7 @@ class GradientSketch:
         return p.to(v.dtype), sigma[:take].to(v.dtype), q.to(u.dtype)
 
 
-class LayerMoments:
+class LayerMoments(_BackwardHooks):
     """The second moments of a :class:`~stiefel_sct.SpectralLinear`'s inputs, ``C = X^T X / N``
     (``m x m``), and of the loss gradients at its output, ``G = dY^T dY / N`` (``n x n``), summed
     from hooks over every backward until they are read: the Fisher metric of the training batches
@@ -211,12 +226,9 @@ class LayerMoments:
         self.grads = torch.zeros(n, n, dtype=self.work, device=device)
         self.tokens = torch.zeros((), dtype=torch.float64, device=device)  # rows seen, on the device (no sync)
         self.backwards = 0
-        self._handle: Optional[torch.utils.hooks.RemovableHandle] = layer.register_forward_hook(self._forward)
+        self._attach(layer)
 
-    def _forward(self, module, inputs, output) -> None:
-        if not (torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad):
-            return
-        x = inputs[0]
+    def _on_forward(self, x: torch.Tensor, output: torch.Tensor) -> None:
         output.register_hook(lambda g: self._backward(x, g))
 
     @torch.no_grad()
@@ -259,9 +271,3 @@ class LayerMoments:
         self.grads.copy_(state["grads"])
         self.tokens.fill_(float(state["tokens"]))
         self.backwards = int(state["backwards"])
-
-    def remove(self) -> None:
-        """Remove the hook (idempotent)."""
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
