@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -198,6 +198,10 @@ def test_fisher_conversion_minimises_the_kfac_loss_estimate(k):
 def test_no_rank_k_matrix_beats_the_fisher_one(seed, k):
     lin, X, batches, forward = _regression(seed)
     C, G = _fisher_metric(lin, batches, forward)
+    # an undamped metric needs an invertible G: some draws of the loss's mixing matrix make it
+    # singular to rounding (seed 4926: cond 4e16), where the conversion rightly refuses
+    # grad_damping=0 (or not: its Cholesky then depends on the GEMMs' last bits)
+    assume(float(torch.linalg.cond(G)) < 1e12)
     Gh, Ch, W = _sqrtm(G), _sqrtm(C), lin.weight.detach()
     best = spectralize(copy.deepcopy(lin), rank=k, calibration=batches, calibration_forward=forward,
                        whitening="fisher", damping=0.0, grad_damping=0.0, convert_small=True).dense_weight()
