@@ -234,16 +234,52 @@ def rank_sweep_section(res: Dict, figures: pathlib.Path, rel: str) -> List[str]:
 def adaptive_paragraph(m: Dict, cfg: Dict) -> List[str]:
     """What the RankScheduler arm shows, computed from the runs: its held-out loss against the fixed
     ranks at the same parameter budget, and where the rank went."""
-    adaptive = [r for r in m["runs"].values() if r["stage"] == "adaptive"]
+    adaptive = [r for r in m["runs"].values() if r["stage"] == "adaptive" and not r.get("budget_by")]
     fixed = {r["rank"]: r for r in m["runs"].values() if r["stage"] == "main" and r["rank"] is not None}
-    if not adaptive or not fixed:
+    if not fixed:
         return []
-    a = adaptive[0]
+    pruned = [r for r in m["runs"].values() if r["stage"] == "adaptive" and r.get("budget_by")]
+    return (_growing_paragraph(adaptive[0], fixed, cfg) if adaptive else []) + \
+        (_pruning_paragraph(pruned[0], fixed, cfg) if pruned else [])
+
+
+def _verdicts(a: Dict, fixed: Dict, cfg: Dict) -> Tuple[int, Dict, Optional[Dict], str]:
+    """The best fixed rank, its run, the fixed run at the arm's budget rank, and the text comparing
+    ``a``'s held-out loss with both."""
     best_k = min(fixed, key=lambda k: fixed[k]["val_loss"])
     best = fixed[best_k]
     ref = fixed.get(cfg["adaptive_budget_rank"])
+    text = (f"validation loss **{a['val_loss']:.3f}** with {a['converted']['spectral_params']:,} spectral parameters "
+            f"at the end, against rank {best_k} (the best fixed rank) {best['val_loss']:.3f}"
+            + (f" and rank {cfg['adaptive_budget_rank']} (the same budget) {ref['val_loss']:.3f} with "
+               f"{ref['converted']['spectral_params']:,}" if ref else ""))
+    return best_k, best, ref, text
+
+
+def _final_ranks_text(a: Dict) -> str:
     final = a["curve"]["ranks"][-1]
     order = sorted(final, key=final.get, reverse=True)
+    return ("final mean rank per layer type: " + ", ".join(f"{t} {final[t]:.1f}" for t in order)
+            + f" (most rank went to `{order[0]}`, least to `{order[-1]}`).")
+
+
+def _pruning_paragraph(a: Dict, fixed: Dict, cfg: Dict) -> List[str]:
+    """The pruning arm (``RankScheduler(budget_by=...)``) against the fixed ranks."""
+    best_k, best, ref, text = _verdicts(a, fixed, cfg)
+    versus = (f"{'at or below' if a['val_loss'] <= ref['val_loss'] else 'above'} rank {cfg['adaptive_budget_rank']}'s "
+              f"({a['val_loss'] - ref['val_loss']:+.3f}) and {'at or below' if a['val_loss'] <= best['val_loss'] else 'above'} "
+              f"the best fixed rank's ({a['val_loss'] - best['val_loss']:+.3f})") if ref else ""
+    return ["", f"**Pruning to the budget from above** (`RankScheduler(budget_by={a['budget_by']})`, AdaLoRA's cubic "
+            f"schedule, every {cfg['adaptive_every']} steps, lowest `|s_i| / (||s|| (m + n + 1))` first, nothing grows): "
+            f"every layer starts at rank {a['rank']} and fits rank {cfg['adaptive_budget_rank']}'s spectral parameters "
+            f"from step {a['budget_by']} of {a['steps']}, at that rank's lr {a['lr']:g}: {text}; {versus}. It trains "
+            f"above the budget until step {a['budget_by']} (the budget is the trained model's size, as in AdaLoRA). "
+            f"{len(a['rank_changes'])} rank changes; " + _final_ranks_text(a)]
+
+
+def _growing_paragraph(a: Dict, fixed: Dict, cfg: Dict) -> List[str]:
+    """The growing arm (from a low rank up to the budget) against the fixed ranks."""
+    best_k, best, ref, text = _verdicts(a, fixed, cfg)
     verdict = "reaches" if a["val_loss"] <= best["val_loss"] else "does not reach"
     grace = cfg.get("adaptive_grace", 0)
     lines = ["", f"**Adaptive rank** (`RankScheduler`, every {cfg['adaptive_every']} steps: drop "
@@ -255,15 +291,9 @@ def adaptive_paragraph(m: Dict, cfg: Dict) -> List[str]:
                             cfg.get("adaptive_newborn_rate"))
              + "); every layer "
              f"starts at rank {a['rank']}, budget = rank {cfg['adaptive_budget_rank']}'s spectral parameters, at that "
-             f"rank's lr {a['lr']:g}): validation loss **{a['val_loss']:.3f}** with "
-             f"{a['converted']['spectral_params']:,} spectral parameters at the end, against rank {best_k} (the best "
-             f"fixed rank) {best['val_loss']:.3f}"
-             + (f" and rank {cfg['adaptive_budget_rank']} (the same budget) {ref['val_loss']:.3f} with "
-                f"{ref['converted']['spectral_params']:,}" if ref else "")
-             + f": the adaptive arm {verdict} the best fixed rank's held-out loss ({a['val_loss'] - best['val_loss']:+.3f}). "
-             f"{len(a['rank_changes'])} rank changes; final mean rank per layer type: "
-             + ", ".join(f"{t} {final[t]:.1f}" for t in order) + f" (most rank went to `{order[0]}`, least to "
-             f"`{order[-1]}`)." + _survival_text(a.get("survival") or [])]
+             f"rank's lr {a['lr']:g}): {text}: the adaptive arm {verdict} the best fixed rank's held-out loss "
+             f"({a['val_loss'] - best['val_loss']:+.3f}). {len(a['rank_changes'])} rank changes; "
+             + _final_ranks_text(a) + _survival_text(a.get("survival") or [])]
     return lines
 
 
@@ -307,14 +337,14 @@ def plot_rank_sweep(m: Dict, cfg: Dict, figures: pathlib.Path) -> List[pathlib.P
 
     adaptive = [r for r in m["runs"].values() if r["stage"] == "adaptive" and r["curve"].get("ranks")]
     if adaptive:
-        a = adaptive[0]
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for t in a["curve"]["ranks"][-1]:
-            ax.plot(a["curve"]["eval_step"], [ranks.get(t, float("nan")) for ranks in a["curve"]["ranks"]], marker="o",
-                    ms=3, label=t)
-        ax.set(xlabel="step", ylabel="mean rank over layers", title="adaptive arm: rank of each layer type")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig, axes = plt.subplots(1, len(adaptive), figsize=(7 * len(adaptive), 4), squeeze=False)
+        for ax, a in zip(axes[0], adaptive):
+            for t in a["curve"]["ranks"][-1]:
+                ax.plot(a["curve"]["eval_step"], [ranks.get(t, float("nan")) for ranks in a["curve"]["ranks"]],
+                        marker="o", ms=3, label=t)
+            ax.set(xlabel="step", ylabel="mean rank over layers", title=f"{a['name']}: rank of each layer type")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         out.append(_save(fig, figures, "rank_sweep_adaptive_ranks.png"))
 
     sched = [r for r in m["runs"].values() if r["stage"] == "schedule"]

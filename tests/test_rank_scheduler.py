@@ -775,3 +775,93 @@ def test_residual_source_growth_arguments():
     _, compact = _teacher_and_student()
     with pytest.raises(ValueError, match="grows each compact layer from its pretrained weight: pass source="):
         RankScheduler(SpectralAdam(compact.named_parameters()), growth="source")
+
+
+def _spread_model(dtype=torch.float64):
+    """Two layers at rank 5 with known spectra: layer 0 (12 -> 16, 29 parameters a direction) and
+    layer 2 (16 -> 6, 23 a direction)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SpectralLinear(12, 16, 5, dtype=dtype), nn.Tanh(), SpectralLinear(16, 6, 5, dtype=dtype))
+    with torch.no_grad():
+        model[0].s.copy_(torch.tensor([5.0, 4.0, 3.0, 0.2, 0.1], dtype=dtype))
+        model[2].s.copy_(torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6], dtype=dtype))
+    return model
+
+
+def test_budget_by_prunes_along_the_cubic_schedule_lowest_relative_magnitude_per_parameter_first():
+    """From rank 5 each down to a budget of 3 + 2 directions' parameters by step 4: after each event
+    the layers hold at most the schedule's size, the dropped directions are those with the smallest
+    |s_i| / (||s|| (m + n + 1)) at that event (worked out by hand below), and each drop removes
+    exactly its singular value from the weight."""
+    model = _spread_model()
+    cost = [12 + 16 + 1, 16 + 6 + 1]
+    start = 5 * cost[0] + 5 * cost[1]  # 260
+    budget = 3 * cost[0] + 2 * cost[1]  # 133
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves but the ranks
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=0, budget=budget, budget_by=4)
+    assert sched.start_size == start
+    want = [budget + int((start - budget) * (1 - min(t, 4) / 4) ** 3) for t in range(1, 6)]
+    assert [sched.allowed_size(t) for t in range(1, 6)] == want == [186, 148, 134, 133, 133]
+    # scores x 1e4 at step 1: layer 0 (||s|| 7.07): 5 -> 244, 4 -> 195, 3 -> 146, 0.2 -> 9.7, 0.1 -> 4.9;
+    # layer 2 (||s|| 1.82): 1 -> 239, 0.9 -> 215, 0.8 -> 191, 0.7 -> 168, 0.6 -> 144. Step 1 drops
+    # 0.1, 0.2, 0.6 (260 -> 179 <= 186); at step 2 layer 2's norm has fallen (0.7 -> 178) and 3 (146)
+    # goes first, then 0.7 (150 -> 127 <= 148); then nothing is over the schedule
+    expect = [([5.0, 4.0, 3.0], [1.0, 0.9, 0.8, 0.7]), ([5.0, 4.0], [1.0, 0.9, 0.8])] + [([5.0, 4.0], [1.0, 0.9, 0.8])] * 3
+    for t in range(5):
+        before = [(m.s.detach().clone(), m.dense_weight().detach()) for m in (model[0], model[2])]
+        sched.step()
+        assert [m.s.tolist() for m in (model[0], model[2])] == [pytest.approx(e) for e in expect[t]]
+        assert model[0].rank * cost[0] + model[2].rank * cost[1] <= want[t]
+        for (s_old, w_old), m in zip(before, (model[0], model[2])):
+            gone = [v for v in s_old.tolist() if v not in m.s.tolist()]
+            change = float((m.dense_weight().detach() - w_old).norm())
+            assert abs(change - sum(v * v for v in gone) ** 0.5) <= 1e-12
+            assert max(orthonormality_error(m.U), orthonormality_error(m.V)) <= 1e-12
+    assert [h["dropped"] for h in sched.history] == [2, 1, 1, 1]
+
+
+def test_budget_by_keeps_min_rank_and_newborns_and_gives_residual_directions_back():
+    """The prune never takes a layer under min_rank; in residual mode the pruned directions go back
+    into the residual and the function is unchanged (fp64, 1e-12)."""
+    model = _spread_model()
+    cost = [12 + 16 + 1, 16 + 6 + 1]
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=0, min_rank=4, budget=cost[0] + cost[1], budget_by=1)
+    sched.step()
+    assert (model[0].rank, model[2].rank) == (4, 4)  # the budget is out of reach at min_rank: no lower
+    _, res = _residual(torch.float64, rank=6)
+    opt = SpectralAdam([p for p in res.parameters() if p.requires_grad], lr=1e-3)
+    x = _steps(res, opt, None, 2, torch.float64)
+    before = res(x).detach()
+    per = [sum(res[i].U.shape) + 1 for i in (0, 2)]
+    sched = RankScheduler(opt, every=1, tol=0.0, grow=0, budget=4 * per[0] + 4 * per[1], budget_by=1)
+    sched.step()
+    assert res[0].rank * per[0] + res[2].rank * per[1] <= 4 * per[0] + 4 * per[1]
+    assert res[0].rank < 6 or res[2].rank < 6
+    assert (res(x).detach() - before).abs().max() <= 1e-12 * before.abs().max()
+
+
+def test_budget_by_resumes_bitwise_and_checks_its_arguments(tmp_path):
+    model = _spread_model(torch.float32)
+    x, y = _data()
+    opt = SpectralAdam(model.parameters(), lr=1e-2)
+    budget = 3 * (12 + 16 + 1) + 3 * (16 + 6 + 1)
+    sched = RankScheduler(opt, every=2, tol=0.0, grow=1, budget=budget, budget_by=6)
+    for _ in range(2):
+        _backward(model, x, y)
+        opt.step()
+        sched.step()
+    save_spectral(model, tmp_path / "ck", optimizer=opt)
+    twin = load_spectral(nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 6)), tmp_path / "ck")
+    twin_opt = SpectralAdam(twin.parameters(), lr=1e-2)
+    load_optimizer_state(twin_opt, twin, tmp_path / "ck")
+    twin_sched = RankScheduler(twin_opt, every=99, tol=0.9, grow=0)
+    twin_sched.load_state_dict(copy.deepcopy(sched.state_dict()))
+    assert twin_sched.budget_by == 6 and twin_sched.start_size == sched.start_size == 5 * 29 + 5 * 23
+    _train_both_equal((model, opt, sched), (twin, twin_opt, twin_sched), 6, x, y)
+    assert model[0].rank * 29 + model[2].rank * 23 <= budget
+    for kwargs, error, match in [(dict(budget_by=3), ValueError, "pass budget="),
+                                 (dict(budget=100, budget_by=0), ValueError, "budget_by must be"),
+                                 (dict(budget=100, budget_by=True), ValueError, "budget_by must be")]:
+        with pytest.raises(error, match=match):
+            RankScheduler(SpectralAdam(_model().parameters()), **kwargs)
