@@ -99,7 +99,13 @@ class Config:
     # 2026-12-07): lr 3e-5 0.9090, 1e-4 0.9112, 3e-4 0.9035, 1e-3 0.8623, against 0.9088 with the
     # pooled loss alone at 1e-4. Up to 32 x 384 x 6 targets per sentence instead of the pooled 384
     # move the healed cosine by 0.002: the signal is not what holds it near 0.91 at 50%; the budget
-    # is (the same arm at 70% ends at 0.950)
+    # is (the same arm at 70% ends at 0.950). Reaching 50% from above instead (the Fisher arm at
+    # 70%, cosine 0.953, healed 100 steps at 1e-4 while RankScheduler(budget_by=50) prunes it to
+    # 50% in 10-step events; AMD EPYC, 2026-12-07, prototypes): 0.840 pruning by the relative
+    # magnitude per parameter, 0.841 by Optimal Brain Damage's s^2 v (Adam's v), 0.846 by the
+    # K-FAC estimate s^2 (u^T C u)(v^T G v) from the healing batches' moments, all below the
+    # one-shot 50% conversion's 0.909: dropping columns of a basis that is orthonormal in the plain
+    # metric cannot refit the kept part in the Fisher metric as the conversion's whitened SVD does
     train_sentences: int = 1600
     eval_sentences: int = 256
     max_len: int = 32
