@@ -151,6 +151,8 @@ class Config:
     # step 150: 5.256; without the per-parameter cost in the score 5.263; Optimal Brain Damage's
     # s_i^2 v_i (Adam's second moment of s as the Fisher diagonal) 5.281; against rank 64's 5.287
     # and rank 128's 5.247. The committed run (these settings, schedule from construction): 5.245.
+    # Seed 1 (--seed 1 --lr 3e-3, stages main and adaptive, AMD EPYC): this arm 5.267, rank 64
+    # 5.269, rank 128 5.236, the growing arm 5.611: at or below rank 64 both times (by 0.042, 0.002)
     # Its final per-layer ranks (k, v 128; q 115, o 119; gate 27.5, up 26.5, down 33.5 on average),
     # fixed and trained from step 0 at rank 64's lr: 5.317 (a probe, AMD EPYC): the allocation alone
     # is worse than uniform; what the arm keeps is what the early steps at rank 128 learned
