@@ -903,8 +903,12 @@ def _memory_figures(res: Dict) -> List[Figure]:
 def _rank_sweep_figures(res: Dict) -> List[Figure]:
     table = _dig(res, "metrics", "table") or {}
     ranks = [v["val_loss"] for k, v in table.items() if k.startswith("r") and k[1:].isdigit()]
+    pruned = next((r for r in (_dig(res, "metrics", "runs") or {}).values()
+                   if r.get("stage") == "adaptive" and r.get("budget_by")), None)
     return [("from scratch: dense held-out loss", _dig(table, "dense", "val_loss"), "loss", None),
-            ("from scratch: best fixed-rank SCT held-out loss", min(ranks, default=None), "loss", None)]
+            ("from scratch: best fixed-rank SCT held-out loss", min(ranks, default=None), "loss", None),
+            ("from scratch: SCT pruned to rank 64's budget (RankScheduler budget_by) held-out loss",
+             pruned["val_loss"] if pruned else None, "loss", None)]
 
 
 def _compress_figures(res: Dict) -> List[Figure]:
