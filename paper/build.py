@@ -243,8 +243,8 @@ def adaptive_paragraph(m: Dict, cfg: Dict) -> List[str]:
         (_pruning_paragraph(pruned[0], fixed, cfg) if pruned else [])
 
 
-def _verdicts(a: Dict, fixed: Dict, cfg: Dict) -> Tuple[int, Dict, Optional[Dict], str]:
-    """The best fixed rank, its run, the fixed run at the arm's budget rank, and the text comparing
+def _verdicts(a: Dict, fixed: Dict, cfg: Dict) -> Tuple[Dict, Optional[Dict], str]:
+    """The best fixed rank's run, the fixed run at the arm's budget rank, and the text comparing
     ``a``'s held-out loss with both."""
     best_k = min(fixed, key=lambda k: fixed[k]["val_loss"])
     best = fixed[best_k]
@@ -253,7 +253,7 @@ def _verdicts(a: Dict, fixed: Dict, cfg: Dict) -> Tuple[int, Dict, Optional[Dict
             f"at the end, against rank {best_k} (the best fixed rank) {best['val_loss']:.3f}"
             + (f" and rank {cfg['adaptive_budget_rank']} (the same budget) {ref['val_loss']:.3f} with "
                f"{ref['converted']['spectral_params']:,}" if ref else ""))
-    return best_k, best, ref, text
+    return best, ref, text
 
 
 def _final_ranks_text(a: Dict) -> str:
@@ -265,7 +265,7 @@ def _final_ranks_text(a: Dict) -> str:
 
 def _pruning_paragraph(a: Dict, fixed: Dict, cfg: Dict) -> List[str]:
     """The pruning arm (``RankScheduler(budget_by=...)``) against the fixed ranks."""
-    best_k, best, ref, text = _verdicts(a, fixed, cfg)
+    best, ref, text = _verdicts(a, fixed, cfg)
     versus = (f"{'at or below' if a['val_loss'] <= ref['val_loss'] else 'above'} rank {cfg['adaptive_budget_rank']}'s "
               f"({a['val_loss'] - ref['val_loss']:+.3f}) and {'at or below' if a['val_loss'] <= best['val_loss'] else 'above'} "
               f"the best fixed rank's ({a['val_loss'] - best['val_loss']:+.3f})") if ref else ""
@@ -279,7 +279,7 @@ def _pruning_paragraph(a: Dict, fixed: Dict, cfg: Dict) -> List[str]:
 
 def _growing_paragraph(a: Dict, fixed: Dict, cfg: Dict) -> List[str]:
     """The growing arm (from a low rank up to the budget) against the fixed ranks."""
-    best_k, best, ref, text = _verdicts(a, fixed, cfg)
+    best, ref, text = _verdicts(a, fixed, cfg)
     verdict = "reaches" if a["val_loss"] <= best["val_loss"] else "does not reach"
     grace = cfg.get("adaptive_grace", 0)
     lines = ["", f"**Adaptive rank** (`RankScheduler`, every {cfg['adaptive_every']} steps: drop "

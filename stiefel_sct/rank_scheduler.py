@@ -148,7 +148,7 @@ autograd remembers a leaf's shape, so resizing ``p.data`` would break the next b
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union, cast
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union, cast
 
 import geoopt
 import torch
@@ -356,7 +356,7 @@ class RankScheduler:
         layers = self._layers()
         self._check_layers(layers)
         # budget_by: the size the pruning schedule starts from (the layers' size now)
-        self.start_size = sum(layer.s.shape[0] * self._cost(layer) for _, layer in layers)
+        self.start_size = self._size((layer, layer.s.shape[0]) for _, layer in layers)
         # growth="gradient": per compact layer, the sketch the backwards before the next event fill;
         # "source": per layer (residual ones too), the moments
         self._sketches: Dict[str, Union[GradientSketch, LayerMoments]] = {}
@@ -415,6 +415,11 @@ class RankScheduler:
     @staticmethod
     def _cost(layer) -> int:
         return spectral_params(layer.U.shape[0], layer.V.shape[0])
+
+    @classmethod
+    def _size(cls, ranked: Iterable[Tuple[Any, int]]) -> int:
+        """Spectral parameters of ``(layer, rank)`` pairs: what the budget counts."""
+        return sum(k * cls._cost(layer) for layer, k in ranked)
 
     # ------------------------------------------------------------------------------ the event
     @torch.no_grad()
@@ -501,7 +506,7 @@ class RankScheduler:
     def _budget_left(self, ranked: List[Tuple[Any, int]]) -> Optional[int]:
         """The budget's parameters left with each layer at its rank (``(layer, rank)`` pairs);
         ``None`` without a budget."""
-        return None if self.budget is None else self.budget - sum(k * self._cost(layer) for layer, k in ranked)
+        return None if self.budget is None else self.budget - self._size(ranked)
 
     def _no_room(self, left: Optional[int], layers: List[Any]) -> bool:
         """Whether ``left`` (:meth:`_budget_left`) pays for no further column of any of ``layers``."""
@@ -559,7 +564,7 @@ class RankScheduler:
         ``|s_i| / (||s|| (m + n + 1))`` across layers until the kept size fits :meth:`allowed_size`
         (a layer keeps ``min_rank``; newborns in their grace window are never pruned)."""
         allowed = cast(int, self.allowed_size(self.last_step))
-        size = sum(len(keep) * self._cost(layer) for layer, keep in plans.values())
+        size = self._size((layer, len(keep)) for layer, keep in plans.values())
         if size <= allowed:
             return
         order = []  # (score, name, index)
