@@ -21,6 +21,8 @@ Low-precision factors (bf16/fp16) are factorized in fp32 and cast back.
 
 from __future__ import annotations
 
+import functools
+import platform
 import warnings
 from collections import defaultdict
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
@@ -129,11 +131,34 @@ _ONE_PASS_KAPPA = 64.0
 # bound is not met the exact kappa decides, as before.
 _ONE_PASS_DELTA = (_ONE_PASS_KAPPA - 1.0) / (_ONE_PASS_KAPPA + 1.0)
 # From this rank on, X L^-T is a triangular solve (trsm, n k^2 flops) instead of L^-1 and a GEMM
-# (k^3/3 + 2 n k^2). Measured on the 2-core CPU, 8 MB batches, medians of 21: trsm / (inverse +
-# GEMM) 0.81 / 0.71 / 0.64 at n = 576, k = 64 / 96 / 128; 0.84 / 0.80 at n = 1536, k = 64 / 128;
-# 0.94 / 0.76 at n = 8192, k = 64 / 128; but 0.88-1.09 at k = 32 (run to run) and 1.34 at
-# n = 8192, k = 16, where the GEMM path stays.
+# (k^3/3 + 2 n k^2), but only on an Intel CPU (and, unmeasured, on other devices, as before).
+# Measured on a 2-core Intel Xeon, 8 MB batches, medians of 21: trsm / (inverse + GEMM) 0.81 /
+# 0.71 / 0.64 at n = 576, k = 64 / 96 / 128; 0.84 / 0.80 at n = 1536, k = 64 / 128; 0.94 / 0.76
+# at n = 8192, k = 64 / 128; but 0.88-1.09 at k = 32 (run to run) and 1.34 at n = 8192, k = 16,
+# where the GEMM path stays. On a 2-core AMD EPYC (same build of torch, MKL; 2026-12-07, 2
+# threads) the same ratio is 3.00 / 1.67 at n = 576, k = 64 / 128; 4.51 / 2.36 at n = 1536;
+# 5.68 / 2.91 / 2.11 at n = 8192, k = 64 / 128 / 256; 1.01 at n = 2048, k = 512: MKL's trsm is
+# tuned for Intel's CPUs only, so every other CPU keeps the GEMM path at every rank.
 _TRSM_MIN_RANK = 48
+
+
+@functools.cache
+def _intel_cpu() -> bool:
+    """Whether this machine's CPU is Intel's (``vendor_id`` in ``/proc/cpuinfo``, else the platform's
+    processor string)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return "GenuineIntel" in line
+    except OSError:
+        pass
+    return "intel" in platform.processor().lower()
+
+
+def _trsm_pays(chol: torch.Tensor) -> bool:
+    """Whether the one-pass product ``X L^-T`` is a triangular solve for these Cholesky factors."""
+    return chol.shape[-1] >= _TRSM_MIN_RANK and (chol.device.type != "cpu" or _intel_cpu())
 
 
 def _certified_one_pass(gram: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
@@ -145,7 +170,7 @@ def _certified_one_pass(gram: torch.Tensor, info: torch.Tensor) -> torch.Tensor:
 
 def _one_pass_right(chol: torch.Tensor) -> Optional[torch.Tensor]:
     """``L^-T`` where one pass ``X L^-T`` is a GEMM, ``None`` where it is a triangular solve."""
-    return None if chol.shape[-1] >= _TRSM_MIN_RANK else _inverse_lower(chol).mT
+    return None if _trsm_pays(chol) else _inverse_lower(chol).mT
 
 
 def _apply_one_pass(x: torch.Tensor, chol: torch.Tensor, right: Optional[torch.Tensor],

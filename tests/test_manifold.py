@@ -140,14 +140,17 @@ def test_geoopt_retr_uses_our_backend():
     assert (y2.mT @ v2 + v2.mT @ y2).abs().max() < 1e-12
 
 
-@pytest.mark.parametrize("k", [8, 64])  # below and above _TRSM_MIN_RANK: inverse + GEMM, then trsm
+@pytest.mark.parametrize("k,intel", [(8, True), (64, False), (64, True)])  # inverse + GEMM twice, then trsm
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
-def test_certified_one_pass_skips_the_exact_condition_number(monkeypatch, k, dtype, tol):
+def test_certified_one_pass_skips_the_exact_condition_number(monkeypatch, k, intel, dtype, tol):
     """Right after a step ||G - I||_1 is small: the pass is taken without forming G^-1, and the
     result is the exact path's; a well-conditioned but far-from-orthonormal batch (2 Q: G = 4 I)
-    is not certified and goes through the exact condition number, still one pass."""
+    is not certified and goes through the exact condition number, still one pass. Both products
+    (trsm on an Intel CPU from _TRSM_MIN_RANK on, inverse + GEMM elsewhere) on any machine."""
     from stiefel_sct import manifold
 
+    monkeypatch.setattr(manifold, "_intel_cpu", lambda: intel)
+    assert manifold._trsm_pays(torch.eye(k)) == (intel and k >= manifold._TRSM_MIN_RANK)
     n = 3 * k
     gen = torch.Generator().manual_seed(k)
     q = torch.linalg.qr(torch.randn(4, n, k, generator=gen, dtype=dtype))[0]
