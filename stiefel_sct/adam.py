@@ -19,6 +19,7 @@ weight_decay, decoupled, maximize, moment_scales=None)`` (``max_exp_avg_sqs`` is
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Callable, Dict, List, Tuple
@@ -50,9 +51,14 @@ def fused_devices() -> List[str]:
     return devices
 
 
+@functools.cache
+def _fused_device_types() -> frozenset:
+    return frozenset(fused_devices())
+
+
 def fused_supported(tensors: TensorList) -> bool:
     """Whether torch has fused Adam kernels for every tensor's device (floating point only)."""
-    devices = set(fused_devices())
+    devices = _fused_device_types()
     return bool(devices) and all(t.device.type in devices and t.is_floating_point() for t in tensors)
 
 
@@ -76,6 +82,17 @@ def _same_layout(*tensors: torch.Tensor) -> bool:
         return True
     first = tensors[0]
     return all(t.stride() == first.stride() for t in tensors[1:]) and _dense(first)
+
+
+def _one_kind(params: TensorList, *others: TensorList) -> bool:
+    """Whether every tensor is contiguous and the parameters share one device and dtype: then the
+    fused kernel takes the lists as they are, without the per-tensor regrouping (measured: ~16 us of
+    Python per call; the step makes one call per factor-bank chunk, 230 at 80 layers of the 70B shape)."""
+    if not params:
+        return True
+    device, dtype = params[0].device, params[0].dtype
+    return (all(p.is_contiguous() and p.device == device and p.dtype == dtype for p in params)
+            and all(t.is_contiguous() for ts in others for t in ts))
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -102,13 +119,18 @@ def adam_fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
               decoupled=decoupled, maximize=maximize)
     maxes = max_exp_avg_sqs if amsgrad else [None] * len(params)
     lists = (params, grads, exp_avgs, exp_avg_sqs, maxes, steps)
-    odd = [i for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)) if not _same_layout(p, g, m, v)]
-    if odd:
-        keep = sorted(set(range(len(params))) - set(odd))
-        p, g, m, v, mx, st = ([x[i] for i in odd] for x in lists)
-        adam_foreach(p, g, m, v, mx if amsgrad else [], st, **hp)
-        lists = tuple([x[i] for i in keep] for x in lists)
-    for (p, g, m, v, mx, st) in _group_tensors(*lists).values():
+    if _one_kind(params, grads, exp_avgs, exp_avg_sqs):  # a bank chunk, or any usual list: one call
+        groups: List[Tuple[TensorList, ...]] = [lists] if params else []
+    else:
+        odd = [i for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs))
+               if not _same_layout(p, g, m, v)]
+        if odd:
+            keep = sorted(set(range(len(params))) - set(odd))
+            p, g, m, v, mx, st = ([x[i] for i in odd] for x in lists)
+            adam_foreach(p, g, m, v, mx if amsgrad else [], st, **hp)
+            lists = tuple([x[i] for i in keep] for x in lists)
+        groups = list(_group_tensors(*lists).values())
+    for (p, g, m, v, mx, st) in groups:
         torch._foreach_add_(st, 1)
         kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
         kernel(p, g, m, v, mx if amsgrad else [], st, amsgrad=amsgrad, lr=lr, beta1=beta1, beta2=beta2,

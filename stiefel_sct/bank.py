@@ -67,6 +67,11 @@ class FactorBank:
         self.spare = n_chunks
         self.ids = {id(p) for p in params}
         self._ptrs = [p.data_ptr() for p in params]
+        # each slot's matrices as views and their addresses, made once: re-pointing a chunk's
+        # parameters is then a lookup per factor, not a view and a pointer read
+        self._views = [slot.unbind(0) for slot in self.slots]
+        self._view_ptrs = [[v.data_ptr() for v in views] for views in self._views]
+        self._grams: Optional[torch.Tensor] = None  # (len(params), k, k), filled chunk by chunk by gram()
         self._workspace: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # fp32, low-precision banks
 
     def intact(self) -> bool:
@@ -89,9 +94,22 @@ class FactorBank:
         return retraction == "cholqr2" and self.slots[0].dtype in (torch.float32, torch.float64)
 
     def gram(self, j: int) -> torch.Tensor:
-        """``X^T X`` of chunk ``j``'s factors (B, k, k), formed while the chunk is in cache."""
-        x = self.slots[self.slot_of[j]][: len(self.chunks[j])]
-        return x.mT @ x
+        """``X^T X`` of chunk ``j``'s factors (B, k, k), formed while the chunk is in cache, into
+        this bank's entries of :meth:`grams` (returned)."""
+        b = len(self.chunks[j])
+        x = self.slots[self.slot_of[j]][:b]
+        if self._grams is None:
+            k = x.shape[-1]
+            self._grams = torch.empty((len(self.params), k, k), dtype=x.dtype, device=x.device)
+        start = j * len(self.chunks[0])  # every chunk but the last is full
+        return torch.bmm(x.mT, x, out=self._grams[start:start + b])
+
+    def grams(self) -> torch.Tensor:
+        """Every factor's Gram matrix, in bank order, once :meth:`gram` ran for each chunk (this
+        step's values: the buffer is reused)."""
+        if self._grams is None:
+            raise RuntimeError("FactorBank.grams(): call gram(j) for every chunk j first")
+        return self._grams
 
     @torch.no_grad()
     def retract_chunk_(self, j: int, retraction: str, passes: Optional[OnePass] = None) -> None:
@@ -108,15 +126,19 @@ class FactorBank:
                 self._workspace = (torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device),
                                    torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device))
             retract_stack_into(x, dst, retraction, self._workspace)
-        for p, v in zip(chunk, dst.unbind(0)):
+        for p, v in zip(chunk, self._views[self.spare]):
             p.data = v
+        self._ptrs[start:start + b] = self._view_ptrs[self.spare][:b]
         self.slot_of[j], self.spare = self.spare, self.slot_of[j]
-        self._ptrs[start:start + b] = [p.data_ptr() for p in chunk]
 
     def retract_(self, retraction: str) -> None:
         """Retract every factor of the bank."""
         n = len(self.chunks)
-        passes = one_pass_factors(torch.cat([self.gram(j) for j in range(n)])) if self.batches(retraction) else None
+        passes = None
+        if self.batches(retraction):
+            for j in range(n):
+                self.gram(j)
+            passes = one_pass_factors(self.grams())
         for j in range(n):
             self.retract_chunk_(j, retraction, passes)
 

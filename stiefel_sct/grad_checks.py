@@ -25,9 +25,11 @@ def _nonfinite_candidates(grads: Sequence[torch.Tensor]) -> List[int]:
     by_key: Dict[tuple, List[int]] = defaultdict(list)
     for i, g in enumerate(grads):
         by_key[(g.device, g.dtype, g.numel())].append(i)
-    per_device: Dict[torch.device, Tuple[list, list]] = defaultdict(lambda: ([], []))
+    # per (device, dtype): the results stack as they are (a cast per result was ~1 us each, 840
+    # of them at 80 layers of the 70B shape)
+    per_kind: Dict[tuple, Tuple[list, list]] = defaultdict(lambda: ([], []))
     for (device, dtype, _), idx in by_key.items():
-        values, owners = per_device[device]
+        values, owners = per_kind[(device, dtype)]
         flat = [grads[i].reshape(-1) for i in idx]
         paired = dtype in (torch.float32, torch.float64)
         stop = len(idx) - (len(idx) % 2) if paired else 0
@@ -38,8 +40,8 @@ def _nonfinite_candidates(grads: Sequence[torch.Tensor]) -> List[int]:
             values.append(flat[a].sum())
             owners.append((idx[a],))
     out: List[int] = []
-    for values, owners in per_device.values():
-        finite = torch.stack([v.float() for v in values]).isfinite()
+    for values, owners in per_kind.values():
+        finite = torch.stack(values).isfinite()
         if bool(finite.all()):
             continue
         for j in (~finite).nonzero().flatten().tolist():

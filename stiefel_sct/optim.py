@@ -54,7 +54,7 @@ from .optim_settings import (
     group_hyperparameters,
     select_impl,
 )
-from .optim_state import GroupTensors, collect, is_dtensor, is_factor, local, restore_moments
+from .optim_state import GroupTensors, collect, is_dtensor, is_factor, restore_moments
 from .step_plan import PreservedTriples, StepPlan, plan_for, riemannian_manifold, run_plan, stabilize_
 
 __all__ = ["ADAM_KEYS", "MODES", "SCT_KEYS", "SpectralAdam", "SpectralAdamW", "first_nonfinite",
@@ -387,7 +387,7 @@ class SpectralAdam(Optimizer):
             return loss
         process_group = None if mesh is None else mesh.get_group()
         # chosen here, before anything reads a value: fused=True on an unsupported device raises at step(), as in torch
-        impls = [select_impl(g, [local(p) for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        impls = [select_impl(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         check_gradients(self.param_groups, self.check_finite, process_group)
         preserved: Set[int] = set()
         shards: List[Tuple[torch.Tensor, tuple]] = []

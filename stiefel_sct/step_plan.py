@@ -95,16 +95,16 @@ def run_plan(plan: StepPlan, t: GroupTensors, hp: Mapping[str, Any], *, mode: st
                             manifolds=[riemannian_manifold(x, retraction) for x in f.params], **on_manifold)
         return
     for bank, chunks in plan.banks:
-        grams: Optional[List[torch.Tensor]] = [] if bank.batches(retraction) else None
+        batched = bank.batches(retraction)
         for j, idx in enumerate(chunks):
             c = t.take(idx)
             adam(*c.kernel_args(), moment_scales=c.scales, **on_manifold)
-            if grams is None:
-                bank.retract_chunk_(j, retraction)
+            if batched:
+                bank.gram(j)
             else:
-                grams.append(bank.gram(j))
-        if grams is not None:
-            passes = one_pass_factors(torch.cat(grams))
+                bank.retract_chunk_(j, retraction)
+        if batched:
+            passes = one_pass_factors(bank.grams())
             for j in range(len(chunks)):
                 bank.retract_chunk_(j, retraction, passes)
     if plan.factors:
