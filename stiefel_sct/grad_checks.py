@@ -20,10 +20,14 @@ def _nonfinite_candidates(grads: Sequence[torch.Tensor]) -> List[int]:
     whenever either holds a NaN/Inf (``Inf * 0`` is NaN too), and reading two streams at once is
     ~1.4x faster than a ``sum`` per tensor on CPU (~10x faster than an inf-norm). A finite result
     proves both finite; a non-finite one may also be an overflow of huge finite values, so the
-    caller confirms each candidate exactly.
+    caller confirms each candidate exactly. The gradients are read last to first: the step then
+    updates the first ones (the first bank chunks) while the cache still holds them (bench_ab,
+    70B-shaped set, 8 layers, AMD EPYC: 0.990 and 0.992 of the step read first to last, 60 and
+    40 rounds).
     """
     by_key: Dict[tuple, List[int]] = defaultdict(list)
-    for i, g in enumerate(grads):
+    for i in range(len(grads) - 1, -1, -1):  # last first: see the docstring
+        g = grads[i]
         by_key[(g.device, g.dtype, g.numel())].append(i)
     # per (device, dtype): the results stack as they are (a cast per result was ~1 us each, 840
     # of them at 80 layers of the 70B shape)

@@ -131,6 +131,10 @@ def test_nonfinite_gradient_raises_before_anything_changes():
     model[0].V.grad[2, 1] = float("inf")
     with pytest.raises(FloatingPointError, match=r"'0\.V'"):
         opt.step()
+    model[1].V.grad[0, 0] = -float("inf")  # two bad gradients: the first parameter is named, whatever order they are read in
+    with pytest.raises(FloatingPointError, match=r"'0\.V'"):
+        opt.step()
+    model[1].V.grad[0, 0] = 0.0
     for p, b in zip(model.parameters(), params):
         assert torch.equal(p, b)
     after = opt.state_dict()
