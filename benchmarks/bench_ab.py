@@ -77,6 +77,10 @@ def summarise(times: Dict[str, List[float]]) -> Dict:
     out = {"median_ms": med, "floor_ms": floor, "adam_in_floor": "adam_fused" in med,
            "this_over_baseline": statistics.median(a / b for a, b in zip(times["this"], times["baseline"]))}
     out.update(this_over_floor=med["this"] / floor, baseline_over_floor=med["baseline"] / floor)
+    # round by round as well: the machine's speed drifts within a run, which this mostly cancels
+    floors = [g + a for g, a in zip(times["gemm_floor"], times.get("adam_fused", [0.0] * len(times["gemm_floor"])))]
+    out.update({f"{k}_over_floor_per_round": statistics.median(t / f for t, f in zip(times[k], floors))
+                for k in ("this", "baseline")})
     return out
 
 
@@ -108,7 +112,8 @@ def main(argv=None) -> Dict:
     print(", ".join(f"{k} {v:.1f} ms" for k, v in med.items()) + f"; floor {summary['floor_ms']:.1f} ms"
           + ("" if summary["adam_in_floor"] else " (GEMM only: --no-adam)"))
     print(f"this/baseline (median of per-round ratios) {summary['this_over_baseline']:.3f}; "
-          f"baseline/floor {summary['baseline_over_floor']:.3f}, this/floor {summary['this_over_floor']:.3f}")
+          f"baseline/floor {summary['baseline_over_floor']:.3f}, this/floor {summary['this_over_floor']:.3f} "
+          f"(per round: {summary['baseline_over_floor_per_round']:.3f}, {summary['this_over_floor_per_round']:.3f})")
     result = {"benchmark": "bench_ab", "config": {k: str(v) if isinstance(v, pathlib.Path) else v
                                                   for k, v in vars(args).items()},
               "environment": environment(), "summary": summary}
