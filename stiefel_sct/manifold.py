@@ -102,8 +102,22 @@ def qr_retraction(x: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_lower(chol: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
-    return torch.linalg.solve_triangular(chol, eye, upper=False)
+    """``L^-1`` of a batch of lower-triangular matrices: a triangular solve against the identity,
+    or, where that solve is slow (:func:`_trsm_slow`) and the order exceeds
+    ``_INVERSE_LEAF``, by halves: ``[[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1, D^-1]]``,
+    two batched GEMMs per level (the blocked inversion LAPACK's ``trtri`` does; same accuracy:
+    measured ~6e-8 relative in fp32 against an fp64 solve, as the solve)."""
+    k = chol.shape[-1]
+    if k <= _INVERSE_LEAF or not _trsm_slow(chol):
+        eye = torch.eye(k, dtype=chol.dtype, device=chol.device).expand_as(chol)
+        return torch.linalg.solve_triangular(chol, eye, upper=False)
+    h = k // 2
+    a_inv, d_inv = _inverse_lower(chol[..., :h, :h]), _inverse_lower(chol[..., h:, h:])
+    out = torch.zeros_like(chol)
+    out[..., :h, :h] = a_inv
+    out[..., h:, h:] = d_inv
+    out[..., h:, :h] = -(d_inv @ (chol[..., h:, :h] @ a_inv))
+    return out
 
 
 def _gram_factors(gram: torch.Tensor, chol: Optional[torch.Tensor] = None,
@@ -140,6 +154,14 @@ _ONE_PASS_DELTA = (_ONE_PASS_KAPPA - 1.0) / (_ONE_PASS_KAPPA + 1.0)
 # 5.68 / 2.91 / 2.11 at n = 8192, k = 64 / 128 / 256; 1.01 at n = 2048, k = 512: MKL's trsm is
 # tuned for Intel's CPUs only, so every other CPU keeps the GEMM path at every rank.
 _TRSM_MIN_RANK = 48
+# Where trsm is slow, L^-1 itself is formed by halves down to this order (then one solve). On the
+# AMD EPYC, fp32, against one batched solve (medians, 2 threads): 0.44 / 0.50 / 0.44 / 0.41 of its
+# time at k = 200 (40 matrices) / 64 (100) / 128 (28) / 512 (10) with leaves of 16; 0.89 at k = 32
+# (88 matrices) and 0.67 at k = 32 (880). Leaves of 8 were faster only at 880 matrices of k = 32
+# (0.54), of 32 only at k = 512 (0.39). SpectralAdam's step on SmolLM2-135M's SCT factors (random
+# weights, interleaved, 20 rounds): 0.938 of the step with the solve at 25% of the parameters
+# (288.9 -> 277.4 ms), 0.898 at 50% (541.6 -> 492.0 ms).
+_INVERSE_LEAF = 16
 
 
 @functools.cache
@@ -156,9 +178,14 @@ def _intel_cpu() -> bool:
     return "intel" in platform.processor().lower()
 
 
+def _trsm_slow(t: torch.Tensor) -> bool:
+    """Whether BLAS's triangular solve is slow next to its GEMM on ``t``'s device: a CPU not Intel's."""
+    return t.device.type == "cpu" and not _intel_cpu()
+
+
 def _trsm_pays(chol: torch.Tensor) -> bool:
     """Whether the one-pass product ``X L^-T`` is a triangular solve for these Cholesky factors."""
-    return chol.shape[-1] >= _TRSM_MIN_RANK and (chol.device.type != "cpu" or _intel_cpu())
+    return chol.shape[-1] >= _TRSM_MIN_RANK and not _trsm_slow(chol)
 
 
 def _certified_one_pass(gram: torch.Tensor, info: torch.Tensor) -> torch.Tensor:

@@ -140,6 +140,25 @@ def test_geoopt_retr_uses_our_backend():
     assert (y2.mT @ v2 + v2.mT @ y2).abs().max() < 1e-12
 
 
+@pytest.mark.parametrize("intel", [False, True])
+@pytest.mark.parametrize("k", [1, 16, 17, 33, 64, 200])
+def test_inverse_of_a_cholesky_factor_by_halves_equals_the_solve(monkeypatch, intel, k):
+    """L^-1 by halves (CPUs whose trsm is slow, above _INVERSE_LEAF) or by one triangular solve:
+    lower triangular, L L^-1 = I, and the solve's values to 1e-12 (fp64), at odd orders too."""
+    from stiefel_sct import manifold
+
+    monkeypatch.setattr(manifold, "_intel_cpu", lambda: intel)
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(3, 2 * k + 1, k, dtype=torch.float64, generator=gen)
+    chol = torch.linalg.cholesky(x.mT @ x)
+    inv = manifold._inverse_lower(chol)
+    eye = torch.eye(k, dtype=torch.float64).expand_as(chol)
+    want = torch.linalg.solve_triangular(chol, eye, upper=False)
+    assert torch.equal(inv, inv.tril())
+    assert (chol @ inv - eye).abs().max() <= 1e-12
+    assert (inv - want).abs().max() <= 1e-12 * want.abs().max()
+
+
 @pytest.mark.parametrize("k,intel", [(8, True), (64, False), (64, True)])  # inverse + GEMM twice, then trsm
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
 def test_certified_one_pass_skips_the_exact_condition_number(monkeypatch, k, intel, dtype, tol):
