@@ -66,9 +66,8 @@ class FactorBank:
         self.slot_of = list(range(n_chunks))
         self.spare = n_chunks
         self.ids = {id(p) for p in params}
-        self._ptrs = [p.data_ptr() for p in params]
         # each slot's matrices as views and their addresses, made once: re-pointing a chunk's
-        # parameters is then a lookup per factor, not a view and a pointer read
+        # parameters is a lookup per factor, and where each factor should live follows from slot_of
         self._views = [slot.unbind(0) for slot in self.slots]
         self._view_ptrs = [[v.data_ptr() for v in views] for views in self._views]
         self._grams: Optional[torch.Tensor] = None  # (len(params), k, k), filled chunk by chunk by gram()
@@ -79,7 +78,8 @@ class FactorBank:
         first, slot = self.params[0], self.slots[0]
         return (
             first.device == slot.device and first.dtype == slot.dtype
-            and all(p.data_ptr() == ptr for p, ptr in zip(self.params, self._ptrs))
+            and all(p.data_ptr() == ptr for chunk, home in zip(self.chunks, self.slot_of)
+                    for p, ptr in zip(chunk, self._view_ptrs[home]))
         )
 
     def batches(self, retraction: str) -> bool:
@@ -93,6 +93,10 @@ class FactorBank:
         retraction would have to make a second time."""
         return retraction == "cholqr2" and self.slots[0].dtype in (torch.float32, torch.float64)
 
+    def _start(self, j: int) -> int:
+        """Bank-order index of chunk ``j``'s first factor (every chunk but the last is full)."""
+        return j * len(self.chunks[0])
+
     def gram(self, j: int) -> torch.Tensor:
         """``X^T X`` of chunk ``j``'s factors (B, k, k), formed while the chunk is in cache, into
         this bank's entries of :meth:`grams` (returned)."""
@@ -101,7 +105,7 @@ class FactorBank:
         if self._grams is None:
             k = x.shape[-1]
             self._grams = torch.empty((len(self.params), k, k), dtype=x.dtype, device=x.device)
-        start = j * len(self.chunks[0])  # every chunk but the last is full
+        start = self._start(j)
         return torch.bmm(x.mT, x, out=self._grams[start:start + b])
 
     def grams(self) -> torch.Tensor:
@@ -120,7 +124,7 @@ class FactorBank:
         b = len(chunk)
         dst = self.slots[self.spare][:b]
         x = self.slots[self.slot_of[j]][:b]
-        start = j * len(self.chunks[0])  # every chunk but the last is full
+        start = self._start(j)
         if passes is None or not one_pass_into(x, passes, start, dst):
             if dst.dtype not in (torch.float32, torch.float64) and self._workspace is None:
                 self._workspace = (torch.empty(self.slots[0].shape, dtype=torch.float32, device=dst.device),
@@ -128,7 +132,6 @@ class FactorBank:
             retract_stack_into(x, dst, retraction, self._workspace)
         for p, v in zip(chunk, self._views[self.spare]):
             p.data = v
-        self._ptrs[start:start + b] = self._view_ptrs[self.spare][:b]
         self.slot_of[j], self.spare = self.spare, self.slot_of[j]
 
     def retract_(self, retraction: str) -> None:
