@@ -13,6 +13,14 @@ is a sketch for the same reason: ``Y = U z`` for a fixed random ``z`` and
 ``| ||Y||^2 - ||z||^2 | <= tol ||z||^2``, one matrix-vector product per factor (27-45 ms for that
 model's 420 factors, where the ``k x k`` Gram matrices take 200 ms); a non-finite factor makes ``Y``
 non-finite. :func:`read_weights` runs both on the memory-mapped file as it hands out the tensors.
+
+The values are checked once, at save: :func:`~stiefel_sct.save_spectral` runs the value checks on
+the tensors it writes and records the outcome beside the file's checksum (``values_passed`` in
+``spectral_config.json``). A load whose checksum matches reads exactly those bytes, so where the
+record says they passed the probes are not run again; a checkpoint without the record (saved by
+an older version) or with values that failed is probed on load, which names the layer. The
+checksum guards the record as it guards the values: against damage, not against someone who
+rewrites the weights and the JSON together.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import json
 import math
 import mmap
 import pathlib
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -30,7 +38,7 @@ from .kinds import KINDS
 from .manifold import RETRACTIONS
 
 __all__ = ["CheckpointError", "TensorRecord", "ValueCheck", "check_spectral_tensors", "file_checksum", "read_header",
-           "read_weights", "validate_config"]
+           "read_weights", "validate_config", "values_pass"]
 
 CHECKSUM_ALGORITHM = "sum64-chunked"
 _CHUNK_WORDS = 8192  # 64 KiB chunks: each chunk's sum is weighted by its position (odd weights)
@@ -208,6 +216,8 @@ def validate_config(path: pathlib.Path, config: Any, dtypes: Mapping[str, torch.
             raise _fail(path, f"files[{name!r}]", f"is not one of the checkpoint's files {weight_files}")
         entry = _dict(path, entry, f"files[{name!r}]")
         _int(path, _need(path, entry, "bytes", f"files[{name!r}]"), f"files[{name!r}].bytes", 0)
+        if not isinstance(entry.get("values_passed", False), bool):
+            raise _fail(path, f"files[{name!r}].values_passed", f"must be true or false, got {entry['values_passed']!r}")
         checksum = _need(path, entry, "checksum", f"files[{name!r}]")
         if not (isinstance(checksum, str) and checksum.startswith(f"{CHECKSUM_ALGORITHM}:")):
             raise _fail(path, f"files[{name!r}].checksum", f"must be a {CHECKSUM_ALGORITHM} checksum, got {checksum!r}")
@@ -291,28 +301,25 @@ def read_header(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
 
 def read_weights(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
                  values: Optional[ValueCheck] = None, config_name: str = "spectral_config.json",
-                 ) -> Dict[str, torch.Tensor]:
+                 own: Collection[str] = ()) -> Dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``path``, read in one pass and checked on the way.
 
-    The file is memory-mapped (copy-on-write) and the tensors are views into the mapping: no copy
-    is made here, the caller's own copy (``load_state_dict``) is the only one. With ``files`` (the
-    config's record of the checkpoint's files) the file's size is checked first and its checksum
-    computed 2 MiB block by block; with ``values``, each tensor it checks is probed as soon as the
-    block holding its last byte is summed, while that block is in cache. Measured on SmolLM2-135M at
-    50% (a 326 MB file, AMD EPYC, 2 cores; ``benchmarks/bench_checkpoint.py``): ``load_spectral``
-    took 250 ms through ``safetensors``' reader (which copies every tensor) plus separate check
-    passes, and takes 223 ms this way (168 ms with ``verify=False``); the checks cost 51 ms of it,
-    the first touch of the file's pages (the checksum) and one matrix-vector product per factor.
-    The checksum's arithmetic is not the cost (2-3 ms for the whole file when each block sits in L2;
-    Intel Xeon): reading the blocks from memory is. Copying each block into fresh tensors right
-    after its checks, and handing those to the model as its storage, was tried (Intel Xeon,
-    2026-12-07): ``verify=False`` loads fell from 120-126 ms to 108-116 ms but the checks still cost
-    29-39 ms, since the copy pushes the 2 MiB block out of L2 before the probes run; not kept.
-    Running the checks in a second thread while the first copies the tensors into fresh ones was
-    tried too (same machine and file, medians of 9): with torch's two threads each the pair took
-    125 ms against 112 ms one after the other; with one thread each the checks hid (103 ms
-    against 97 ms for the copy alone) but that copy takes 50 ms on both cores. The two cores are
-    busy either way: the checks are work, not latency to hide. Not kept.
+    The file is memory-mapped (copy-on-write) and read 2 MiB block by block. With ``files`` (the
+    config's record of the checkpoint's files) the file's size is checked first and each block is
+    checksummed; the tensors named in ``own`` are then copied out of that block into fresh memory
+    while it is still in cache, and returned as those fresh tensors (``load_spectral`` hands them
+    to the parameters it materialises, so that copy is the only one). Every other tensor is
+    returned as a view into the mapping (no copy; the caller's ``load_state_dict`` copies it).
+    With ``values``, each tensor it checks is probed as soon as its last byte was read.
+
+    Why the copy is fused into the read: ``load_spectral`` must check the whole file before the
+    model changes, and a checksum that reads the file on its own is a second pass over 326 MB
+    (SmolLM2-135M at 50%): 44 ms of a 176 ms load (AMD EPYC, 2 cores, ``bench_checkpoint``),
+    mostly that pass and the probes (one ``torch.mv`` per factor at 7 GB/s from memory). Copying
+    each block right after its checksum reads it from cache instead; the probes are skipped where
+    the checkpoint carries a certificate that the same bytes passed them at save
+    (``load_spectral``). The checks now add 7.6 ms to a 136 ms load (3.7 ms into a model on
+    ``meta``, whose every tensor is copied here); figures in ``benchmarks/README.md``.
 
     A mismatch raises :class:`CheckpointError` naming the file, after the whole file was read and
     before anything is returned.
@@ -322,26 +329,74 @@ def read_weights(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
     records, start = read_header(path, files, config_name)
     data = _mapped(path)
     checksum = _Checksum() if entry is not None else None
-    pending = sorted(records, key=lambda name: (records[name].end, records[name].begin))
-    tensors: Dict[str, torch.Tensor] = {}
+    reader = _BlockReader(data, records, start, own)
     for at in range(0, data.numel(), _BLOCK_BYTES):
-        if checksum is not None:
-            checksum.block(data[at:at + _BLOCK_BYTES])
         done = min(at + _BLOCK_BYTES, data.numel())
-        while pending and start + records[pending[0]].end <= done:  # every tensor now wholly seen
-            name = pending.pop(0)
-            rec = records[name]
-            raw = data[start + rec.begin:start + rec.end]
-            if (start + rec.begin) % rec.dtype.itemsize:  # an unaligned tensor (never written by safetensors)
-                raw = raw.clone()
-            tensors[name] = raw.view(rec.dtype).view(rec.shape)
+        if checksum is not None:
+            checksum.block(data[at:done])
+        for name in reader.feed(at, done):
             if values is not None:
-                values.add(name, tensors[name])
+                values.add(name, reader.tensors[name])
+    for name in reader.rest():
+        if values is not None:
+            values.add(name, reader.tensors[name])
     if checksum is not None and entry is not None:
         _compare(path, checksum.hexdigest(), entry)
     if values is not None:
         values.finish()
-    return tensors
+    return {name: reader.tensors[name] for name in reader.order}
+
+
+class _BlockReader:
+    """The tensors of a mapped safetensors file (``data``; ``records`` from :func:`read_header`,
+    whose data section starts at ``start``), handed over as the file's blocks are read in order:
+    those named in ``own`` copied piece by piece into fresh memory, the others as views."""
+
+    def __init__(self, data: torch.Tensor, records: Mapping[str, TensorRecord], start: int,
+                 own: Collection[str]) -> None:
+        self.data, self.records, self.start, self.own = data, records, start, own
+        self.order = sorted(records, key=lambda name: (records[name].begin, records[name].end))
+        self.tensors: Dict[str, torch.Tensor] = {}
+        self._bytes: Dict[str, torch.Tensor] = {}  # the owned tensors being filled, as flat bytes
+        self._first = 0  # self.order[:self._first] are complete
+
+    def feed(self, at: int, done: int) -> List[str]:
+        """Take the file's bytes ``[at, done)``: copy the owned tensors' pieces in them; the names
+        of the tensors now complete (in file order)."""
+        complete, i = [], self._first
+        while i < len(self.order) and self.start + self.records[self.order[i]].begin < done:
+            name, rec = self.order[i], self.records[self.order[i]]
+            begin, end = self.start + rec.begin, self.start + rec.end
+            if name in self.own:
+                if name not in self._bytes:
+                    self.tensors[name] = torch.empty(rec.shape, dtype=rec.dtype)
+                    self._bytes[name] = self.tensors[name].view(-1).view(torch.uint8) if end > begin else self.tensors[name]
+                lo, hi = max(begin, at), min(end, done)
+                if lo < hi:
+                    self._bytes[name][lo - begin:hi - begin].copy_(self.data[lo:hi])
+            if end > done:
+                break
+            if name not in self.own:
+                self.tensors[name] = self._view(rec)
+            complete.append(name)
+            i += 1
+        self._first = i
+        return complete
+
+    def rest(self) -> List[str]:
+        """The tensors no block reached (zero-size ones at the file's end), now complete."""
+        names = self.order[self._first:]
+        for name in names:
+            rec = self.records[name]
+            self.tensors[name] = torch.empty(rec.shape, dtype=rec.dtype) if name in self.own else self._view(rec)
+        self._first = len(self.order)
+        return names
+
+    def _view(self, rec: TensorRecord) -> torch.Tensor:
+        raw = self.data[self.start + rec.begin:self.start + rec.end]
+        if (self.start + rec.begin) % rec.dtype.itemsize:  # an unaligned tensor (never written by safetensors)
+            raw = raw.clone()
+        return raw.view(rec.dtype).view(rec.shape)
 
 
 # ------------------------------------------------------------------------------ the values
@@ -416,6 +471,17 @@ class ValueCheck:
                     "on the manifold); load_spectral(..., verify=False) loads it anyway")))
         if failures:
             raise CheckpointError(min(failures)[1])
+
+
+def values_pass(state: Mapping[str, torch.Tensor], layers: Mapping[str, Mapping[str, Any]],
+                weights: pathlib.Path) -> bool:
+    """Whether :func:`check_spectral_tensors` accepts ``state``: the certificate
+    :func:`~stiefel_sct.save_spectral` records beside the weight file's checksum."""
+    try:
+        check_spectral_tensors(state, layers, weights)
+    except CheckpointError:
+        return False
+    return True
 
 
 def check_spectral_tensors(state: Mapping[str, torch.Tensor], layers: Mapping[str, Mapping[str, Any]],

@@ -434,9 +434,11 @@ def test_blockwise_checksum_equals_the_one_shot_algorithm_at_every_boundary(tmp_
     assert file_checksum(tmp_path / "f") == _checksum_reference(data)
 
 
-def test_read_weights_equals_safetensors_own_reader(tmp_path):
+@pytest.mark.parametrize("own", ["none", "some", "all"])
+def test_read_weights_equals_safetensors_own_reader(tmp_path, own):
     """Every dtype and shape a model state holds (bf16 of odd length, so later tensors sit at odd
-    offsets; bool; 0-d; empty), bitwise, with the checksum fused into the read."""
+    offsets; bool; 0-d; empty; one tensor over several 2 MiB blocks), bitwise, with the checksum
+    fused into the read, whether each tensor is copied out (``own``) or handed out as a view."""
     from safetensors.torch import load_file, save_file
 
     from stiefel_sct.integrity import file_checksum, read_weights
@@ -449,15 +451,63 @@ def test_read_weights_equals_safetensors_own_reader(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(tensors, str(path))
     files = {path.name: {"bytes": path.stat().st_size, "checksum": file_checksum(path)}}
-    got = read_weights(path, files)
+    owned = {"none": set(), "some": {"b", "c", "f", "g"}, "all": set(tensors)}[own]
+    got = read_weights(path, files, own=owned)
     want = load_file(str(path))
     assert set(got) == set(want)
     for name, t in want.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
         assert torch.equal(got[name], t), name
+        if name in owned:  # its own memory, not a view into the file's mapping
+            assert got[name].untyped_storage().nbytes() == t.numel() * t.element_size(), name
+        elif t.numel():
+            assert got[name].untyped_storage().nbytes() >= path.stat().st_size - 8, name
     _flip_bit(path, path.stat().st_size - 3)
     with pytest.raises(CheckpointError, match="w.safetensors: checksum mismatch"):
-        read_weights(path, files)
+        read_weights(path, files, own=owned)
+
+
+def test_save_certifies_the_values_and_load_trusts_the_certificate_only_with_the_checksum(tmp_path):
+    """save_spectral records whether the saved values pass the value checks; a load whose checksum
+    matches skips the probes only where that certificate says they passed. A checkpoint without
+    one (saved before it existed) is probed as before."""
+    good, bad = _spectral(CASES["rank"]), _spectral(CASES["rank"])
+    with torch.no_grad():
+        bad.model.layers[1].mlp.down_proj.s[2] = float("nan")
+    save_spectral(good, tmp_path / "good")
+    save_spectral(bad, tmp_path / "bad")
+    read = lambda d: json.loads((tmp_path / d / CONFIG_NAME).read_text())["files"]["model.safetensors"]
+    assert read("good")["values_passed"] is True and read("bad")["values_passed"] is False
+    _edit_config(tmp_path / "bad" / CONFIG_NAME, lambda c: c["files"]["model.safetensors"].pop("values_passed"))
+    with pytest.raises(CheckpointError, match=r"down_proj\.s .*non-finite singular values"):
+        load_spectral(tiny_llama(), tmp_path / "bad")
+    _edit_config(tmp_path / "good" / CONFIG_NAME, lambda c: c["files"]["model.safetensors"].update(values_passed=1))
+    with pytest.raises(CheckpointError, match=r"values_passed must be true or false, got 1"):
+        load_spectral(tiny_llama(), tmp_path / "good")
+
+
+@pytest.mark.parametrize("meta", [False, True])
+def test_loaded_tensors_own_their_memory(tmp_path, meta):
+    """load_spectral hands the tensors it copied out of the file to the parameters it creates (no
+    second copy): each must still be a tensor of its own, never a view into the file's mapping or
+    into a shared buffer, and tied weights stay one tensor."""
+    spectral = _spectral(CASES["rank-tied"])
+    save_spectral(spectral, tmp_path / "ck")
+    if meta:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            model = transformers.LlamaForCausalLM(tiny_llama_config(bias=True, tied=True))
+    else:
+        model = tiny_llama(bias=True, tied=True)
+    loaded = load_spectral(model, tmp_path / "ck")
+    for name, t in loaded.state_dict(keep_vars=True).items():
+        assert not t.is_meta, name
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=IDS).logits, spectral.eval()(input_ids=IDS).logits,
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("edit", ["offsets past the end", "offsets that do not fit the shape", "unknown dtype",
