@@ -698,9 +698,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dir
     opt_file = pathlib.Path(directory) / OPTIMIZER_NAME
     tensors: Dict[str, torch.Tensor] = {}
     if opt_file.is_file():
-        # clones: views into read_weights' one buffer would each drag the whole file along (torch.save)
-        tensors = {k: v.clone() for k, v in read_weights(opt_file, _weight_file(opt_file, config), None,
-                                                           CONFIG_NAME).items()}
+        # every tensor copied out of the file as it is read (views into the mapping would each drag
+        # the whole file along, e.g. into torch.save of the optimizer's state)
+        files = _weight_file(opt_file, config)
+        tensors = read_weights(opt_file, files, None, CONFIG_NAME, set(read_header(opt_file, files, CONFIG_NAME)[0]))
     unknown = sorted(k for k in tensors if k.rpartition("::")[0] not in index)
     if unknown:
         raise CheckpointError(f"{opt_file} holds state for {unknown[0]!r}, which is not a parameter of the optimizer")

@@ -147,6 +147,10 @@ def test_optimizer_state_round_trip_resumes_bitwise(tmp_path):
     new_opt = SpectralAdam(params[::-1], lr=1.0)  # another order and lr: both come from the checkpoint
     load_optimizer_state(new_opt, fresh, tmp_path / "ck")
     assert new_opt.param_groups[0]["lr"] == 1e-2 and new_opt.param_groups[0]["weight_decay"] == 0.01
+    for state in new_opt.state.values():  # each state tensor in its own memory, not a view into the file
+        for t in state.values():
+            if torch.is_tensor(t) and t.numel():
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     _train(fresh, new_opt, 3, seed=2)
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), n
