@@ -78,6 +78,32 @@ def test_distillation_heals_toward_the_original(method):
     assert cp.mean_cosine(student, data) > 0.8
 
 
+def test_distillation_fits_the_encoder_without_dropout():
+    """The target is the original encoder in eval mode, so healing runs without dropout: its first
+    loss is exactly 1 - cos of the student's eval-mode embeddings (dropout would make it a draw)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
+    teacher = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    student = transformers.BertModel(cfg, add_pooling_layer=False)
+    student.load_state_dict(teacher.state_dict())
+    cp.convert(student, "sct", cp.BERT_ALL, budget_fraction=0.5)
+
+    class Data:
+        pass
+
+    data = Data()
+    torch.manual_seed(1)
+    batches = [_batch() for _ in range(2)]
+    with torch.no_grad():
+        data.batches = [(b, cp.sentence_embeddings(teacher, b)) for b in batches]
+        first = 1 - (cp.sentence_embeddings(student.eval(), batches[0]) * data.batches[0][1]).sum(-1).mean()
+    student.train()
+    losses = cp.distill(student, "sct", data, steps=2, lr=1e-3)
+    assert losses[0] == pytest.approx(float(first), abs=1e-6)
+    assert not student.training
+
+
 @pytest.mark.parametrize("argv", [["--heal-lrs", "0"], ["--fisher-heal-lrs", "-0.001"], ["--budgets", "1.5"]])
 def test_command_line_refuses_bad_values_before_any_work(argv, capsys):
     with pytest.raises(SystemExit):
