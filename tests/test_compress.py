@@ -11,12 +11,12 @@ from experiments.common import LowRankLinear  # noqa: E402
 from stiefel_sct import SpectralLinear  # noqa: E402
 
 
-def _bert():
+def _bert(dropout=0.0):
     torch.manual_seed(0)
-    # a large init scale makes the encoder layers (not the embeddings) shape the output, no dropout
+    # a large init scale makes the encoder layers (not the embeddings) shape the output
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, initializer_range=0.3, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
+                                  intermediate_size=64, initializer_range=0.3, hidden_dropout_prob=dropout,
+                                  attention_probs_dropout_prob=dropout)
     return transformers.BertModel(cfg, add_pooling_layer=False).eval()
 
 
@@ -25,6 +25,19 @@ def _batch():
     mask = torch.ones_like(ids)
     mask[3:, 7:] = 0  # padded tail
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def _targets(teacher, n):
+    """``n`` fixed batches with the teacher's embeddings as targets, shaped as ``SentenceSet``."""
+
+    class Targets:
+        pass
+
+    data = Targets()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        data.batches = [(b, cp.sentence_embeddings(teacher, b)) for b in (_batch() for _ in range(n))]
+    return data
 
 
 def test_low_rank_baseline_is_the_truncated_svd():
@@ -63,15 +76,7 @@ def test_distillation_heals_toward_the_original(method):
     teacher = _bert()
     student = _bert()
     cp.convert(student, method, cp.BERT_ALL, budget_fraction=0.3)
-
-    class Tok:  # the teacher targets for fixed batches
-        pass
-
-    data = Tok()
-    torch.manual_seed(1)
-    batches = [_batch() for _ in range(4)]
-    with torch.no_grad():
-        data.batches = [(b, cp.sentence_embeddings(teacher, b)) for b in batches]
+    data = _targets(teacher, 4)
     before = cp.mean_cosine(student, data)
     assert before < 0.5  # the conversion really damaged the encoder
     cp.distill(student, method, data, steps=40, lr=3e-3)
@@ -81,23 +86,12 @@ def test_distillation_heals_toward_the_original(method):
 def test_distillation_fits_the_encoder_without_dropout():
     """The target is the original encoder in eval mode, so healing runs without dropout: its first
     loss is exactly 1 - cos of the student's eval-mode embeddings (dropout would make it a draw)."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=64, hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)
-    teacher = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    student = transformers.BertModel(cfg, add_pooling_layer=False)
-    student.load_state_dict(teacher.state_dict())
+    teacher, student = _bert(dropout=0.5), _bert(dropout=0.5)
     cp.convert(student, "sct", cp.BERT_ALL, budget_fraction=0.5)
-
-    class Data:
-        pass
-
-    data = Data()
-    torch.manual_seed(1)
-    batches = [_batch() for _ in range(2)]
+    data = _targets(teacher, 2)
+    batch, target = data.batches[0]
     with torch.no_grad():
-        data.batches = [(b, cp.sentence_embeddings(teacher, b)) for b in batches]
-        first = 1 - (cp.sentence_embeddings(student.eval(), batches[0]) * data.batches[0][1]).sum(-1).mean()
+        first = 1 - (cp.sentence_embeddings(student.eval(), batch) * target).sum(-1).mean()
     student.train()
     losses = cp.distill(student, "sct", data, steps=2, lr=1e-3)
     assert losses[0] == pytest.approx(float(first), abs=1e-6)
