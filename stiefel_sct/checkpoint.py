@@ -473,7 +473,7 @@ def load_spectral(model: nn.Module, directory: os.PathLike | str,
     bases = {name: kind_named(entry["kind"]).matrix(plan[name]).detach()  # _plan made sure each is dense
              for name, entry in config["layers"].items() if entry.get("residual")}
     # everything fits: convert, materialise (on the tensors read_weights copied out for it), load
-    result, homes = _convert_layers(model, config, plan)
+    result, homes = _convert_layers(model, config, plan, target)
     adopt = {qname: state[source] for qname, source in ({k: k for k in fresh} | config["tied"]).items()
              if source in fresh}
     _materialise(result, homes, target, adopt)
@@ -514,6 +514,16 @@ def _verify(model: nn.Module, directory: pathlib.Path, config: Dict[str, Any], v
     return plan, read_weights(weights, files, values, CONFIG_NAME, fresh), fresh
 
 
+def _rebuilt_home(module: nn.Module, entry: Dict[str, Any], target: torch.device) -> Optional[torch.device]:
+    """Where the saved layer ``entry`` replacing ``module`` is built: the device of ``module``'s real
+    parameters (they never move), else ``target``; ``None`` where ``module`` is already spectral at
+    the saved rank (it stays as it is and is loaded by copy)."""
+    if isinstance(module, SpectralModule) and module.rank == entry["rank"]:
+        return None
+    old = next(iter(module.parameters()), None)
+    return old.device if old is not None and not old.is_meta else target
+
+
 def _fresh_on_cpu(model: nn.Module, config: Dict[str, Any], plan: Dict[str, nn.Module],
                   target: torch.device) -> set:
     """The file's tensors whose place in the loaded model is a tensor ``_materialise`` creates on
@@ -521,11 +531,8 @@ def _fresh_on_cpu(model: nn.Module, config: Dict[str, Any], plan: Dict[str, nn.M
     CPU. ``read_weights`` copies them into fresh memory that ``_materialise`` adopts."""
     fresh: set = set()
     for name, entry in config["layers"].items():
-        module = plan[name]
-        if isinstance(module, SpectralModule) and module.rank == entry["rank"]:
-            continue  # kept as it is: loaded by copy
-        old = next(iter(module.parameters()), None)
-        if (old.device if old is not None and not old.is_meta else target).type == "cpu":
+        home = _rebuilt_home(plan[name], entry, target)
+        if home is not None and home.type == "cpu":
             prefix = f"{name}." if name else ""
             fresh.update(prefix + key for key in _expected_shapes(entry))
     if target.type == "cpu":
@@ -557,21 +564,20 @@ def _check_shapes(model: nn.Module, config: Dict[str, Any], plan: Dict[str, nn.M
             raise CheckpointError(f"tensor {qname!r} of the checkpoint has no place in this {type(model).__name__}")
 
 
-def _convert_layers(model: nn.Module, config: Dict[str, Any],
-                    plan: Dict[str, nn.Module]) -> Tuple[nn.Module, Dict[int, torch.device]]:
+def _convert_layers(model: nn.Module, config: Dict[str, Any], plan: Dict[str, nn.Module],
+                    target: torch.device) -> Tuple[nn.Module, Dict[int, torch.device]]:
     """Every saved layer rebuilt on ``meta`` (one already spectral at the saved rank is kept) and the
     saved ties restored. Returns the model (a new layer if ``model`` itself was the saved layer) and
-    the device of each layer that was converted from real parameters (they never move)."""
+    the device each new layer is materialised on (:func:`_rebuilt_home`)."""
     result = model
     homes: Dict[int, torch.device] = {}
     for name, entry in config["layers"].items():
         module = plan[name]
-        if isinstance(module, SpectralModule) and module.rank == entry["rank"]:
+        home = _rebuilt_home(module, entry, target)
+        if home is None:
             continue
         new = _build(entry)
-        old = next(iter(module.parameters()), None)
-        if old is not None and not old.is_meta:
-            homes[id(new)] = old.device
+        homes[id(new)] = home
         if name == "":
             result = new
         else:
@@ -700,8 +706,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, dir
     if opt_file.is_file():
         # every tensor copied out of the file as it is read (views into the mapping would each drag
         # the whole file along, e.g. into torch.save of the optimizer's state)
-        files = _weight_file(opt_file, config)
-        tensors = read_weights(opt_file, files, None, CONFIG_NAME, set(read_header(opt_file, files, CONFIG_NAME)[0]))
+        tensors = read_weights(opt_file, _weight_file(opt_file, config), None, CONFIG_NAME, own=True)
     unknown = sorted(k for k in tensors if k.rpartition("::")[0] not in index)
     if unknown:
         raise CheckpointError(f"{opt_file} holds state for {unknown[0]!r}, which is not a parameter of the optimizer")

@@ -29,7 +29,7 @@ import json
 import math
 import mmap
 import pathlib
-from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Collection, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -301,12 +301,12 @@ def read_header(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
 
 def read_weights(path: pathlib.Path, files: Optional[Mapping[str, Any]] = None,
                  values: Optional[ValueCheck] = None, config_name: str = "spectral_config.json",
-                 own: Collection[str] = ()) -> Dict[str, torch.Tensor]:
+                 own: Union[bool, Collection[str]] = ()) -> Dict[str, torch.Tensor]:
     """Every tensor of the safetensors file ``path``, read in one pass and checked on the way.
 
     The file is memory-mapped (copy-on-write) and read 2 MiB block by block. With ``files`` (the
     config's record of the checkpoint's files) the file's size is checked first and each block is
-    checksummed; the tensors named in ``own`` are then copied out of that block into fresh memory
+    checksummed; the tensors named in ``own`` (``True``: every tensor) are then copied out of that block into fresh memory
     while it is still in cache, and returned as those fresh tensors (``load_spectral`` hands them
     to the parameters it materialises, so that copy is the only one). Every other tensor is
     returned as a view into the mapping (no copy; the caller's ``load_state_dict`` copies it).
@@ -353,8 +353,9 @@ class _BlockReader:
     those named in ``own`` copied piece by piece into fresh memory, the others as views."""
 
     def __init__(self, data: torch.Tensor, records: Mapping[str, TensorRecord], start: int,
-                 own: Collection[str]) -> None:
-        self.data, self.records, self.start, self.own = data, records, start, own
+                 own: Union[bool, Collection[str]]) -> None:
+        self.data, self.records, self.start = data, records, start
+        self.own: Collection[str] = set(records) if own is True else () if own is False else own
         self.order = sorted(records, key=lambda name: (records[name].begin, records[name].end))
         self.tensors: Dict[str, torch.Tensor] = {}
         self._bytes: Dict[str, torch.Tensor] = {}  # the owned tensors being filled, as flat bytes
